@@ -1,0 +1,56 @@
+"""The project's exceptions: one base class, one subclass per kind of failure.
+
+Every error that a user can cause names where it came from: a corpus error names the
+file and line, a configuration error names the field.
+
+>>> str(CorpusError("unbalanced parentheses", path="train.txt", line=12))
+'train.txt:12: unbalanced parentheses'
+>>> str(ConfigError("lr", "must be > 0, got -1"))
+'lr: must be > 0, got -1'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class RayMtupError(Exception):
+    """Base class of every error raised on purpose by ray_mtup."""
+
+
+class CorpusError(RayMtupError):
+    """Malformed corpus input; carries the file and the 1-based line number."""
+
+    def __init__(self, message: str, path: str | Path | None = None, line: int | None = None):
+        self.message = message
+        self.path = str(path) if path is not None else None
+        self.line = line
+        where = ""
+        if self.path is not None:
+            where = self.path if line is None else f"{self.path}:{line}"
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class AmrError(RayMtupError):
+    """A graph that cannot be decoded, linearised or restored."""
+
+
+class ConfigError(RayMtupError, ValueError):
+    """An invalid configuration value; carries the field's name."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+class ModelError(RayMtupError):
+    """A model or tokenizer that cannot be built or loaded."""
+
+
+class ScoringError(RayMtupError):
+    """Inputs that cannot be scored together (e.g. different numbers of graphs)."""
+
+
+class TrainingError(RayMtupError):
+    """A training run that cannot go on (e.g. the loss became NaN or infinite)."""

@@ -1,0 +1,99 @@
+"""Batched greedy generation of MTUP outputs, and their conversion to graphs.
+
+Used by evaluation in the training loop (on every rank, each on its shard) and by
+``predict``. Prompts are sorted by length so a batch pads little, each sequence stops at
+EOS, and the KV cache is on. Under ZeRO-3 every rank must run the same number of forward
+passes, so the caller passes ``synced_gpus=True`` and equal-sized shards.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from . import amr
+from .prompts import Template, parse_generation, render_inference
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A generation split into both tasks and repaired into graphs (None when invalid)."""
+
+    raw: str
+    task1_graph: str | None
+    task2_graph: str | None
+    task2_repaired: bool
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    batch_size: int,
+    max_new_tokens: int,
+    synced_gpus: bool = False,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (in input order), decoded without special tokens."""
+    import torch
+
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    outputs: list[str] = [""] * len(prompts)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    iterator: Any = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="generate", unit="batch")
+    was_training = model.training
+    model.eval()
+    pad_id = tokenizer.pad_token_id
+    try:
+        for batch in iterator:
+            width = max(len(encoded[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):  # left padding: generation continues at the right edge
+                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+                mask[row, width - len(encoded[i]):] = 1
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    use_cache=True,
+                    pad_token_id=pad_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    synced_gpus=synced_gpus,
+                )
+            new = out[:, width:].cpu()
+            for row, i in enumerate(batch):
+                outputs[i] = tokenizer.decode(new[row], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def parse_outputs(template: Template, raw_outputs: Sequence[str]) -> list[Parsed]:
+    """Split each generation into (task 1, task 2), repair both, restore task 1's variables."""
+    parsed = []
+    for raw in raw_outputs:
+        task1, task2 = parse_generation(template, raw)
+        r1 = amr.repair_task1(task1)
+        r2 = amr.repair(task2)
+        parsed.append(Parsed(raw, r1.graph if r1.valid else None, r2.graph if r2.valid else None,
+                             r2.repaired))
+    return parsed
+
+
+def prompts_for(template: Template, sentences: Sequence[str]) -> list[str]:
+    return [render_inference(template, s) for s in sentences]

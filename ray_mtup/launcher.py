@@ -1,0 +1,181 @@
+"""What ``run_tune.py`` runs: flags -> validated config -> Ray -> a search or a single run.
+
+Every user mistake (bad flag value, unknown model, missing ``--model-path``, bad search
+space, unwritable storage, a trial that cannot fit on the cluster) is reported as
+``error: <field>: <message>`` with exit code 2 before any trial starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import MODELS, REPO_DIR, SEARCH_SPACES_DIR, TrainConfig, preset_names, resolve_config
+from .errors import RayMtupError
+
+logger = logging.getLogger(__name__)
+
+SMOKE_SPACE = SEARCH_SPACES_DIR / "smoke.yaml"
+DEFAULT_SPACE = SEARCH_SPACES_DIR / "default.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_tune.py",
+        description="Tune LoRA fine-tuning of Qwen2.5 into a Vietnamese AMR parser (MTUP prompts) with Ray "
+                    "Tune (Optuna TPE + ASHA) over Ray Train + DeepSpeed trials; objective: validation "
+                    "corpus SMATCH F1 of Task 2. With --no-search, one run of a documented preset.")
+    p.add_argument("--model", choices=sorted(MODELS), default=None,
+                   help="model registry name (default: the --config file's model, else tiny)")
+    p.add_argument("--model-path", help="local weights: a model directory or a single .gguf file")
+    p.add_argument("--data-dir", help="corpus directory with train_amr_1.txt and train_amr_2.txt "
+                                      "(default: $RAY_MTUP_DATA_DIR, else the small sample corpus shipped "
+                                      "with the package)")
+    p.add_argument("--search-space", help=f"search space YAML (default: {DEFAULT_SPACE.relative_to(REPO_DIR)}; "
+                                          f"{SMOKE_SPACE.relative_to(REPO_DIR)} with --smoke-test)")
+    p.add_argument("--num-samples", type=int, help="number of trials (default: the search space's)")
+    p.add_argument("--gpus-per-trial", type=int, default=0,
+                   help="GPUs per trial, one per Ray Train worker (0: CPU only)")
+    p.add_argument("--workers-per-trial", type=int,
+                   help="Ray Train workers per trial (default: --gpus-per-trial, or 1)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (fractions allowed)")
+    p.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage, 2 or 3 (3 spreads 7B over GPUs)")
+    p.add_argument("--storage-path", default=os.environ.get("RAY_MTUP_STORAGE", "runs"),
+                   help="where trials keep checkpoints and results: a local path, NFS, or s3:// "
+                        "(multi-node clusters need shared storage; default: %(default)s)")
+    p.add_argument("--name", help="experiment name (default: <model>-<time>); --resume needs it")
+    p.add_argument("--resume", action="store_true", help="resume the interrupted experiment --name")
+    p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial (default: %(default)s)")
+    p.add_argument("--smoke-test", action="store_true",
+                   help="a few tiny trials with short epochs, for CPU (search_spaces/smoke.yaml)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster address (default: $RAY_ADDRESS; without it an embedded local Ray starts)")
+    p.add_argument("--preset", choices=preset_names(), help="a documented preset (presets/*.yaml)")
+    p.add_argument("--no-search", action="store_true",
+                   help="run one training of the preset/config, no search (single-preset reproduction)")
+    p.add_argument("--config", help="a config YAML (e.g. a search's best_config.yaml) for --no-search")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any TrainConfig field, e.g. --set eval_max_samples=50 --set lora.r=16")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Configure handlers; only entry points (and Ray worker entry functions) call this."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("penman").setLevel(logging.ERROR)  # broken model outputs are counted, not logged
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            from .errors import ConfigError
+
+            raise ConfigError(key, "expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's TrainConfig from flags (validated; no Ray needed)."""
+    workers = args.workers_per_trial or (args.gpus_per_trial or 1)
+    overrides: dict[str, Any] = {
+        "model_path": args.model_path,
+        "data_dir": args.data_dir or os.environ.get("RAY_MTUP_DATA_DIR"),
+        "zero_stage": args.zero_stage,
+        "cpus_per_worker": args.cpus_per_worker,
+    }
+    if args.workers_per_trial or args.gpus_per_trial:
+        overrides["num_workers"] = workers
+    if args.gpus_per_trial:
+        overrides["use_gpu"] = True
+    overrides.update(_parse_set(args.set))
+    return resolve_config(args.model, preset=args.preset, config_file=args.config, overrides=overrides)
+
+
+def start_ray(address: str | None) -> None:
+    """Connect to ``address``, or start an embedded local Ray with its dashboard on loopback."""
+    import ray
+
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # The dashboard must run: without it a trial that ASHA stops leaks its placement group.
+    pythonpath = os.pathsep.join(p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false"}})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return _main(args)
+    except RayMtupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    from . import search, trial
+
+    cfg = config_from_args(args)
+    name = args.name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
+    if args.no_search:
+        search.check_storage(storage)
+        start_ray(args.address)
+        search.check_resources(_cluster_resources(), cfg)
+        t0 = time.time()
+        summary = trial.run_single(cfg, name=name, storage_path=storage,
+                                   output_dir=_local_dir(storage, name), max_failures=args.max_failures)
+        print(trial.format_epoch_table(summary.history))
+        best = summary.best
+        print(f"best epoch {summary.best_epoch}: Task 1 F1 {best['task1_f1']:.4f}, Task 2 F1 {best['task2_f1']:.4f}, "
+              f"validity {best['validity']:.3f} (SMATCH mode {best['scoring_mode']}); "
+              f"{time.time() - t0:.0f} s; run directory {summary.run_dir}")
+        return 0
+    space_path = args.search_space or (SMOKE_SPACE if args.smoke_test else DEFAULT_SPACE)
+    space = search.load_search_space(space_path)
+    settings = search.SearchSettings(name=name, storage_path=storage,
+                                     workers_per_trial=cfg.num_workers, gpus_per_trial=args.gpus_per_trial,
+                                     max_failures=args.max_failures, num_samples=args.num_samples,
+                                     resume=args.resume)
+    if args.resume and not args.name:
+        from .errors import ConfigError
+
+        raise ConfigError("name", "--resume needs the --name of the experiment to resume")
+    search.check_storage(storage)
+    start_ray(args.address)
+    t0 = time.time()
+    summary = search.run_search(cfg, space, settings)
+    best = summary.get("best_metrics") or {}
+    noise = summary.get("noise", {})
+    print(f"search {name}: {summary['n_trials']} trials in {time.time() - t0:.0f} s; best {summary.get('best_trial')} "
+          f"Task 2 F1 {best.get('task2_f1', float('nan')):.4f} (95% CI {noise.get('ci95')}); "
+          f"results in {summary['experiment_dir']}")
+    if summary["n_errors"]:
+        print(f"error: {summary['n_errors']} of {summary['n_trials']} trials failed; see results.csv",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cluster_resources() -> dict[str, float]:
+    import ray
+
+    return ray.cluster_resources()
+
+
+def _local_dir(storage: str, name: str) -> Path:
+    return Path(storage) / name if "://" not in storage else Path("runs") / name

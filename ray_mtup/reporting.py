@@ -1,0 +1,316 @@
+"""Results of a search a person can use: leaderboard, results.csv, summary.json, plots.
+
+Everything here is rebuilt from what the trials left: their reported per-epoch metrics and
+their checkpoints (adapter + ``val_predictions.jsonl``). Nothing new is measured, except
+that the best trial's saved predictions are re-scored per sentence for the bootstrap.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+from .training import PREDICTIONS_JSONL
+HYPER_COLUMNS = ("learning_rate", "epochs", "lora_r", "lora_alpha_ratio", "template", "weight_decay",
+                 "warmup_ratio", "lora_dropout")
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as read back from Tune: its sampled values and per-epoch history."""
+
+    trial_id: str
+    sampled: dict[str, Any]
+    config: TrainConfig
+    history: list[dict[str, Any]]
+    status: str
+    error: str
+    wall_time_s: float
+
+    @property
+    def epochs_run(self) -> int:
+        return max((int(m["epoch"]) for m in self.history), default=0)
+
+    @property
+    def best(self) -> dict[str, Any]:
+        if not self.history:
+            return {}
+        return max(self.history, key=lambda m: (m.get("objective", -1.0), -m["epoch"]))
+
+    @property
+    def stop_reason(self) -> str:
+        reasons = [m.get("stop_reason") for m in self.history if m.get("stop_reason")]
+        return str(reasons[-1]) if reasons else ""
+
+    @property
+    def stopped_early(self) -> bool:
+        """Stopped by ASHA: ended without error before its planned epochs."""
+        return self.status == "TERMINATED" and not self.stop_reason and self.epochs_run < self.config.epochs
+
+    @property
+    def epoch_cost_s(self) -> float:
+        times = [m.get("epoch_time_s", 0.0) + m.get("eval_time_s", 0.0) for m in self.history]
+        return sum(times) / len(times) if times else 0.0
+
+    def device_hours(self) -> float:
+        units = self.config.num_workers if self.config.use_gpu else self.config.num_workers * self.config.cpus_per_worker
+        return self.wall_time_s * units / 3600.0
+
+
+def _clean(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, float) and math.isnan(v):
+            v = None
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            out[k] = v
+    return out
+
+
+def _error_line(error: Any) -> str:
+    """The informative last line of a (Ray-wrapped) exception, or ''."""
+    if not error:
+        return ""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
+
+
+def collect_trials(grid: Any, base: TrainConfig) -> list[TrialRecord]:
+    """TrialRecords from a Tune ``ResultGrid``, in trial creation order."""
+    from .trial import SAMPLED_KEYS, apply_sampled
+
+    records = []
+    for result in grid:
+        sampled = {k: v for k, v in (result.config or {}).items() if k in SAMPLED_KEYS}
+        df = result.metrics_dataframe
+        history: list[dict[str, Any]] = []
+        if df is not None and len(df) and "epoch" in df:
+            rows = [_clean(r) for r in df.to_dict("records")]
+            by_epoch = {int(r["epoch"]): r for r in rows if r.get("epoch") is not None}
+            history = [by_epoch[e] for e in sorted(by_epoch)]
+        metrics = result.metrics or {}
+        error = _error_line(result.error)
+        status = "ERROR" if result.error else "TERMINATED"
+        trial_id = str(metrics.get("trial_id") or Path(result.path).name)
+        wall = float(metrics.get("time_total_s") or sum(m.get("epoch_time_s", 0) + m.get("eval_time_s", 0)
+                                                         for m in history))
+        records.append(TrialRecord(trial_id, sampled, apply_sampled(base.to_dict(), sampled), history,
+                                   status, error, wall))
+    records.sort(key=lambda r: r.trial_id)
+    return records
+
+
+def leaderboard_rows(records: Sequence[TrialRecord]) -> list[dict[str, Any]]:
+    rows = []
+    for r in records:
+        best = r.best
+        rows.append({
+            "trial_id": r.trial_id,
+            "status": r.status,
+            **{k: r.sampled.get(k) for k in HYPER_COLUMNS if k in r.sampled},
+            "epochs_run": r.epochs_run,
+            "best_epoch": best.get("epoch"),
+            "best_task1_f1": best.get("task1_f1"),
+            "best_task2_f1": best.get("task2_f1"),
+            "validity": best.get("validity"),
+            "val_loss": best.get("val_loss"),
+            "stopped_early": r.stopped_early,
+            "stop_reason": r.stop_reason or r.error,
+            "wall_time_s": round(r.wall_time_s, 1),
+            "device_hours": round(r.device_hours(), 5),
+            "checkpoint_path": best.get("checkpoint_path"),
+        })
+    return rows
+
+
+def format_leaderboard(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Best-first fixed-width table."""
+    ranked = sorted(rows, key=lambda r: -(r.get("best_task2_f1") or -1.0))
+    head = f"{'trial':<14}{'lr':>10}{'ep':>4}{'r':>5}{'template':>18}{'run':>5}{'T1 F1':>8}{'T2 F1':>8}" \
+           f"{'valid':>7}{'early':>7}  note"
+    lines = [head, "-" * len(head)]
+    for r in ranked:
+        def num(key: str, fmt: str) -> str:
+            v = r.get(key)
+            return format(v, fmt) if isinstance(v, (int, float)) else "-"
+        lines.append(f"{r['trial_id']:<14}{num('learning_rate', '10.2e')}{num('epochs', '4d')}"
+                     f"{num('lora_r', '5d')}{str(r.get('template', '-')):>18}{r['epochs_run']:>5}"
+                     f"{num('best_task1_f1', '8.4f')}{num('best_task2_f1', '8.4f')}{num('validity', '7.3f')}"
+                     f"{'yes' if r['stopped_early'] else 'no':>7}  {r.get('stop_reason') or ''}")
+    return "\n".join(lines)
+
+
+def _read_predictions(checkpoint_path: str | None) -> list[dict[str, Any]] | None:
+    if not checkpoint_path:
+        return None
+    path = Path(checkpoint_path) / PREDICTIONS_JSONL
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def paired_bootstrap(a: Sequence[Any], b: Sequence[Any], n_resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of F1(a) - F1(b) over the same sentences (PairCounts lists, aligned)."""
+    import numpy as np
+
+    ca = np.array([(p.matched, p.predicted, p.gold) for p in a], dtype=np.float64)
+    cb = np.array([(p.matched, p.predicted, p.gold) for p in b], dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(ca), size=(n_resamples, len(ca)))
+
+    def f1(c: Any) -> Any:
+        s = c[idx].sum(axis=1)
+        denom = s[:, 1] + s[:, 2]
+        return np.divide(2 * s[:, 0], denom, out=np.zeros(n_resamples), where=denom > 0)
+
+    diff = f1(ca) - f1(cb)
+    lo, hi = np.quantile(diff, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def noise_analysis(best: TrialRecord, first: TrialRecord | None) -> dict[str, Any]:
+    """Bootstrap interval of the best trial's F1 and whether it beats the first trial beyond noise."""
+    from . import scoring
+    from .training import load_examples
+
+    preds = _read_predictions(best.best.get("checkpoint_path"))
+    if preds is None:
+        return {"note": "best checkpoint has no saved predictions; no interval"}
+    _, _, gold = load_examples(best.config)
+    gold = gold[: len(preds)]
+    pairs = scoring.score_pairs(gold, [p["task2_graph"] for p in preds], mode=best.config.scoring_mode)
+    lo, hi = scoring.bootstrap_ci(pairs)
+    out: dict[str, Any] = {
+        "task2_f1": scoring.Score.from_pairs(pairs, best.config.scoring_mode).f1,
+        "ci95": [lo, hi],
+        "n_sentences": len(pairs),
+        "note": f"bootstrap over {len(pairs)} validation sentences; differences smaller than the interval "
+                "width are noise",
+    }
+    if first is not None and first.trial_id != best.trial_id:
+        first_preds = _read_predictions(first.best.get("checkpoint_path"))
+        if first_preds is not None and len(first_preds) == len(preds):
+            first_pairs = scoring.score_pairs(gold, [p["task2_graph"] for p in first_preds],
+                                              mode=best.config.scoring_mode)
+            dlo, dhi = paired_bootstrap(pairs, first_pairs)
+            out["vs_documented_optimum"] = {
+                "trial_id": first.trial_id,
+                "delta_ci95": [dlo, dhi],
+                "beats_beyond_noise": dlo > 0,
+            }
+    elif first is not None:
+        out["vs_documented_optimum"] = {"trial_id": first.trial_id, "beats_beyond_noise": False,
+                                        "note": "the documented optimum is the best trial"}
+    return out
+
+
+def cost_summary(records: Sequence[TrialRecord]) -> dict[str, Any]:
+    """Wall time and device-hours per trial and in total, and what ASHA saved."""
+    unit = "gpu_hours" if any(r.config.use_gpu for r in records) else "cpu_hours"
+    saved_h = 0.0
+    for r in records:
+        if r.stopped_early:
+            units = r.config.num_workers if r.config.use_gpu else r.config.num_workers * r.config.cpus_per_worker
+            saved_h += (r.config.epochs - r.epochs_run) * r.epoch_cost_s * units / 3600.0
+    used = sum(r.device_hours() for r in records)
+    return {
+        "unit": unit,
+        "total_wall_time_s": sum(r.wall_time_s for r in records),
+        f"total_{unit}": used,
+        f"asha_saved_{unit}": saved_h,
+        "asha_saved_fraction": saved_h / (used + saved_h) if used + saved_h else 0.0,
+        "method": "saved = (planned - run epochs) x the trial's mean measured epoch time (train + eval)",
+    }
+
+
+def plot(records: Sequence[TrialRecord], out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in records:
+        if r.history:
+            ax.plot([m["epoch"] for m in r.history], [m.get("task2_f1") or 0.0 for m in r.history],
+                    marker="o", label=r.trial_id)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation Task 2 SMATCH F1")
+    ax.set_title("F1 per epoch (every trial)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_dir / "f1_per_epoch.png", dpi=110)
+    plt.close(fig)
+    paths.append(str(out_dir / "f1_per_epoch.png"))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    xs = [r.config.learning_rate for r in records if r.history]
+    ys = [r.best.get("task2_f1") or 0.0 for r in records if r.history]
+    ax.scatter(xs, ys)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("best Task 2 F1")
+    ax.set_title("F1 against learning rate")
+    fig.tight_layout()
+    fig.savefig(out_dir / "f1_vs_lr.png", dpi=110)
+    plt.close(fig)
+    paths.append(str(out_dir / "f1_vs_lr.png"))
+    return paths
+
+
+def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, space: Any) -> dict[str, Any]:
+    """Leaderboard to the terminal; results.csv, summary.json, best_config.yaml, best_adapter/, plots."""
+    out_dir = Path(experiment_dir) if "://" not in experiment_dir else Path("runs") / Path(experiment_dir).name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = collect_trials(grid, base)
+    rows = leaderboard_rows(records)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with (out_dir / "results.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(format_leaderboard(rows), flush=True)
+    scored = [r for r in records if r.history]
+    summary: dict[str, Any] = {"experiment_dir": experiment_dir, "search_space": space.path,
+                               "n_trials": len(records), "n_errors": sum(r.status == "ERROR" for r in records),
+                               "objective": "task2_f1 (validation, corpus SMATCH), ties by val_loss",
+                               "cost": cost_summary(records)}
+    if scored:
+        best = max(scored, key=lambda r: r.best.get("objective", -1.0))
+        first = records[0] if records else None
+        summary.update({
+            "best_trial": best.trial_id,
+            "best_config": best.config.to_dict(),
+            "best_sampled": best.sampled,
+            "best_metrics": best.best,
+            "scoring_mode": best.config.scoring_mode,
+            "documented_optimum_trial": first.trial_id if first else None,
+            "noise": noise_analysis(best, first),
+        })
+        (out_dir / "best_config.yaml").write_text(
+            f"# best trial {best.trial_id} of {experiment_dir}; reproduce with:\n"
+            f"#   python run_tune.py --no-search --config {out_dir / 'best_config.yaml'}\n"
+            + yaml.safe_dump(best.config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+        ckpt = best.best.get("checkpoint_path")
+        if ckpt and Path(ckpt).is_dir():
+            dest = out_dir / "best_adapter"
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(ckpt, dest)
+            summary["best_adapter"] = str(dest)
+        summary["plots"] = plot(records, out_dir)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str),
+                                          encoding="utf-8")
+    logger.info("results in %s", out_dir)
+    return summary

@@ -1,0 +1,555 @@
+"""Corpus-level SMATCH: the evaluation stage.
+
+The score is smatch 1.0.4's: triples are extracted by its parser (``amr.AMR.parse_AMR_line``)
+and variables are aligned by its hill-climbing (``smatch.compute_pool`` / ``get_best_gain``).
+Four things differ from calling ``smatch.get_amr_match`` naively, each on purpose:
+
+* **Deterministic.** smatch reseeds the global ``random`` from the OS before every restart.
+  Here the restarts draw from a private ``random.Random`` seeded afresh for every pair, so
+  the same inputs always give the same score, a pair's score does not depend on the pairs
+  before it, and the caller's global ``random`` state is never touched.
+* **No stale cache.** smatch memoises match counts in the module-level ``match_triple_dict``
+  keyed by the mapping only; it is cleared before and after every pair.
+* **Duplicate triples removed** (after smatch's own normalisation: lower case, trailing ``_``
+  stripped) on both sides, so a repeated triple cannot be matched twice and F never exceeds 1.
+* **Quiet and early-stopping.** smatch's printing to stderr is captured and sent to this
+  module's logger at DEBUG; restarts stop as soon as the alignment reaches the upper bound
+  ``min(predicted, gold)``, which cannot change the result.
+
+Corpus scores are sums of matched / predicted / gold triples over all pairs, never an
+average of per-sentence F.
+
+Modes, named in every output:
+
+``official``
+    The shared task's scorer: graphs are made one-line and fed to smatch's parser as they
+    are. smatch drops spaces inside a concept (``chủ tịch`` becomes ``chủtịch``) while ``_``
+    stays, so ``(c / chủ tịch)`` and ``(c / chủ_tịch)`` do *not* match.
+    Predictions passed through :func:`evaluate_predictions` / :func:`evaluate_files` are
+    repaired first, and a repaired graph is canonical PENMAN with ``_``-joined concepts; so
+    against gold written with spaces (train_amr_2) the official mode charges every
+    multi-word concept, exactly as the shared task's scorer would for such a submission
+    (train_amr_2 scored against itself through the files path: F 0.90).
+``normalised``
+    Both graphs go through :func:`ray_mtup.amr.normalise` first, which joins multi-word
+    concepts with ``_``; spaces and underscores in concepts are then equivalent. (Not called
+    "lenient" because that word already means "skip bad blocks" in the corpus reader.)
+
+>>> score_pair("(c / chó)", "(c / chó)").matched
+2
+>>> s = score_corpus(["(c / chủ tịch)"], ["(c / chủ_tịch)"])
+>>> (s.mode, s.matched, s.gold)
+('official', 1, 2)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import random
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import smatch
+
+from ray_mtup import amr
+from ray_mtup.corpus import read_amr_file
+from ray_mtup.errors import AmrError, ConfigError, CorpusError, ScoringError
+
+logger = logging.getLogger(__name__)
+
+MODES: tuple[str, ...] = ("official", "normalised")
+"""Scoring modes; see the module docstring."""
+
+DEFAULT_RESTARTS = 10
+"""Hill-climbing starts per pair: one smart start plus random ones (smatch's default is 5)."""
+
+DEFAULT_SEED = 0
+"""Seed of the private random state created for every pair."""
+
+CI_NOTE = (
+    "bootstrap over sentences: on ~150 sentences the interval is a few points wide, "
+    "so differences of a couple of points between systems are noise"
+)
+
+# smatch keeps its state in module globals; one pair is scored at a time per process.
+_SMATCH_LOCK = threading.RLock()
+
+Triple = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class PairCounts:
+    """Triple counts of one (gold, prediction) pair.
+
+    ``valid`` is False when the prediction was not a graph; it then counts as empty
+    (0 matched, 0 predicted, all of the gold triples).
+    """
+
+    matched: int
+    predicted: int
+    gold: int
+    valid: bool
+
+
+@dataclass(frozen=True)
+class Score:
+    """Corpus-level SMATCH of one set of predictions.
+
+    >>> s = Score.from_pairs([PairCounts(3, 4, 6, True), PairCounts(0, 0, 2, False)], "official")
+    >>> (s.precision, s.recall, s.f1, s.validity)
+    (0.75, 0.375, 0.5, 0.5)
+    """
+
+    precision: float
+    recall: float
+    f1: float
+    n_pairs: int
+    n_valid: int
+    matched: int
+    predicted: int
+    gold: int
+    mode: str
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[PairCounts], mode: str) -> Score:
+        """Sum the pairs' counts into one corpus score."""
+        matched = sum(p.matched for p in pairs)
+        predicted = sum(p.predicted for p in pairs)
+        gold = sum(p.gold for p in pairs)
+        return cls(
+            precision=matched / predicted if predicted else 0.0,
+            recall=matched / gold if gold else 0.0,
+            f1=_f1(matched, predicted, gold),
+            n_pairs=len(pairs),
+            n_valid=sum(1 for p in pairs if p.valid),
+            matched=matched,
+            predicted=predicted,
+            gold=gold,
+            mode=mode,
+        )
+
+    @property
+    def validity(self) -> float:
+        """Share of predictions that were graphs (1.0 for an empty corpus)."""
+        return self.n_valid / self.n_pairs if self.n_pairs else 1.0
+
+    def to_dict(self) -> dict:
+        """Plain dict of every field plus ``validity``, ready for JSON."""
+        return {**asdict(self), "validity": self.validity}
+
+
+def _f1(matched: int, predicted: int, gold: int) -> float:
+    # 2PR/(P+R) == 2M/(predicted+gold), without the intermediate divisions.
+    return 2.0 * matched / (predicted + gold) if predicted + gold else 0.0
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ConfigError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+
+
+# --------------------------------------------------------------------------- smatch glue
+
+
+@contextlib.contextmanager
+def _smatch_session() -> Iterator[None]:
+    """Hold smatch's globals for the duration: no verbose output, errors captured, cache empty."""
+    with _SMATCH_LOCK:
+        saved = (
+            smatch.verbose,
+            smatch.veryVerbose,
+            smatch.ERROR_LOG,
+            smatch.DEBUG_LOG,
+            smatch.amr.ERROR_LOG,
+            smatch.amr.DEBUG_LOG,
+        )
+        sink = io.StringIO()
+        smatch.verbose = smatch.veryVerbose = False
+        smatch.ERROR_LOG = smatch.DEBUG_LOG = sink
+        smatch.amr.ERROR_LOG = smatch.amr.DEBUG_LOG = sink
+        smatch.match_triple_dict.clear()
+        try:
+            yield
+        finally:
+            smatch.match_triple_dict.clear()
+            (
+                smatch.verbose,
+                smatch.veryVerbose,
+                smatch.ERROR_LOG,
+                smatch.DEBUG_LOG,
+                smatch.amr.ERROR_LOG,
+                smatch.amr.DEBUG_LOG,
+            ) = saved
+            captured = sink.getvalue().strip()
+            if captured:
+                logger.debug("smatch said: %s", captured)
+
+
+def _one_line(text: str) -> str:
+    """Join a multi-line graph into one line, dropping comment lines (as smatch's reader does)."""
+    lines = (line.strip() for line in text.splitlines())
+    return " ".join(line for line in lines if line and not line.startswith("#"))
+
+
+def _norm(item: object) -> str:
+    # smatch.normalize, made safe for the list-valued names its parser can emit for quoted values.
+    if isinstance(item, list):
+        item = "".join(map(str, item))
+    return smatch.normalize(str(item))
+
+
+def _dedup(triples: list) -> list[Triple]:
+    """Drop triples equal after smatch's normalisation, keeping the first of each."""
+    seen: set[Triple] = set()
+    kept: list[Triple] = []
+    for t in triples:
+        key = (_norm(t[0]), t[1], _norm(t[2]))
+        if key not in seen:
+            seen.add(key)
+            kept.append((t[0] if isinstance(t[0], str) else _norm(t[0]), t[1], t[2]))
+    return kept
+
+
+class _Triples:
+    """The deduplicated instance/attribute/relation triples of one graph, nodes renamed."""
+
+    __slots__ = ("instances", "attributes", "relations")
+
+    def __init__(self, instances: list[Triple], attributes: list[Triple], relations: list[Triple]):
+        self.instances = instances
+        self.attributes = attributes
+        self.relations = relations
+
+    def __len__(self) -> int:
+        return len(self.instances) + len(self.attributes) + len(self.relations)
+
+
+def _parse(one_line: str, prefix: str) -> _Triples | None:
+    """Triples of a one-line graph by smatch's parser, or None when it cannot parse it."""
+    if not one_line:
+        return None
+    try:
+        graph = smatch.amr.AMR.parse_AMR_line(one_line)
+        if graph is None:
+            return None
+        graph.rename_node(prefix)
+        instances, attributes, relations = graph.get_triples()
+    except (IndexError, KeyError, ValueError, AttributeError, TypeError) as exc:
+        # smatch's parser signals most errors by returning None, a few by crashing.
+        logger.debug("smatch cannot parse %r: %s", one_line[:80], exc)
+        return None
+    return _Triples(_dedup(instances), _dedup(attributes), _dedup(relations))
+
+
+def _smart_init(candidates: list[set[int]], inst1: list[Triple], inst2: list[Triple], rng: random.Random) -> list[int]:
+    """smatch.smart_init_mapping with a private random state (and no reseeding)."""
+    matched: set[int] = set()
+    result: list[int] = []
+    no_word_match: list[int] = []
+    for i, cands in enumerate(candidates):
+        if not cands:
+            result.append(-1)
+            continue
+        value1 = inst1[i][2]
+        for node_index in cands:
+            if value1 == inst2[node_index][2] and node_index not in matched:
+                result.append(node_index)
+                matched.add(node_index)
+                break
+        if len(result) == i:
+            no_word_match.append(i)
+            result.append(-1)
+    for i in no_word_match:
+        cands = list(candidates[i])
+        while cands:
+            rid = rng.randint(0, len(cands) - 1)
+            if cands[rid] in matched:
+                cands.pop(rid)
+            else:
+                matched.add(cands[rid])
+                result[i] = cands[rid]
+                break
+    return result
+
+
+def _random_init(candidates: list[set[int]], rng: random.Random) -> list[int]:
+    """smatch.random_init_mapping with a private random state (and no reseeding)."""
+    matched: set[int] = set()
+    result: list[int] = []
+    for c in candidates:
+        cands = list(c)
+        chosen = -1
+        while cands:
+            rid = rng.randint(0, len(cands) - 1)
+            if cands[rid] in matched:
+                cands.pop(rid)
+            else:
+                chosen = cands[rid]
+                matched.add(chosen)
+                break
+        result.append(chosen)
+    return result
+
+
+def _best_match(pred: _Triples, gold: _Triples, restarts: int, seed: int) -> int:
+    """smatch.get_best_match: hill-climbing from a smart start, then random starts.
+
+    Must run inside :func:`_smatch_session`; clears smatch's cache before and after.
+    """
+    smatch.match_triple_dict.clear()
+    try:
+        candidates, weights = smatch.compute_pool(
+            pred.instances, pred.attributes, pred.relations,
+            gold.instances, gold.attributes, gold.relations,
+            "a", "b",
+        )
+        rng = random.Random(seed)
+        bound = min(len(pred), len(gold))
+        best = 0
+        for i in range(restarts):
+            if i == 0:
+                mapping = _smart_init(candidates, pred.instances, gold.instances, rng)
+            else:
+                mapping = _random_init(candidates, rng)
+            match = smatch.compute_match(mapping, weights)
+            while True:
+                gain, new_mapping = smatch.get_best_gain(
+                    mapping, candidates, weights, len(gold.instances), match
+                )
+                if gain <= 0:
+                    break
+                match += gain
+                mapping = new_mapping[:]
+            best = max(best, match)
+            if best >= bound:
+                break
+        return best
+    finally:
+        smatch.match_triple_dict.clear()
+
+
+def _prepare(text: str, mode: str) -> str:
+    """The one-line graph smatch sees under ``mode``; raises AmrError in ``normalised`` mode."""
+    if mode == "normalised":
+        text = amr.normalise(text)
+    return _one_line(text)
+
+
+def _gold_triples(gold: str, mode: str, index: int) -> _Triples:
+    try:
+        triples = _parse(_prepare(gold, mode), "b")
+    except AmrError as exc:
+        raise ScoringError(f"gold graph {index} cannot be read: {exc}") from exc
+    if triples is None:
+        raise ScoringError(f"gold graph {index} cannot be parsed by smatch")
+    return triples
+
+
+def _pred_triples(pred: str | None, mode: str, index: int) -> _Triples | None:
+    if pred is None:
+        return None
+    try:
+        return _parse(_prepare(pred, mode), "a")
+    except AmrError as exc:
+        logger.debug("prediction %d cannot be normalised: %s", index, exc)
+        return None
+
+
+def _score_pairs(golds: Sequence[str], preds: Sequence[str | None], mode: str, restarts: int, seed: int) -> list[PairCounts]:
+    _check_mode(mode)
+    if restarts < 1:
+        raise ConfigError("restarts", f"must be >= 1, got {restarts}")
+    if len(golds) != len(preds):
+        raise ScoringError(f"{len(golds)} gold graphs but {len(preds)} predictions")
+    out: list[PairCounts] = []
+    with _smatch_session():
+        for i, (gold, pred) in enumerate(zip(golds, preds)):
+            g = _gold_triples(gold, mode, i)
+            p = _pred_triples(pred, mode, i)
+            if p is None:
+                out.append(PairCounts(0, 0, len(g), valid=False))
+            else:
+                out.append(PairCounts(_best_match(p, g, restarts, seed), len(p), len(g), valid=True))
+    return out
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def score_pair(
+    gold: str, pred: str | None, mode: str = "official", *, restarts: int = DEFAULT_RESTARTS, seed: int = DEFAULT_SEED
+) -> PairCounts:
+    """SMATCH triple counts of one pair.
+
+    ``pred=None``, or a prediction smatch cannot parse, counts as an empty graph.
+    A gold graph that cannot be parsed raises ScoringError.
+
+    >>> score_pair("(c / chó :mod (đ / đen))", "(x / chó :mod (y / trắng))")
+    PairCounts(matched=3, predicted=4, gold=4, valid=True)
+    >>> score_pair("(c / chó)", None)
+    PairCounts(matched=0, predicted=0, gold=2, valid=False)
+    """
+    return _score_pairs([gold], [pred], mode, restarts, seed)[0]
+
+
+def score_pairs(
+    golds: Sequence[str],
+    preds: Sequence[str | None],
+    mode: str = "official",
+    *,
+    restarts: int = DEFAULT_RESTARTS,
+    seed: int = DEFAULT_SEED,
+) -> list[PairCounts]:
+    """Per-pair counts (for :func:`bootstrap_ci`); ScoringError when the lengths differ."""
+    return _score_pairs(golds, preds, mode, restarts, seed)
+
+
+def score_corpus(
+    golds: Sequence[str],
+    preds: Sequence[str | None],
+    mode: str = "official",
+    *,
+    restarts: int = DEFAULT_RESTARTS,
+    seed: int = DEFAULT_SEED,
+) -> Score:
+    """Corpus SMATCH: summed matches over summed triples (not an average of per-pair F).
+
+    >>> s = score_corpus(["(c / chó)", "(m / mèo :mod (đ / đen))"], ["(c / chó)", None])
+    >>> (s.precision, s.recall, s.n_valid)
+    (1.0, 0.3333333333333333, 1)
+    """
+    return Score.from_pairs(_score_pairs(golds, preds, mode, restarts, seed), mode)
+
+
+def evaluate_predictions(
+    golds: Sequence[str],
+    raw_preds: Sequence[str],
+    mode: str = "official",
+    *,
+    ids: Sequence[str] | None = None,
+    restarts: int = DEFAULT_RESTARTS,
+    seed: int = DEFAULT_SEED,
+) -> tuple[Score, list[amr.Repair]]:
+    """Repair raw model outputs, then score them; unrepairable ones count as empty graphs.
+
+    Invalid predictions are logged at INFO with their index (and id when ``ids`` is given).
+    """
+    score, repairs, _ = _evaluate(golds, raw_preds, mode, ids, restarts, seed)
+    return score, repairs
+
+
+def _evaluate(golds, raw_preds, mode, ids, restarts, seed) -> tuple[Score, list[amr.Repair], list[PairCounts]]:
+    _check_mode(mode)
+    if len(golds) != len(raw_preds):
+        raise ScoringError(f"{len(golds)} gold graphs but {len(raw_preds)} predictions")
+    repairs = [amr.repair(text) for text in raw_preds]
+    preds = [r.graph if r.valid else None for r in repairs]
+    pairs = _score_pairs(golds, preds, mode, restarts, seed)
+    for i, pair in enumerate(pairs):
+        if not pair.valid:
+            name = f" (id {ids[i]})" if ids is not None else ""
+            logger.info("prediction %d%s is not a valid graph; counted as empty: %s", i, name, repairs[i].notes)
+    return Score.from_pairs(pairs, mode), repairs, pairs
+
+
+def bootstrap_ci(
+    pairs: Sequence[PairCounts], n_resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of corpus F1, resampling sentences with replacement.
+
+    >>> pairs = [PairCounts(5, 5, 5, True)] * 10
+    >>> bootstrap_ci(pairs, n_resamples=50)
+    (1.0, 1.0)
+    """
+    if not pairs:
+        raise ScoringError("bootstrap_ci needs at least one pair")
+    if n_resamples < 1:
+        raise ConfigError("n_resamples", f"must be >= 1, got {n_resamples}")
+    if not 0.0 < level < 1.0:
+        raise ConfigError("level", f"must be in (0, 1), got {level}")
+    counts = np.array([(p.matched, p.predicted, p.gold) for p in pairs], dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(pairs), size=(n_resamples, len(pairs)))
+    sums = counts[idx].sum(axis=1)  # (n_resamples, 3)
+    denom = sums[:, 1] + sums[:, 2]
+    f1 = np.divide(2.0 * sums[:, 0], denom, out=np.zeros(n_resamples), where=denom > 0)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(f1, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def read_graph_blocks(path: str | Path) -> list[str]:
+    """Graph texts of a predictions file in the corpus format, one per blank-line separated block.
+
+    Unlike :func:`ray_mtup.corpus.read_amr_file`, nothing is parsed: a block whose graph is
+    broken (or missing) is returned as text (possibly empty), to be counted invalid later.
+    Comment lines (``#...``) are dropped.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise CorpusError(f"cannot read predictions: {exc.strerror or exc}", path=path) from exc
+    except UnicodeDecodeError as exc:
+        raise CorpusError(f"not UTF-8: {exc}", path=path) from exc
+    blocks: list[str] = []
+    current: list[str] | None = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            if current is not None:
+                blocks.append("\n".join(current))
+                current = None
+            continue
+        if current is None:
+            current = []
+        if not stripped.startswith("#"):
+            current.append(line.rstrip())
+    if current is not None:
+        blocks.append("\n".join(current))
+    return blocks
+
+
+def evaluate_files(
+    gold_path: str | Path,
+    pred_path: str | Path,
+    mode: str = "official",
+    bootstrap: int = 0,
+    *,
+    restarts: int = DEFAULT_RESTARTS,
+    seed: int = DEFAULT_SEED,
+) -> dict:
+    """Score a predictions file against a gold file, both in the corpus format, aligned by order.
+
+    Returns :meth:`Score.to_dict` plus ``gold_path``, ``pred_path``, ``n_repaired`` and, when
+    ``bootstrap > 0``, ``ci_low``, ``ci_high``, ``ci_level``, ``ci_resamples`` and ``ci_note``.
+    """
+    _check_mode(mode)
+    if bootstrap < 0:
+        raise ConfigError("bootstrap", f"must be >= 0, got {bootstrap}")
+    examples = read_amr_file(gold_path)
+    raw_preds = read_graph_blocks(pred_path)
+    if len(examples) != len(raw_preds):
+        raise ScoringError(
+            f"{gold_path} has {len(examples)} graphs but {pred_path} has {len(raw_preds)}; "
+            "pairs are aligned by order, so the counts must be equal"
+        )
+    score, repairs, pairs = _evaluate(
+        [ex.amr for ex in examples], raw_preds, mode, [ex.id for ex in examples], restarts, seed
+    )
+    result = {
+        **score.to_dict(),
+        "n_repaired": sum(1 for r, p in zip(repairs, pairs) if r.repaired and p.valid),
+        "gold_path": str(gold_path),
+        "pred_path": str(pred_path),
+    }
+    if bootstrap > 0:
+        level = 0.95
+        low, high = bootstrap_ci(pairs, n_resamples=bootstrap, seed=seed, level=level)
+        result.update(ci_low=low, ci_high=high, ci_level=level, ci_resamples=bootstrap, ci_note=CI_NOTE)
+    return result

@@ -1,0 +1,34 @@
+"""Shared test fixtures: the tiny hand-written corpus and the (optional) VLSP corpus."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
+
+
+def _vlsp_dir() -> Path:
+    """RAY_MTUP_DATA_DIR if set, else ../shared/data/vlsp2025 next to the repository."""
+    env = os.environ.get("RAY_MTUP_DATA_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared/data/vlsp2025"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """tests/fixtures: mini_amr.txt, mini_sentences.txt and bad/ (one malformed case each)."""
+    return FIXTURES_DIR
+
+
+@pytest.fixture(scope="session")
+def vlsp_dir() -> Path:
+    """The VLSP 2025 corpus directory; skips the test when it is absent."""
+    path = _vlsp_dir()
+    if not (path / "train_amr_1.txt").is_file():
+        pytest.skip(f"VLSP corpus not found at {path} (set RAY_MTUP_DATA_DIR)")
+    return path
