@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: INFO logging, -vv: DEBUG")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_evaluate(subparsers)
-    # Register further subcommands here, e.g. _add_predict(subparsers).
+    _add_predict(subparsers)
     return parser
 
 
@@ -94,6 +94,43 @@ def format_evaluation(result: dict) -> str:
         )
         lines.append(f"  note: {result['ci_note']}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def _add_predict(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="parse sentences (one per line) into AMR with a trained adapter",
+        description="Writes '#::snt <sentence>' + a valid PENMAN graph for every input line: the Task 2 "
+        "output (repaired if needed), else Task 1 with variables restored, else the minimal graph "
+        "'(a / amr-unknown)'; the counts of each are printed.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a run directory (adapter/) or a search's experiment directory (best_adapter/)")
+    src.add_argument("--adapter", help="an adapter directory (a checkpoint)")
+    p.add_argument("--input", required=True, help="sentences, one per line (e.g. private_test.txt)")
+    p.add_argument("--output", required=True, help="where to write the parses (corpus format)")
+    p.add_argument("--batch-size", type=int, default=32, help="generation batch (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, help="generation budget per sentence (default: the run's)")
+    p.add_argument("--model-path", help="local base weights, when the run used a hub id")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(handler=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from ray_mtup.predict import predict_file
+
+    report = predict_file(args.run or args.adapter, args.input, args.output, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens, model_path=args.model_path)
+    if args.json:
+        print(json.dumps(report.to_dict(), ensure_ascii=False))
+    else:
+        print(f"wrote {report.n_sentences} graphs to {report.output}: {report.n_task2} from Task 2 "
+              f"({report.n_task2_repaired} repaired), {report.n_task1_fallback} from Task 1, "
+              f"{report.n_minimal} minimal fallback graphs")
+    return 0
 
 
 # --------------------------------------------------------------------------- entry point

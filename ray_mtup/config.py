@@ -229,10 +229,48 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(prefix + unknown[0], f"unknown key; valid keys: {sorted(names)}")
-    try:
-        return cls(**dict(data))
-    except TypeError as exc:  # wrong type for a nested value
-        raise ConfigError(prefix.rstrip(".") or cls.__name__, str(exc)) from exc
+    types = {f.name: str(f.type) for f in fields(cls)}
+    values = {k: _coerce(prefix + k, types[k], v) for k, v in data.items()}
+    return cls(**values)
+
+
+def _coerce(key: str, type_name: str, value: Any) -> Any:
+    """Check (and losslessly convert) a scalar against its field's annotation.
+
+    >>> _coerce("lr", "float", "1e-3"), _coerce("epochs", "int", 3.0)
+    (0.001, 3)
+    >>> _coerce("epochs", "int", "many")
+    Traceback (most recent call last):
+    ...
+    ray_mtup.errors.ConfigError: epochs: expected int, got 'many'
+    """
+    base, _, optional = type_name.partition(" | ")
+    if value is None:
+        if optional == "None":
+            return None
+        raise ConfigError(key, f"expected {base}, got null")
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+    elif base == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif base == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif base == "str":
+        if isinstance(value, str):
+            return value
+    else:  # nested settings and tuples are checked by their own constructors
+        return value
+    raise ConfigError(key, f"expected {base}, got {value!r}")
 
 
 def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

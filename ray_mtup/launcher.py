@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .config import MODELS, REPO_DIR, SEARCH_SPACES_DIR, TrainConfig, preset_names, resolve_config
 from .errors import RayMtupError
@@ -86,8 +86,8 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The run's TrainConfig from flags (validated; no Ray needed)."""
+def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields the flags set explicitly (``--set`` and the resource flags)."""
     workers = args.workers_per_trial or (args.gpus_per_trial or 1)
     overrides: dict[str, Any] = {
         "model_path": args.model_path,
@@ -100,7 +100,34 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.gpus_per_trial:
         overrides["use_gpu"] = True
     overrides.update(_parse_set(args.set))
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def config_from_args(args: argparse.Namespace, under: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The run's TrainConfig from flags (validated; no Ray needed).
+
+    ``under``: overrides that the flags win over (a search space's ``overrides:``).
+    """
+    overrides = {**(under or {}), **flag_overrides(args)}
     return resolve_config(args.model, preset=args.preset, config_file=args.config, overrides=overrides)
+
+
+def check_corpus(cfg: TrainConfig) -> None:
+    """Read, split and normalise the corpus in the driver, so that a bad file is reported
+    (``CorpusError`` naming file and line) before Ray starts, not as a worker traceback."""
+    from .training import load_examples
+
+    train, val, _ = load_examples(cfg)
+    logger.info("corpus: %d training and %d validation graphs", len(train), len(val))
+
+
+#: Environment of every Ray process of a run (cluster/runtime_env.yaml sets the same).
+RUNTIME_ENV_VARS = {
+    "TOKENIZERS_PARALLELISM": "false",
+    # Starting a worker imports torch, transformers and deepspeed: on a busy node that can take
+    # longer than Ray Train's 60 s default, which then fails the trial for no real reason.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "900",
+}
 
 
 def start_ray(address: str | None) -> None:
@@ -112,8 +139,34 @@ def start_ray(address: str | None) -> None:
         return
     # The dashboard must run: without it a trial that ASHA stops leaks its placement group.
     pythonpath = os.pathsep.join(p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false"}})
+    # Ray Train's PlacementGroupCleaner finds "the" cluster through RAY_ADDRESS or, without it, by
+    # looking for GCS processes; with another Ray running on the host it fails and a finished
+    # trial's placement group leaks, starving every later trial. So the GCS gets a known port
+    # and every Ray process gets RAY_ADDRESS pointing at this instance.
+    gcs_address = f"127.0.0.1:{_free_port()}"
+    env_vars = {"PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false", "RAY_ADDRESS": gcs_address}
+    saved = {k: os.environ.get(k) for k in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}
+    os.environ["RAY_GCS_SERVER_PORT"] = gcs_address.rsplit(":", 1)[1]
+    os.environ["RAY_ADDRESS"] = gcs_address  # inherited by the raylet, so by every worker it starts
+    try:
+        # address="local": always a new instance, never a `ray start` cluster found in /tmp/ray
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": env_vars})
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _free_port() -> int:
+    """A TCP port free on this host now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,8 +187,9 @@ def _main(args: argparse.Namespace) -> int:
     storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
     if args.no_search:
         search.check_storage(storage)
+        check_corpus(cfg)
         start_ray(args.address)
-        search.check_resources(_cluster_resources(), cfg)
+        search.check_resources(_cluster_resources(), cfg, driver_cpu=0.0)
         t0 = time.time()
         summary = trial.run_single(cfg, name=name, storage_path=storage,
                                    output_dir=_local_dir(storage, name), max_failures=args.max_failures)
@@ -147,6 +201,7 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     space_path = args.search_space or (SMOKE_SPACE if args.smoke_test else DEFAULT_SPACE)
     space = search.load_search_space(space_path)
+    cfg = config_from_args(args, under=space.overrides)  # flags win over the space's overrides
     settings = search.SearchSettings(name=name, storage_path=storage,
                                      workers_per_trial=cfg.num_workers, gpus_per_trial=args.gpus_per_trial,
                                      max_failures=args.max_failures, num_samples=args.num_samples,
@@ -156,9 +211,10 @@ def _main(args: argparse.Namespace) -> int:
 
         raise ConfigError("name", "--resume needs the --name of the experiment to resume")
     search.check_storage(storage)
+    check_corpus(cfg)
     start_ray(args.address)
     t0 = time.time()
-    summary = search.run_search(cfg, space, settings)
+    summary = search.run_search(cfg, space, settings, pinned=flag_overrides(args))
     best = summary.get("best_metrics") or {}
     noise = summary.get("noise", {})
     print(f"search {name}: {summary['n_trials']} trials in {time.time() - t0:.0f} s; best {summary.get('best_trial')} "
@@ -167,6 +223,10 @@ def _main(args: argparse.Namespace) -> int:
     if summary["n_errors"]:
         print(f"error: {summary['n_errors']} of {summary['n_trials']} trials failed; see results.csv",
               file=sys.stderr)
+        return 1
+    if summary.get("best_trial") is None:
+        print(f"error: no trial produced a usable result (every one of the {summary['n_trials']} stopped "
+              "before a finite-loss epoch); see stop_reason in results.csv", file=sys.stderr)
         return 1
     return 0
 

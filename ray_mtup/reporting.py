@@ -32,6 +32,7 @@ class TrialRecord:
     """One trial as read back from Tune: its sampled values and per-epoch history."""
 
     trial_id: str
+    index: int
     sampled: dict[str, Any]
     config: TrainConfig
     history: list[dict[str, Any]]
@@ -103,13 +104,27 @@ def collect_trials(grid: Any, base: TrainConfig) -> list[TrialRecord]:
         metrics = result.metrics or {}
         error = _error_line(result.error)
         status = "ERROR" if result.error else "TERMINATED"
-        trial_id = str(metrics.get("trial_id") or Path(result.path).name)
+        trial_id, index = _trial_id_and_index(result.path, metrics)
         wall = float(metrics.get("time_total_s") or sum(m.get("epoch_time_s", 0) + m.get("eval_time_s", 0)
                                                          for m in history))
-        records.append(TrialRecord(trial_id, sampled, apply_sampled(base.to_dict(), sampled), history,
+        records.append(TrialRecord(trial_id, index, sampled, apply_sampled(base.to_dict(), sampled), history,
                                    status, error, wall))
-    records.sort(key=lambda r: r.trial_id)
+    records.sort(key=lambda r: (r.index, r.trial_id))
     return records
+
+
+def _trial_id_and_index(path: str, metrics: Mapping[str, Any]) -> tuple[str, int]:
+    """Tune names trial dirs ``<trainable>_<id>_<n>_<params>``; n is the creation order (from 1).
+
+    >>> _trial_id_and_index("/x/trial_function_16dbd99f_2_epochs=3,lr=0.1_2026", {})
+    ('16dbd99f', 2)
+    """
+    import re
+
+    m = re.search(r"_([0-9a-f]{5,})_(\d+)_", Path(path).name + "_")
+    if m:
+        return str(metrics.get("trial_id") or m.group(1)), int(m.group(2))
+    return str(metrics.get("trial_id") or Path(path).name), 10**9
 
 
 def leaderboard_rows(records: Sequence[TrialRecord]) -> list[dict[str, Any]]:
@@ -118,6 +133,7 @@ def leaderboard_rows(records: Sequence[TrialRecord]) -> list[dict[str, Any]]:
         best = r.best
         rows.append({
             "trial_id": r.trial_id,
+            "trial_index": r.index,
             "status": r.status,
             **{k: r.sampled.get(k) for k in HYPER_COLUMNS if k in r.sampled},
             "epochs_run": r.epochs_run,
@@ -281,7 +297,9 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
         writer.writeheader()
         writer.writerows(rows)
     print(format_leaderboard(rows), flush=True)
-    scored = [r for r in records if r.history]
+    # A trial whose every epoch diverged (non-finite loss: val_loss NaN, no checkpoint) cannot be
+    # the best one: it is listed with its stop_reason, and the search may have no best at all.
+    scored = [r for r in records if r.history and r.best.get("val_loss") is not None]
     summary: dict[str, Any] = {"experiment_dir": experiment_dir, "search_space": space.path,
                                "n_trials": len(records), "n_errors": sum(r.status == "ERROR" for r in records),
                                "objective": "task2_f1 (validation, corpus SMATCH), ties by val_loss",

@@ -206,7 +206,8 @@ class SearchSettings:
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its TorchTrainer
 
 
-def max_concurrent_trials(resources: Mapping[str, float], cfg: TrainConfig) -> int:
+def max_concurrent_trials(resources: Mapping[str, float], cfg: TrainConfig,
+                          driver_cpu: float = TRIAL_DRIVER_CPU) -> int:
     """How many trials fit on the cluster at once.
 
     >>> max_concurrent_trials({"CPU": 2.0}, TrainConfig(num_workers=1, cpus_per_worker=0.9))
@@ -214,16 +215,19 @@ def max_concurrent_trials(resources: Mapping[str, float], cfg: TrainConfig) -> i
     >>> max_concurrent_trials({"CPU": 64.0, "GPU": 8.0}, TrainConfig(num_workers=4, use_gpu=True))
     2
     """
-    cpu_need = cfg.num_workers * cfg.cpus_per_worker + TRIAL_DRIVER_CPU
+    cpu_need = cfg.num_workers * cfg.cpus_per_worker + driver_cpu
     fit = math.floor(resources.get("CPU", 0.0) / cpu_need + 1e-9)
     if cfg.use_gpu:
         fit = min(fit, math.floor(resources.get("GPU", 0.0) / cfg.num_workers + 1e-9))
     return max(fit, 0)
 
 
-def check_resources(resources: Mapping[str, float], cfg: TrainConfig) -> int:
-    """Fail before any trial starts when one trial cannot fit on the cluster."""
-    n = max_concurrent_trials(resources, cfg)
+def check_resources(resources: Mapping[str, float], cfg: TrainConfig, driver_cpu: float = TRIAL_DRIVER_CPU) -> int:
+    """Fail before any trial starts when one trial cannot fit on the cluster.
+
+    ``driver_cpu`` is what a Tune trial's own function holds (0 for a run without a search).
+    """
+    n = max_concurrent_trials(resources, cfg, driver_cpu)
     if n < 1:
         need = f"{cfg.num_workers} GPU(s)" if cfg.use_gpu else f"{cfg.num_workers * cfg.cpus_per_worker} CPU(s)"
         raise ConfigError("gpus_per_trial" if cfg.use_gpu else "workers_per_trial",
@@ -245,8 +249,25 @@ def check_storage(storage_path: str) -> None:
         raise ConfigError("storage_path", f"{storage_path} is not writable: {exc}") from exc
 
 
-def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) -> dict[str, Any]:
-    """Run (or resume) the search; returns the summary written by :mod:`ray_mtup.reporting`."""
+def trial_base(base: TrainConfig, space: SearchSpace, pinned: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The config every trial starts from: ``base``, then the space's ``overrides``, then
+    ``pinned`` (fields the user set explicitly, e.g. with ``--set``), so flags win.
+
+    >>> space = SearchSpace("s.yaml", {}, overrides={"max_new_tokens": 96, "eval_max_samples": 8})
+    >>> cfg = trial_base(TrainConfig(), space, {"max_new_tokens": 16})
+    >>> cfg.max_new_tokens, cfg.eval_max_samples
+    (16, 8)
+    """
+    return base.replace(**{**space.overrides, **(pinned or {})})
+
+
+def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings,
+               pinned: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) the search; returns the summary written by :mod:`ray_mtup.reporting`.
+
+    The trials start from :func:`trial_base` (``pinned``, the user's flags, win over the
+    space's ``overrides``).
+    """
     import ray
     from optuna.samplers import TPESampler
     from ray import tune
@@ -257,7 +278,7 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) 
     from .trial import trial_function
 
     check_storage(settings.storage_path)
-    base = base.replace(**space.overrides) if space.overrides else base
+    base = trial_base(base, space, pinned)
     concurrency = check_resources(ray.cluster_resources(), base)
     experiment_dir = f"{settings.storage_path.rstrip('/')}/{settings.name}"
     context = {

@@ -29,6 +29,7 @@ from .config import SAMPLE_DATA_DIR, TrainConfig
 from .errors import TrainingError
 from .generation import Parsed, generate, parse_outputs, prompts_for
 from .modeling import apply_lora, build_model, build_tokenizer
+from .predict import base_fingerprint
 from .prompts import TEMPLATES, get_template
 
 logger = logging.getLogger(__name__)
@@ -277,6 +278,15 @@ def save_checkpoint(directory: Path, engine: Any, tokenizer: Any, state: dict[st
     (directory / PREDICTIONS_FILE).write_text("\n".join(lines), encoding="utf-8")
 
 
+def weights_digest(weights: dict[str, Any]) -> str:
+    """A short hash of named tensors (key order independent); proves which adapter is loaded."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        h.update(name.encode())
+        h.update(weights[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _load_resume_state(model: Any) -> dict[str, Any] | None:
     """Load the adapter of the latest checkpoint into ``model``; return its trainer state."""
     import ray.train
@@ -292,23 +302,30 @@ def _load_resume_state(model: Any) -> dict[str, Any] | None:
     result = set_peft_model_state_dict(model, weights)
     if getattr(result, "unexpected_keys", None):
         raise TrainingError(f"checkpoint adapter does not fit the model: {result.unexpected_keys[:3]}")
+    loaded = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    state["loaded_adapter_digest"] = weights_digest(loaded)
+    logger.info("resuming after epoch %d (adapter %s)", state["epoch"], state["loaded_adapter_digest"])
     return state
 
 
 class FaultInjector:
     """Tests only (``TrainConfig.inject_fault``): NaN loss or a killed worker in a given epoch.
 
-    A kill happens once per run: the last rank writes a marker file (keyed by the run's
-    config) before exiting, and a retried run finds it and trains on.
+    A kill happens once per run: the last rank writes a marker file into the run's storage
+    directory (``run_dir``) before exiting, and a retried or restarted run finds it and
+    trains on.
     """
 
-    def __init__(self, cfg: TrainConfig, rank: int, world: int):
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, run_dir: str | None = None):
         self.kind, self.epoch = None, -1
         if cfg.inject_fault:
             kind, _, epoch = cfg.inject_fault.partition("@")
             self.kind, self.epoch = kind, int(epoch)
-        digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-        self.marker = Path(tempfile.gettempdir()) / f"ray_mtup_fault_{digest}"
+        if run_dir and "://" not in run_dir:
+            self.marker = Path(run_dir) / ".fault_injected"
+        else:
+            digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+            self.marker = Path(tempfile.gettempdir()) / f"ray_mtup_fault_{digest}"
         self.rank, self.world = rank, world
 
     def loss(self, loss: Any, epoch: int) -> Any:
@@ -322,6 +339,14 @@ class FaultInjector:
                 self.marker.write_text("killed\n")
                 logger.error("inject_fault: killing rank %d in epoch %d", self.rank, epoch)
                 os._exit(17)
+
+
+def _run_dir(ctx: Any) -> str | None:
+    """The run's storage directory (Ray's StorageContext is a DeveloperAPI: tolerate its absence)."""
+    try:
+        return str(ctx.get_storage().experiment_fs_path)
+    except AttributeError:
+        return None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -363,7 +388,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (kept alive: from_pretrained partitions)
-    model = apply_lora(build_model(cfg, tokenizer, "cuda" if on_gpu else "cpu"), cfg.lora)
+    base = build_model(cfg, tokenizer, "cuda" if on_gpu else "cpu")
+    # predict rebuilds a random-init (tiny) base from its seed; the fingerprint proves it is the same
+    fingerprint = base_fingerprint(base) if cfg.model == "tiny" and cfg.model_path is None else None
+    model = apply_lora(base, cfg.lora)
     resume = _load_resume_state(model)
     start_epoch = resume["epoch"] + 1 if resume else 1
     history: list[dict[str, Any]] = resume["history"] if resume else []
@@ -392,7 +420,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "%d steps/epoch, epochs %d..%d", len(train_enc), len(val_ex), len(data.skipped_long),
                     trainable, steps_per_epoch, start_epoch, cfg.epochs)
 
-    faults = FaultInjector(cfg, rank, world)
+    faults = FaultInjector(cfg, rank, world, _run_dir(ctx) if cfg.inject_fault else None)
     for epoch in range(start_epoch, cfg.epochs + 1):
         sampler.set_epoch(epoch)
         batches = list(sampler)
@@ -448,7 +476,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics["eval_time_s"] = time.perf_counter() - t1
         history.append(metrics)
         weights = _trainable_state(engine, cfg.zero_stage)
-        state = {"epoch": epoch, "global_step": global_step, "history": history, "config": cfg.to_dict()}
+        state = {"epoch": epoch, "global_step": global_step, "history": history, "config": cfg.to_dict(),
+                 "base_fingerprint": fingerprint, "adapter_digest": weights_digest(weights),
+                 "resumed_from_epoch": resume["epoch"] if resume else 0,
+                 "resumed_adapter_digest": resume["loaded_adapter_digest"] if resume else None}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:

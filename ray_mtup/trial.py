@@ -202,7 +202,8 @@ def run_single(cfg: TrainConfig, name: str, storage_path: str, output_dir: str |
     trainer = build_trainer(cfg, name=name, storage_path=storage_path, max_failures=max_failures)
     result = trainer.fit()
     if result.checkpoint is None:
-        raise TrainingError(f"run {name} finished without a checkpoint: {result.error}")
+        reason = (result.metrics or {}).get("stop_reason") or result.error
+        raise TrainingError(f"run {name} finished without a checkpoint: {reason}")
     state = read_checkpoint_state(result.checkpoint)
     history = state["history"]
     best_ckpt = result.checkpoint

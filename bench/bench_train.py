@@ -1,0 +1,267 @@
+"""Training tokens/s: the project's DeepSpeed ZeRO step against a plain transformers + peft loop.
+
+    torchrun --nproc_per_node 1 bench/bench_train.py --model tiny --steps 5
+    torchrun --nproc_per_node 1 bench/bench_train.py --model qwen2.5-7b --seq-len 1024 \\
+        --batch 2 --gradient-checkpointing          # on one GPU
+
+Runs, in one process group and on the same random batch (``--batch`` x ``--seq-len`` tokens,
+no padding, labels = inputs) and the same model and LoRA adapter (rebuilt from the same
+seed for every variant):
+
+* ``plain_peft``: ``loss.backward()``, gradient clipping, ``torch.optim.AdamW`` (wrapped in
+  DDP when there is more than one process);
+* ``deepspeed_zero2`` / ``deepspeed_zero3``: the training loop's step, i.e. ``deepspeed.initialize``
+  with :func:`ray_mtup.training.deepspeed_config` (bf16 on GPU, torch AdamW), ``engine(**batch)``,
+  ``engine.backward``, ``engine.step``.
+
+``tiny`` is the project's random-init Qwen2 (:func:`ray_mtup.modeling.build_model`); the
+``qwen2.5-*`` names build a random-init ``Qwen2ForCausalLM`` with the real shape
+(:data:`bench.common.QWEN25_DIMS`) unless ``--model-path`` gives weights. Prints one JSON
+object per variant (rank 0) and a ``train_ratio`` line: each ZeRO variant's tokens/s over
+the plain loop's, from the median step (``*_over_plain``) and from the fastest step
+(``*_over_plain_best``: the steadier figure on a machine shared with other jobs; use
+``--rounds`` there too, which interleaves the variants). Without torchrun it runs as a single process (world size 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # launched as a script: make the package and bench.common importable
+    sys.path.insert(0, str(REPO))
+
+from bench.common import MODEL_CHOICES, build_base_model, emit, summarise  # noqa: E402
+
+logger = logging.getLogger("bench_train")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _standalone_env() -> None:
+    """Make a lone ``python bench/bench_train.py`` look like ``torchrun --nproc_per_node 1``."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+
+
+def train_config(args: argparse.Namespace, zero_stage: int, on_gpu: bool) -> Any:
+    """The TrainConfig whose DeepSpeed config and model settings the bench uses."""
+    from ray_mtup.config import LoraSettings, TrainConfig
+
+    return TrainConfig(
+        model=args.model, model_path=args.model_path, per_device_batch_size=args.batch, grad_accum=1,
+        zero_stage=zero_stage, lora=LoraSettings(r=args.lora_r, alpha=2 * args.lora_r),
+        gradient_checkpointing=args.gradient_checkpointing, use_gpu=on_gpu,
+        max_seq_len=max(32, args.seq_len), seed=args.seed,
+    )
+
+
+def build_tokenizer_for(args: argparse.Namespace) -> Any:
+    """Tiny: the project's BPE trained on the shipped sample corpus; Qwen shapes: only the
+    vocabulary size matters (the batch is random ids), so no tokenizer is loaded."""
+    from ray_mtup.config import TrainConfig
+    from ray_mtup.modeling import build_tokenizer
+    from ray_mtup.training import load_examples, tokenizer_texts
+
+    if args.model == "tiny":
+        cfg = TrainConfig()
+        train, _, _ = load_examples(cfg)
+        return build_tokenizer(cfg, tokenizer_texts(train))
+    if args.model_path is not None:
+        return build_tokenizer(TrainConfig(model=args.model, model_path=args.model_path))
+    return None
+
+
+def make_batch(vocab_size: int, batch: int, seq_len: int, seed: int, device: Any) -> dict[str, Any]:
+    """A fixed random batch: no padding, labels = inputs (every position is trained on)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (batch, seq_len), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "labels": ids.clone().to(device)}
+
+
+def time_steps(step: Callable[[], float], steps: int, warmup: int,
+               sync: Callable[[], None]) -> tuple[list[float], list[float], list[float]]:
+    """Run ``warmup`` untimed then ``steps`` timed calls of ``step``.
+
+    Returns (wall seconds, process CPU seconds, losses of every call).
+
+    >>> wall, cpu, losses = time_steps(lambda: 1.5, steps=2, warmup=1, sync=lambda: None)
+    >>> len(wall), len(cpu), losses
+    (2, 2, [1.5, 1.5, 1.5])
+    """
+    losses, times, cpu = [], [], []
+    for i in range(warmup + steps):
+        sync()
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = step()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        losses.append(loss)
+    return times, cpu, losses
+
+
+def run_variant(variant: str, args: argparse.Namespace, tokenizer: Any, device: Any, world: int, rank: int,
+                local_rank: int, on_gpu: bool, total_steps: int) -> dict[str, Any]:
+    """Build a fresh model + LoRA, run one variant's steps, free everything; returns timings."""
+    import deepspeed
+    import torch
+
+    from ray_mtup.modeling import apply_lora
+    from ray_mtup.training import cosine_with_warmup, deepspeed_config
+
+    stage = int(variant[-1]) if variant.startswith("deepspeed") else 2
+    cfg = train_config(args, stage, on_gpu)
+    model = apply_lora(build_base_model(args.model, cfg, tokenizer, device), cfg.lora)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    batch = make_batch(vocab, args.batch, args.seq_len, args.seed + rank, device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    holder: Any
+    if variant == "plain_peft":
+        params = [p for p in model.parameters() if p.requires_grad]
+        net = model
+        if world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if on_gpu else None)
+        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                betas=(0.9, 0.999), eps=1e-8)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total_steps, 0))
+        net.train()
+
+        def step() -> float:
+            loss = net(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss.detach())
+
+        holder = (net, opt)
+    else:
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(cfg, world, on_gpu),
+            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, cosine_with_warmup(total_steps, 0)),
+        )
+        engine.train()
+
+        def step() -> float:  # the training loop's micro-step (grad_accum = 1)
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            return float(loss.detach())
+
+        holder = engine
+
+    def sync() -> None:
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    times, cpu, losses = time_steps(step, args.steps, args.warmup_steps, sync)
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if on_gpu else None
+    if hasattr(holder, "destroy"):
+        holder.destroy()
+    del holder, model, step, batch
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return {"times": times, "cpu": cpu, "losses": losses, "trainable": trainable, "peak_mem_gib": peak}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=MODEL_CHOICES, default="tiny")
+    parser.add_argument("--model-path", default=None, help="real weights (directory or .gguf) instead of random init")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--batch", type=int, default=4, help="micro-batch per process")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimiser steps per variant")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before timing")
+    parser.add_argument("--zero-stages", default="2,3", help="comma-separated ZeRO stages to run ('' for none)")
+    parser.add_argument("--lora-r", type=int, default=64, help="LoRA rank (alpha = 2r, all linear layers)")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain peft loop")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the sequence of variants; timings of all rounds are pooled")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    _standalone_env()
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    on_gpu = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+
+    tokenizer = build_tokenizer_for(args)
+    stages = [int(s) for s in args.zero_stages.split(",") if s.strip()]
+    variants = ([] if args.no_plain else ["plain_peft"]) + [f"deepspeed_zero{s}" for s in stages]
+    total_steps = args.steps + args.warmup_steps
+    common = {"model": args.model, "random_init": args.model != "tiny" and args.model_path is None,
+              "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
+              "world_size": world, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
+              "warmup_steps": args.warmup_steps, "lora_r": args.lora_r,
+              "gradient_checkpointing": args.gradient_checkpointing}
+    runs: dict[str, dict[str, Any]] = {}
+    for _ in range(args.rounds):  # rounds interleave the variants, so load from other processes hits all
+        for variant in variants:
+            out = run_variant(variant, args, tokenizer, device, world, rank, local_rank, on_gpu, total_steps)
+            run = runs.setdefault(variant, {**out, "times": [], "cpu": []})
+            run["times"] += out["times"]
+            run["cpu"] += out["cpu"]
+            dist.barrier()
+    tokens_per_step = world * args.batch * args.seq_len
+    results: dict[str, float] = {}
+    best: dict[str, float] = {}
+    for variant, run in runs.items():
+        stats = summarise(run["times"])
+        results[variant] = tokens_per_step / stats["median_s"]
+        best[variant] = tokens_per_step / stats["min_s"]
+        if rank == 0:
+            emit({"bench": "train", "variant": variant, **common, "rounds": args.rounds,
+                  "trainable_params": run["trainable"],
+                  "tokens_per_s": round(results[variant], 1),
+                  "tokens_per_s_mean": round(tokens_per_step / stats["mean_s"], 1),
+                  "tokens_per_s_best": round(best[variant], 1),
+                  "step_median_s": round(stats["median_s"], 4), "step_min_s": round(stats["min_s"], 4),
+                  "cpu_s_per_step_median": round(summarise(run["cpu"])["median_s"], 4),
+                  "loss_first": round(run["losses"][0], 5), "loss_last": round(run["losses"][-1], 5),
+                  "peak_mem_gib": run["peak_mem_gib"], "loadavg_1m": round(os.getloadavg()[0], 2)})
+    if rank == 0 and "plain_peft" in results:
+        emit({"bench": "train_ratio", **common,
+              **{f"{v}_over_plain": round(results[v] / results["plain_peft"], 3) for v in results if v != "plain_peft"},
+              **{f"{v}_over_plain_best": round(best[v] / best["plain_peft"], 3) for v in best if v != "plain_peft"}})
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,447 @@
+"""cluster/: every YAML file is parsed and checked, and a smoke search is submitted to a real Ray head.
+
+The unit tests check that the files agree with each other and with the project: one Ray version
+(pyproject.toml's pin, the image tags, KubeRay's ``rayVersion``), runtime environments that leave out
+outputs, virtual environments and caches, entrypoints that the project's own flag parser accepts, and
+dashboards bound to loopback except where Kubernetes needs otherwise.
+
+The integration test starts a Ray head on 127.0.0.1 (every port chosen free, its own temp dir), submits
+``run_tune.py --smoke-test`` with the README's command, waits for SUCCEEDED and reads what the search
+wrote. Teardown ends exactly the processes of that head (its session id), never ``ray stop``: ``ray
+stop`` kills every Ray on the machine, including other runs that share it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_DIR = REPO_ROOT / "cluster"
+RAY_BIN = Path(sys.executable).parent / "ray"
+JOB_TIMEOUT_S = 600
+
+RUNTIME_ENV_KEYS = {"working_dir", "py_modules", "excludes", "env_vars", "pip", "uv", "conda", "container",
+                    "image_uri", "config", "nsight", "py_executable", "java_jars"}
+REQUIRED_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1"}
+GPU_KEY = "nvidia.com/gpu"
+
+
+# -- helpers --------------------------------------------------------------------------------------------
+
+def pinned_ray_version() -> str:
+    """The X.Y.Z of ``ray[...]==X.Y.Z`` in pyproject.toml."""
+    deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = [m.group(1) for d in deps if (m := re.fullmatch(r"ray(?:\[[^\]]*\])?==([\w.]+)", d.replace(" ", "")))]
+    assert len(pins) == 1, f"expected exactly one ray==X.Y.Z pin in pyproject.toml, got {deps}"
+    return pins[0]
+
+
+def project_dependencies() -> list[str]:
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+def load(name: str) -> dict[str, Any]:
+    data = yaml.safe_load((CLUSTER_DIR / name).read_text(encoding="utf-8"))
+    assert isinstance(data, dict), f"{name}: expected a mapping at the top level"
+    return data
+
+
+def image_ray_version(image: str) -> str:
+    """``rayproject/ray:2.60.0-py311-gpu`` -> ``2.60.0``."""
+    match = re.fullmatch(r"[\w./-]*rayproject/ray(?:-ml)?:(\d+\.\d+\.\d+)(?:-[\w.-]+)?", image)
+    assert match, f"image {image!r} is not a rayproject/ray:<version>-... image"
+    return match.group(1)
+
+
+def walk(node: Any) -> Iterator[tuple[str, Any]]:
+    """(key, value) of every mapping entry, at any depth."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield key, value
+            yield from walk(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from walk(item)
+
+
+def containers(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for key, value in walk(manifest) if key == "containers" for c in value]
+
+
+def kuberay_cluster_spec(name: str) -> dict[str, Any]:
+    data = load(name)
+    return data["spec"]["rayClusterSpec"] if data["kind"] == "RayJob" else data["spec"]
+
+
+def uploaded_files(runtime_env: dict[str, Any]) -> list[str]:
+    """Files ``--working-dir .`` would upload, by Ray's own directory walk (without .gitignore's help)."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    files: list[str] = []
+
+    def collect(path: Path) -> None:
+        if path.is_file():
+            files.append(path.relative_to(REPO_ROOT).as_posix())
+
+    excludes = [_get_excludes(REPO_ROOT, runtime_env.get("excludes", []))]
+    _dir_travel(REPO_ROOT, excludes, collect, include_gitignore=False)
+    return files
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_range(width: int) -> int:
+    """The first port of ``width`` consecutive free ports (for Ray's worker ports)."""
+    for _ in range(50):
+        base = 20000 + (uuid.uuid4().int % 2000) * 20
+        try:
+            for port in range(base, base + width):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    pytest.fail("no free range of worker ports")
+
+
+# -- every YAML in cluster/ -----------------------------------------------------------------------------
+
+CLUSTER_YAMLS = sorted(p.name for p in CLUSTER_DIR.glob("*.yaml"))
+CHECKED_YAMLS = {"runtime_env.yaml", "runtime_env.pip.yaml", "cluster.yaml", "rayjob.yaml", "raycluster.yaml"}
+
+
+@pytest.mark.parametrize("name", CLUSTER_YAMLS)
+def test_every_cluster_yaml_parses_starts_with_its_command_and_is_checked(name: str) -> None:
+    text = (CLUSTER_DIR / name).read_text(encoding="utf-8")
+    assert isinstance(yaml.safe_load(text), dict)
+    assert text.startswith("#"), f"{name} should start with a comment giving the command that uses it"
+    assert name in CHECKED_YAMLS, f"{name} is new: add its checks to tests/test_cluster.py"
+
+
+def test_all_checked_yamls_exist() -> None:
+    assert set(CLUSTER_YAMLS) == CHECKED_YAMLS
+
+
+# -- runtime environments -------------------------------------------------------------------------------
+
+def test_runtime_env_installs_nothing_at_job_time_and_sets_the_run_environment() -> None:
+    env = load("runtime_env.yaml")
+    assert set(env) <= RUNTIME_ENV_KEYS, f"unknown runtime_env keys {set(env) - RUNTIME_ENV_KEYS}"
+    # The file the README's submit command uses (and the integration test): nothing to install.
+    assert not {"pip", "uv", "conda", "container", "image_uri"} & set(env)
+    assert "working_dir" not in env, "--working-dir on the command line supplies it"
+    env_vars = env["env_vars"]
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()), \
+        "Ray requires string env_vars values (quote them)"
+    assert REQUIRED_ENV_VARS.items() <= env_vars.items()
+    assert "HF_HUB_OFFLINE" not in env_vars, "offline mode only where the weights are already on every node"
+
+
+def test_runtime_env_excludes_outputs_virtualenvs_caches_and_git() -> None:
+    env = load("runtime_env.yaml")
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    excluded = _get_excludes(REPO_ROOT, env["excludes"])
+    for directory in ("runs", ".venv", "venv", ".git", ".pytest_cache", ".hypothesis", "outputs",
+                      "ray_mtup/__pycache__"):
+        assert excluded(REPO_ROOT / directory), f"{directory}/ is uploaded (a directory is dropped as a whole)"
+    for kept in ("run_tune.py", "ray_mtup/launcher.py", "search_spaces/smoke.yaml", "cluster/runtime_env.yaml",
+                 "ray_mtup/sample_data/train_amr_1.txt"):
+        assert not excluded(REPO_ROOT / kept), f"{kept} would not be uploaded"
+
+
+def test_working_dir_upload_is_small_and_holds_the_package() -> None:
+    files = uploaded_files(load("runtime_env.yaml"))
+    assert "run_tune.py" in files and "ray_mtup/launcher.py" in files and "search_spaces/smoke.yaml" in files
+    bad = [f for f in files if f.split("/")[0] in {".venv", ".git", "runs", ".hypothesis", ".pytest_cache"}
+           or "__pycache__" in f]
+    assert not bad, f"would upload {bad[:5]}"
+    size = sum((REPO_ROOT / f).stat().st_size for f in files)
+    assert size < 20 * 2**20, f"working_dir upload of {size / 2**20:.1f} MiB (cap 500 MiB; expected a few MiB)"
+
+
+def test_pip_variant_is_the_base_file_plus_the_project_dependencies() -> None:
+    base, pip_env = load("runtime_env.yaml"), load("runtime_env.pip.yaml")
+    assert {k: v for k, v in pip_env.items() if k != "pip"} == base, "the variant must not drift from the base"
+    packages = pip_env["pip"]["packages"]
+    # Ray comes from the image (its tag equals the pin); installing it again in the job's env breaks it.
+    expected = [d for d in project_dependencies() if not re.match(r"ray\b", d)]
+    assert packages == expected, "runtime_env.pip.yaml's packages must equal pyproject.toml's dependencies"
+    assert pip_env["pip"].get("pip_check") is False
+
+
+# -- Ray cluster launcher -------------------------------------------------------------------------------
+
+def test_cluster_launcher_config() -> None:
+    cfg = load("cluster.yaml")
+    for key in ("cluster_name", "max_workers", "provider", "auth", "docker", "available_node_types",
+                "head_node_type", "file_mounts", "setup_commands", "head_start_ray_commands",
+                "worker_start_ray_commands"):
+        assert key in cfg, f"cluster.yaml: missing {key}"
+    assert image_ray_version(cfg["docker"]["image"]) == pinned_ray_version()
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    workers = [t for name, t in types.items() if name != cfg["head_node_type"]]
+    assert workers and all(t["resources"].get("GPU", 0) >= 8 for t in workers), "GPU worker nodes (8 GPUs each)"
+    assert sum(t["max_workers"] for t in workers) <= cfg["max_workers"]
+    assert types[cfg["head_node_type"]]["resources"].get("GPU", 0) == 0, "no trials on the head"
+    setup = cfg["setup_commands"]
+    torch_at = next(i for i, c in enumerate(setup) if re.search(r"pip install .*torch==", c))
+    project_at = next(i for i, c in enumerate(setup) if re.search(r"pip install .*-e \.", c))
+    assert torch_at < project_at, "torch (CUDA build) first, then the project"
+    head_start = " ".join(cfg["head_start_ray_commands"])
+    assert "--head" in head_start and "--dashboard-host=127.0.0.1" in head_start
+    assert "0.0.0.0" not in (CLUSTER_DIR / "cluster.yaml").read_text(), "dashboard stays on loopback (ssh tunnel)"
+    assert any("ray start --address" in c for c in cfg["worker_start_ray_commands"])
+    assert {".venv", "runs", ".git"} <= {p.strip("/") for p in cfg.get("rsync_exclude", [])}
+
+
+# -- KubeRay --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["rayjob.yaml", "raycluster.yaml"])
+def test_kuberay_versions_gpus_and_tolerations(name: str) -> None:
+    data = load(name)
+    assert data["apiVersion"] == "ray.io/v1"
+    assert data["kind"] == {"rayjob.yaml": "RayJob", "raycluster.yaml": "RayCluster"}[name]
+    spec = kuberay_cluster_spec(name)
+    pin = pinned_ray_version()
+    assert str(spec["rayVersion"]) == pin
+    images = [c["image"] for c in containers(spec)]
+    assert images and all(image_ray_version(i) == pin for i in images), images
+    head_rs = spec["headGroupSpec"]["rayStartParams"]
+    assert head_rs.get("num-cpus") == "0", "the head schedules no trials"
+    for group in spec["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        limits = pod["containers"][0]["resources"]["limits"]
+        requests = pod["containers"][0]["resources"]["requests"]
+        assert int(limits[GPU_KEY]) == 8 and str(requests[GPU_KEY]) == str(limits[GPU_KEY])
+        assert any(t.get("key") == GPU_KEY and t.get("effect") == "NoSchedule" for t in pod["tolerations"])
+        assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["volumes"]), "/dev/shm for NCCL"
+
+
+def test_rayjob_runs_a_7b_search_and_deletes_its_cluster() -> None:
+    from ray_mtup.launcher import build_parser, config_from_args
+
+    job = load("rayjob.yaml")["spec"]
+    assert job["shutdownAfterJobFinishes"] is True
+    assert job["ttlSecondsAfterFinished"] >= 0
+    argv = shlex.split(job["entrypoint"])
+    assert argv[:2] == ["python", "run_tune.py"]
+    args = build_parser().parse_args(argv[2:])  # the project's own parser accepts the entrypoint
+    assert (args.model, args.gpus_per_trial, args.zero_stage) == ("qwen2.5-7b", 4, 3)
+    assert args.storage_path.startswith("s3://"), "multi-node needs shared storage"
+    cfg = config_from_args(args)
+    assert (cfg.num_workers, cfg.use_gpu, cfg.zero_stage) == (4, True, 3)
+    runtime_env = yaml.safe_load(job["runtimeEnvYAML"])
+    assert load("runtime_env.yaml")["env_vars"].items() <= runtime_env["env_vars"].items()
+    assert runtime_env["pip"] == load("runtime_env.pip.yaml")["pip"], "the stock image lacks the dependencies"
+    assert "://" in runtime_env["working_dir"], "a RayJob's working_dir must be a remote URI"
+
+
+def test_gpu_node_counts_are_fixed_before_the_search_starts() -> None:
+    # run_tune.py sizes max_concurrent_trials from the resources present at start and refuses to start
+    # without a GPU, so a cluster that would autoscale up from zero GPU nodes never gets used.
+    cfg = load("cluster.yaml")
+    for name, node_type in cfg["available_node_types"].items():
+        if name != cfg["head_node_type"]:
+            assert node_type["min_workers"] == node_type["max_workers"] > 0
+    for name in ("rayjob.yaml", "raycluster.yaml"):
+        spec = kuberay_cluster_spec(name)
+        assert not spec.get("enableInTreeAutoscaling", False)
+        for group in spec["workerGroupSpecs"]:
+            assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] > 0
+
+
+@pytest.mark.parametrize("name", ["rayjob.yaml", "raycluster.yaml"])
+def test_a_gpu_worker_pod_holds_two_7b_trials(name: str) -> None:
+    from ray_mtup.config import resolve_config
+    from ray_mtup.search import max_concurrent_trials
+
+    cfg = resolve_config("qwen2.5-7b", overrides={"num_workers": 4, "use_gpu": True, "zero_stage": 3})
+    for group in kuberay_cluster_spec(name)["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        pod = {"CPU": float(limits["cpu"]), "GPU": float(limits[GPU_KEY])}
+        assert max_concurrent_trials(pod, cfg) == 2
+
+
+def test_dashboard_binds_all_interfaces_only_in_kubernetes_with_a_warning() -> None:
+    for name in CLUSTER_YAMLS:
+        if "0.0.0.0" in (CLUSTER_DIR / name).read_text():
+            assert name in {"rayjob.yaml", "raycluster.yaml"}, f"{name} binds to 0.0.0.0"
+            head = kuberay_cluster_spec(name)["headGroupSpec"]
+            assert head.get("serviceType", "ClusterIP") == "ClusterIP", "never expose the dashboard publicly"
+    readme = (CLUSTER_DIR / "README.md").read_text()
+    assert "0.0.0.0" in readme and re.search(r"firewall", readme, re.I) and "port-forward" in readme
+
+
+def test_readme_documents_the_tested_submit_command() -> None:
+    readme = (CLUSTER_DIR / "README.md").read_text()
+    assert "--working-dir . --runtime-env cluster/runtime_env.yaml" in readme
+    assert "s3://" in readme and "GPU-hours" in readme
+
+
+# -- a real Ray head on loopback, a submitted smoke search ----------------------------------------------
+
+def _session_processes(sid: int) -> list[int]:
+    """Pids of the processes in session ``sid`` (everything ``ray start`` spawned stays in it)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # state, ppid, pgrp, session, ...
+        if int(fields[3]) == sid and fields[0] != "Z":  # a zombie is already dead
+            pids.append(int(entry.name))
+    return pids
+
+
+def _stop_head(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """What ``ray stop`` does (SIGTERM, then SIGKILL after a grace period), but only to this head's session."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 20.0)):
+        deadline = time.time() + wait_s
+        for pid in _session_processes(proc.pid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        while _session_processes(proc.pid) and time.time() < deadline:
+            time.sleep(0.5)
+    proc.wait(timeout=10)
+    assert not _session_processes(proc.pid), "Ray processes of the test head survived teardown"
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[dict[str, Any]]:
+    """A Ray head on 127.0.0.1 with free ports and its own temp dir; stopped on teardown, also on failure."""
+    if not RAY_BIN.exists():
+        pytest.skip(f"no ray CLI next to {sys.executable}")
+    if sys.platform != "linux":
+        pytest.skip("teardown reads /proc")
+    from ray.job_submission import JobSubmissionClient
+
+    temp_dir = Path(tempfile.mkdtemp(prefix="rmt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    dashboard_port, gcs_port = free_port(), free_port()
+    worker_base = free_port_range(100)
+    cmd = [str(RAY_BIN), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+           "--port", str(gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+           "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+           "--metrics-export-port", str(free_port()), "--node-manager-port", str(free_port()),
+           "--object-manager-port", str(free_port()), "--min-worker-port", str(worker_base),
+           "--max-worker-port", str(worker_base + 99), "--num-cpus", "2", "--num-gpus", "0",
+           "--object-store-memory", str(400 * 2**20), "--temp-dir", str(temp_dir), "--disable-usage-stats"]
+    # Ray 2.60 enables token authentication by default; this head gets its own token, handed to the CLI
+    # through the environment (never written to ~/.ray, which other Ray runs on this machine share).
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+               PATH=f"{RAY_BIN.parent}{os.pathsep}{os.environ.get('PATH', '')}")  # the job's `python` is the venv's
+    # Ray processes that look their cluster up by themselves (Train V2's PlacementGroupCleaner) would find
+    # every Ray on this machine and give up; RAY_ADDRESS, inherited from the raylet, names this one.
+    env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
+    headers = {"Authorization": f"Bearer {token}"}
+    log = (temp_dir / "ray_start.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited {proc.returncode}:\n{(temp_dir / 'ray_start.log').read_text()[-3000:]}")
+            try:
+                JobSubmissionClient(address, headers=headers)  # checks the job server's version
+                break
+            except ConnectionError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"dashboard not up after 180 s:\n{(temp_dir / 'ray_start.log').read_text()[-3000:]}")
+            time.sleep(2)
+        yield {"address": address, "env": env, "headers": headers, "temp_dir": temp_dir}
+    finally:
+        _stop_head(proc)
+        log.close()
+        subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
+
+
+@pytest.mark.integration
+def test_smoke_search_submitted_as_a_job_succeeds(ray_head: dict[str, Any], tmp_path: Path) -> None:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from ray_mtup.config import TrainConfig, load_yaml
+
+    address, name, job_id = ray_head["address"], "smoke-job", f"ray-mtup-test-{uuid.uuid4().hex[:8]}"
+    storage = tmp_path / "storage"
+    submit = [str(RAY_BIN), "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
+              "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
+              "python", "run_tune.py", "--model", "tiny", "--smoke-test", "--storage-path", str(storage),
+              "--name", name]
+    t0 = time.time()
+    out = subprocess.run(submit, cwd=REPO_ROOT, env=ray_head["env"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    client = JobSubmissionClient(address, headers=ray_head["headers"])
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    while (status := client.get_job_status(job_id)) not in terminal:
+        if time.time() - t0 > JOB_TIMEOUT_S:
+            client.stop_job(job_id)
+            pytest.fail(f"job still {status} after {JOB_TIMEOUT_S} s:\n{client.get_job_logs(job_id)[-4000:]}")
+        time.sleep(3)
+    logs = client.get_job_logs(job_id)
+    print(f"job {job_id} {status} after {time.time() - t0:.0f} s")
+    assert status == JobStatus.SUCCEEDED, logs[-6000:]
+
+    # The job server answered on loopback only (Ray's GCS and raylet listen on every interface, behind
+    # Ray's token authentication; the dashboard is the only HTTP entry point and it stays on 127.0.0.1).
+    from ray._private.services import get_node_ip_address
+
+    with pytest.raises(urllib.error.HTTPError) as refused:  # and only with the token
+        urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
+    assert refused.value.code == 401
+    outside_ip, port = get_node_ip_address(), int(address.rsplit(":", 1)[1])
+    if not outside_ip.startswith("127."):
+        with pytest.raises(OSError), socket.create_connection((outside_ip, port), timeout=5):
+            pass
+
+    # It ran on the submitted-to cluster, from the uploaded working dir (without .venv/.git/runs).
+    assert "Connecting to existing Ray cluster" in logs, logs[-3000:]
+    upload_root = ray_head["temp_dir"] / "session_latest/runtime_resources/working_dir_files"
+    uploads = [p for p in upload_root.iterdir() if p.is_dir()]
+    assert len(uploads) == 1, uploads
+    shipped = {p.name for p in uploads[0].iterdir()}
+    assert {"run_tune.py", "ray_mtup", "search_spaces"} <= shipped
+    assert not {".venv", ".git", "runs"} & shipped
+
+    out_dir = storage / name
+    rows = (out_dir / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 4, f"expected the 4 trials of smoke.yaml, got {rows}"
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["n_trials"] == 4 and summary["n_errors"] == 0
+    assert summary["best_trial"] in "\n".join(rows[1:])
+    best = TrainConfig.from_dict(load_yaml(out_dir / "best_config.yaml"))
+    assert best.model == "tiny"
