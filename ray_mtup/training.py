@@ -465,10 +465,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if nonfinite > 0:
             metrics.update(task1_f1=0.0, task2_f1=0.0, validity=0.0, val_loss=float("nan"), objective=-1.0,
                            stop_reason=f"non-finite loss at epoch {epoch}, step {global_step}")
-            if rank == 0:
-                logger.error("stopping: %s", metrics["stop_reason"])
             history.append(metrics)
-            ray.train.report(metrics)
+            # The weights are no longer usable: the checkpoint carries only the trainer state
+            # (history with the stop reason), so the run's results say why it ended.
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = None
+                if rank == 0:
+                    logger.error("stopping: %s", metrics["stop_reason"])
+                    state = {"epoch": epoch, "global_step": global_step, "history": history,
+                             "config": cfg.to_dict(), "stop_reason": metrics["stop_reason"]}
+                    (Path(tmp) / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=checkpoint)
             return
         t1 = time.perf_counter()
         eval_metrics, parsed = evaluate_epoch(engine, tokenizer, cfg, data, rank, world, device)

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 #: Hyper-parameters a search space may sample, and how each maps onto TrainConfig.
 SAMPLED_KEYS = ("learning_rate", "epochs", "lora_r", "lora_alpha_ratio", "template",
                 "weight_decay", "warmup_ratio", "lora_dropout")
-OBJECTIVE = "task2_f1"
+OBJECTIVE = "objective"  # Task 2 F1, ties by val_loss (ray_mtup.training.objective)
 COLLECTIVE_TIMEOUT_S = 3 * 3600  # generation of a whole validation split can take a while
 
 
@@ -148,7 +148,7 @@ def read_checkpoint_state(checkpoint: Any) -> dict[str, Any]:
 
 
 def best_of(history: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
-    """The epoch with the highest Task 2 F1 (the earliest among ties)."""
+    """The epoch with the best objective (Task 2 F1, ties by val_loss; the earliest among ties)."""
     return max(history, key=lambda m: (m.get(OBJECTIVE, 0.0), -m["epoch"]))
 
 
@@ -202,11 +202,19 @@ def run_single(cfg: TrainConfig, name: str, storage_path: str, output_dir: str |
     trainer = build_trainer(cfg, name=name, storage_path=storage_path, max_failures=max_failures)
     result = trainer.fit()
     if result.checkpoint is None:
-        reason = (result.metrics or {}).get("stop_reason") or result.error
-        raise TrainingError(f"run {name} finished without a checkpoint: {reason}")
+        raise TrainingError(f"run {name} finished without a checkpoint: {result.error}")
     state = read_checkpoint_state(result.checkpoint)
     history = state["history"]
-    best_ckpt = result.checkpoint
-    if result.best_checkpoints:
-        best_ckpt = max(result.best_checkpoints, key=lambda cm: cm[1].get(OBJECTIVE, 0.0))[0]
+    with_adapter = [(c, m) for c, m in (result.best_checkpoints or [(result.checkpoint, history[-1])])
+                    if _has_adapter(c)]
+    if not with_adapter:
+        raise TrainingError(f"run {name} stopped: {state.get('stop_reason') or 'no epoch produced an adapter'}")
+    best_ckpt = max(with_adapter, key=lambda cm: cm[1].get(OBJECTIVE, -1.0))[0]
+    if state.get("stop_reason"):
+        logger.error("run %s stopped early: %s; outputs use its best earlier epoch", name, state["stop_reason"])
     return write_run_outputs(Path(output_dir), cfg, history, best_ckpt)
+
+
+def _has_adapter(checkpoint: Any) -> bool:
+    with checkpoint.as_directory() as d:
+        return (Path(d) / "adapter_model.safetensors").is_file()

@@ -43,6 +43,10 @@ def _cfg(vlsp_dir: Path, **overrides):
     return resolve_config("tiny", overrides={**SMALL, "data_dir": str(vlsp_dir), **overrides})
 
 
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+
 def _state(checkpoint_dir: Path) -> dict:
     return json.loads((checkpoint_dir / "trainer_state.json").read_text(encoding="utf-8"))
 
@@ -77,7 +81,7 @@ def test_resume_continues_at_next_epoch_with_saved_adapter(vlsp_dir, ray_local, 
     crashing = _cfg(vlsp_dir, inject_fault="kill_worker@2")
     with pytest.raises(Exception):
         build_trainer(crashing, name="resume", storage_path=storage, max_failures=0).fit()
-    checkpoints = sorted((tmp_path / "storage" / "resume").glob("checkpoint_*"))
+    checkpoints = _checkpoints(tmp_path / "storage" / "resume")
     assert len(checkpoints) == 1
     first = _state(checkpoints[0])
     assert first["epoch"] == 1
@@ -87,7 +91,7 @@ def test_resume_continues_at_next_epoch_with_saved_adapter(vlsp_dir, ray_local, 
     assert [m["epoch"] for m in state["history"]] == [1, 2, 3]
     assert state["history"][0] == first["history"][0]  # epoch 1 was not re-run
     assert state["resumed_from_epoch"] in (1, 2)
-    resumed = [s for s in map(_state, sorted((tmp_path / "storage" / "resume").glob("checkpoint_*")))
+    resumed = [s for s in map(_state, _checkpoints(tmp_path / "storage" / "resume"))
                if s["epoch"] == 2]
     assert resumed and resumed[0]["resumed_from_epoch"] == 1
     assert resumed[0]["resumed_adapter_digest"] == first["adapter_digest"]  # the saved adapter was loaded
@@ -100,7 +104,8 @@ def test_saved_adapter_predicts_valid_graphs(vlsp_dir, ray_local, tmp_path):
     cfg = _cfg(vlsp_dir, epochs=1, num_workers=1)
     run_single(cfg, name="pred", storage_path=str(tmp_path / "storage"), output_dir=tmp_path / "run")
     sentences = tmp_path / "in.txt"
-    lines = (vlsp_dir / "public_test.txt").read_text(encoding="utf-8").splitlines()[:6]
+    lines = [line for line in (vlsp_dir / "public_test.txt").read_text(encoding="utf-8").splitlines()
+             if line.strip()][:6]
     sentences.write_text("\n".join(lines) + "\n", encoding="utf-8")
     report = predict_file(tmp_path / "run", sentences, tmp_path / "out.txt", batch_size=4, max_new_tokens=32)
     assert report.n_sentences == 6
