@@ -144,7 +144,7 @@ def start_ray(address: str | None) -> None:
     # trial's placement group leaks, starving every later trial. So the GCS gets a known port
     # and every Ray process gets RAY_ADDRESS pointing at this instance.
     gcs_address = f"127.0.0.1:{_free_port()}"
-    env_vars = {"PYTHONPATH": pythonpath, "TOKENIZERS_PARALLELISM": "false", "RAY_ADDRESS": gcs_address}
+    env_vars = {"PYTHONPATH": pythonpath, **RUNTIME_ENV_VARS, "RAY_ADDRESS": gcs_address}
     saved = {k: os.environ.get(k) for k in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}
     os.environ["RAY_GCS_SERVER_PORT"] = gcs_address.rsplit(":", 1)[1]
     os.environ["RAY_ADDRESS"] = gcs_address  # inherited by the raylet, so by every worker it starts

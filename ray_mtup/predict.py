@@ -76,7 +76,8 @@ def load_for_inference(adapter_dir: Path, model_path: str | None = None) -> tupl
     expected = state.get("base_fingerprint")
     if expected is not None and base_fingerprint(model) != expected:
         raise ModelError(f"the rebuilt base model differs from the one {adapter_dir} was trained on")
-    model = load_adapter(model, adapter_dir).to(device)
+    # Merged weights generate about 30% faster than an unmerged adapter (docs/benchmarks.md).
+    model = load_adapter(model, adapter_dir).merge_and_unload().to(device)
     model.eval()
     return model, tokenizer, cfg
 

@@ -168,13 +168,28 @@ def format_leaderboard(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _checkpoint(path: str | None) -> Any:
+    """A Ray Checkpoint for a local or remote (s3://, gs://) checkpoint path, or None."""
+    if not path:
+        return None
+    import ray.train
+
+    return ray.train.Checkpoint(path)
+
+
 def _read_predictions(checkpoint_path: str | None) -> list[dict[str, Any]] | None:
-    if not checkpoint_path:
+    checkpoint = _checkpoint(checkpoint_path)
+    if checkpoint is None:
         return None
-    path = Path(checkpoint_path) / PREDICTIONS_JSONL
-    if not path.is_file():
+    try:
+        with checkpoint.as_directory() as d:
+            path = Path(d) / PREDICTIONS_JSONL
+            if not path.is_file():
+                return None
+            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, FileNotFoundError) as exc:
+        logger.warning("cannot read predictions of %s: %s", checkpoint_path, exc)
         return None
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def paired_bootstrap(a: Sequence[Any], b: Sequence[Any], n_resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -320,15 +335,29 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
             f"# best trial {best.trial_id} of {experiment_dir}; reproduce with:\n"
             f"#   python run_tune.py --no-search --config {out_dir / 'best_config.yaml'}\n"
             + yaml.safe_dump(best.config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
-        ckpt = best.best.get("checkpoint_path")
-        if ckpt and Path(ckpt).is_dir():
+        checkpoint = _checkpoint(best.best.get("checkpoint_path"))
+        if checkpoint is not None:
             dest = out_dir / "best_adapter"
             if dest.exists():
                 shutil.rmtree(dest)
-            shutil.copytree(ckpt, dest)
+            checkpoint.to_directory(str(dest))
             summary["best_adapter"] = str(dest)
         summary["plots"] = plot(records, out_dir)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str),
                                           encoding="utf-8")
+    if "://" in experiment_dir:
+        _upload(out_dir, experiment_dir)
     logger.info("results in %s", out_dir)
     return summary
+
+
+def _upload(local_dir: Path, uri: str) -> None:
+    """Copy the results next to the trials on remote storage (s3://, gs://, ...)."""
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(uri.rstrip("/"))
+        pyarrow.fs.copy_files(str(local_dir.resolve()), path, destination_filesystem=fs)
+        logger.info("results copied to %s", uri)
+    except (OSError, ValueError) as exc:
+        logger.error("could not copy the results to %s (%s); they are in %s", uri, exc, local_dir)

@@ -337,6 +337,9 @@ class FaultInjector:
         if self.kind == "kill_worker" and epoch == self.epoch and self.rank == self.world - 1:
             if not self.marker.exists():
                 self.marker.write_text("killed\n")
+                # Ray Train collects reports by polling the workers (every 2 s by default): wait
+                # past that, so the previous epoch's report and checkpoint are registered.
+                time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2)) + 1)
                 logger.error("inject_fault: killing rank %d in epoch %d", self.rank, epoch)
                 os._exit(17)
 
