@@ -153,6 +153,9 @@ class TrainConfig:
     eval_max_samples: int | None = field(
         default=None, metadata={"help": "Cap on validation graphs generated per epoch (None: all)."}
     )
+    generation_cache: str = field(default="dynamic", metadata={
+        "help": "KV cache of evaluation generation: dynamic, or static (lets transformers compile the "
+                "decode step; for GPUs)."})
     scoring_mode: str = field(default="normalised", metadata={
         "help": "SMATCH mode of the per-epoch objective: normalised (gold and predictions normalised the "
                 "same way; the default) or official (the shared task's convention)."})
@@ -199,6 +202,8 @@ class TrainConfig:
             kind, _, epoch = self.inject_fault.partition("@")
             _check(kind in ("nan_loss", "kill_worker") and epoch.isdigit(), "inject_fault",
                    f"expected nan_loss@EPOCH or kill_worker@EPOCH, got {self.inject_fault!r}")
+        _check(self.generation_cache in ("dynamic", "static"), "generation_cache",
+               f"must be dynamic or static, got {self.generation_cache!r}")
         _check(self.scoring_mode in SCORING_MODES, "scoring_mode",
                f"unknown mode {self.scoring_mode!r}; choose from {list(SCORING_MODES)}")
 

@@ -36,8 +36,13 @@ def generate(
     max_new_tokens: int,
     synced_gpus: bool = False,
     progress: bool = False,
+    cache: str = "dynamic",
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (in input order), decoded without special tokens."""
+    """Greedy continuations of ``prompts`` (in input order), decoded without special tokens.
+
+    ``cache="static"`` pre-allocates the KV cache, which lets transformers compile the decode
+    step (worth it on a GPU; on CPU it is not, see docs/benchmarks.md).
+    """
     import torch
 
     if not prompts:
@@ -74,6 +79,7 @@ def generate(
                     pad_token_id=pad_id,
                     eos_token_id=tokenizer.eos_token_id,
                     synced_gpus=synced_gpus,
+                    **({"cache_implementation": "static"} if cache == "static" else {}),
                 )
             new = out[:, width:].cpu()
             for row, i in enumerate(batch):

@@ -67,9 +67,10 @@ def load_for_inference(adapter_dir: Path, model_path: str | None = None) -> tupl
     import torch
 
     state = json.loads((adapter_dir / STATE_FILE).read_text(encoding="utf-8"))
-    cfg = TrainConfig.from_dict(state["config"])
-    if model_path is not None:
-        cfg = cfg.replace(model_path=model_path)
+    data = dict(state["config"])
+    if model_path is not None:  # applied before validation: the stored path may not exist here
+        data["model_path"] = model_path
+    cfg = TrainConfig.from_dict(data)
     tokenizer = load_tokenizer(adapter_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(cfg, tokenizer, device)

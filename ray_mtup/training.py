@@ -214,7 +214,7 @@ def evaluate_epoch(
     raw = generate(
         model, tokenizer, prompts_for(template, [data.val[i].sentence for i in idx]),
         batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-        synced_gpus=(cfg.zero_stage == 3 and world > 1),
+        synced_gpus=(cfg.zero_stage == 3 and world > 1), cache=cfg.generation_cache,
     )
     gen_time = time.perf_counter() - t0
     new_tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in raw[:real])
