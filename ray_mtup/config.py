@@ -56,6 +56,7 @@ class ModelSpec:
     epochs: int
     per_device_batch_size: int
     grad_accum: int
+    train_base: bool = False
 
 
 #: The model registry. ``tiny`` is a random-init Qwen2 built locally (tests, CPU demo).
@@ -63,7 +64,8 @@ MODELS: dict[str, ModelSpec] = {
     "qwen2.5-1.5b": ModelSpec("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", 2e-4, 10, 4, 4),
     "qwen2.5-3b": ModelSpec("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct", 2e-4, 10, 4, 4),
     "qwen2.5-7b": ModelSpec("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", 1e-4, 15, 2, 8),
-    "tiny": ModelSpec("tiny", None, 1e-3, 10, 8, 1),
+    # A random-init base holds nothing worth freezing: tiny trains it too (lora.train_base).
+    "tiny": ModelSpec("tiny", None, 1e-3, 10, 8, 1, train_base=True),
 }
 
 
@@ -82,6 +84,9 @@ class LoraSettings:
     target_modules: tuple[str, ...] = field(
         default=LORA_TARGETS, metadata={"help": "Linear layers that get an adapter."}
     )
+    train_base: bool = field(default=False, metadata={
+        "help": "Also train the base weights (saved beside the adapter as base_model.safetensors). "
+                "Only for a random-init base (the tiny model), which a frozen LoRA cannot teach."})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
@@ -349,6 +354,7 @@ def resolve_config(
         "epochs": spec.epochs,
         "per_device_batch_size": spec.per_device_batch_size,
         "grad_accum": spec.grad_accum,
+        "lora.train_base": spec.train_base,
     })
     if preset is not None:
         data = merge(data, load_preset(preset))

@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
+BASE_FILE = "base_model.safetensors"  # trained base weights, only with lora.train_base (tiny)
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 CACHE_DIR = Path(os.environ.get("RAY_MTUP_CACHE", Path.home() / ".cache" / "ray_mtup"))
@@ -165,7 +166,11 @@ def apply_lora(model: Any, lora: LoraSettings) -> Any:
     )
     if getattr(model, "is_gradient_checkpointing", False):
         model.enable_input_require_grads()
-    return get_peft_model(model, peft_config)
+    peft_model = get_peft_model(model, peft_config)
+    if lora.train_base:
+        for param in peft_model.parameters():
+            param.requires_grad = True
+    return peft_model
 
 
 def load_adapter(model: Any, adapter_dir: str | Path) -> Any:
@@ -183,3 +188,29 @@ def count_parameters(model: Any) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def base_fingerprint(model: Any) -> str:
+    """A hash of the input embeddings: proves a rebuilt random-init base equals the trained one."""
+    weight = model.get_input_embeddings().weight.detach().float().cpu().contiguous()
+    return hashlib.sha256(weight.numpy().tobytes()).hexdigest()[:16]
+
+
+def load_base_weights(model: Any, directory: Path) -> bool:
+    """Load ``base_model.safetensors`` (lora.train_base) into a PeftModel; False when absent."""
+    path = directory / BASE_FILE
+    if not path.is_file():
+        return False
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise ModelError(f"{path} does not fit the model: {missing[:3]}")
+    import torch
+
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor.to(params[name].dtype))
+    return True

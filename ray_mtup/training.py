@@ -28,8 +28,7 @@ from . import corpus, dataset, scoring
 from .config import SAMPLE_DATA_DIR, TrainConfig
 from .errors import TrainingError
 from .generation import Parsed, generate, parse_outputs, prompts_for
-from .modeling import apply_lora, build_model, build_tokenizer
-from .predict import base_fingerprint
+from .modeling import BASE_FILE, apply_lora, base_fingerprint, build_model, build_tokenizer, load_base_weights
 from .prompts import TEMPLATES, get_template
 
 logger = logging.getLogger(__name__)
@@ -266,6 +265,11 @@ def save_checkpoint(directory: Path, engine: Any, tokenizer: Any, state: dict[st
     model = engine.module
     adapter_sd = get_peft_model_state_dict(model, state_dict=weights)
     model.save_pretrained(str(directory), state_dict=adapter_sd, safe_serialization=True)
+    base = {n: w for n, w in weights.items() if "lora_" not in n}
+    if base:  # lora.train_base: the trained base weights, named as in the PeftModel
+        from safetensors.torch import save_file
+
+        save_file(base, str(directory / BASE_FILE))
     tokenizer.save_pretrained(str(directory))
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2, ensure_ascii=False), encoding="utf-8")
     with (directory / PREDICTIONS_JSONL).open("w", encoding="utf-8") as f:
@@ -299,6 +303,7 @@ def _load_resume_state(model: Any) -> dict[str, Any] | None:
     with checkpoint.as_directory() as d:
         state = json.loads((Path(d) / STATE_FILE).read_text(encoding="utf-8"))
         weights = load_file(str(Path(d) / ADAPTER_FILE))  # safetensors: no pickle is executed
+        load_base_weights(model, Path(d))
     result = set_peft_model_state_dict(model, weights)
     if getattr(result, "unexpected_keys", None):
         raise TrainingError(f"checkpoint adapter does not fit the model: {result.unexpected_keys[:3]}")
