@@ -21,7 +21,7 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) run_tune.py --model tiny --smoke-test
 
-# The same search on the real corpus (tiny model, CPU, about 10 minutes on 2 cores).
+# A search on the real corpus (tiny model, CPU, about 25 minutes on 2 cores).
 demo-vlsp: setup
 	$(PY) run_tune.py --model tiny --search-space search_spaces/tiny_cpu.yaml --data-dir ../shared/data/vlsp2025
 

@@ -88,7 +88,7 @@ def build_base_model(name: str, cfg: Any, tokenizer: Any, device: Any) -> Any:
     """
     import torch
 
-    from ray_mtup.modeling import build_model
+    from ray_mtup.modeling import build_model, finish_model
 
     if name == "tiny" or cfg.model_path is not None:
         return build_model(cfg, tokenizer, device.type).to(device)
@@ -103,10 +103,4 @@ def build_base_model(name: str, cfg: Any, tokenizer: Any, device: Any) -> Any:
             model = Qwen2ForCausalLM(qwen25_config(name))
     finally:
         torch.set_default_dtype(previous)
-    if tokenizer is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    return model
+    return finish_model(model, tokenizer, cfg)

@@ -141,8 +141,14 @@ def build_model(cfg: TrainConfig, tokenizer: Any, device_type: str = "cpu") -> A
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load model weights from {source}: {exc}") from exc
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return finish_model(model, tokenizer, cfg)
+
+
+def finish_model(model: Any, tokenizer: Any, cfg: TrainConfig) -> Any:
+    """Settings every base model gets, however built: generation tokens, gradient checkpointing."""
+    if tokenizer is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

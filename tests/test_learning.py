@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 N_EVAL = 150
 #: The CPU demonstration settings (also search_spaces/tiny_cpu.yaml's region).
 LEARNING = {
-    "epochs": 4,
+    "epochs": 6,
     "learning_rate": 1e-3,
     "per_device_batch_size": 8,
     "grad_accum": 1,
