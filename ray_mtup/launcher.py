@@ -86,12 +86,17 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _absolute(path: str | None) -> str | None:
+    return None if path is None or "://" in path else str(Path(path).resolve())
+
+
 def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields the flags set explicitly (``--set`` and the resource flags)."""
     workers = args.workers_per_trial or (args.gpus_per_trial or 1)
     overrides: dict[str, Any] = {
-        "model_path": args.model_path,
-        "data_dir": args.data_dir or os.environ.get("RAY_MTUP_DATA_DIR"),
+        # absolute: Ray workers (and a later `predict`) may not share the driver's directory
+        "model_path": _absolute(args.model_path),
+        "data_dir": _absolute(args.data_dir or os.environ.get("RAY_MTUP_DATA_DIR")),
         "zero_stage": args.zero_stage,
         "cpus_per_worker": args.cpus_per_worker,
     }

@@ -439,9 +439,12 @@ def test_smoke_search_submitted_as_a_job_succeeds(ray_head: dict[str, Any], tmp_
 
     out_dir = storage / name
     rows = (out_dir / "results.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + 4, f"expected the 4 trials of smoke.yaml, got {rows}"
+    from ray_mtup.search import load_search_space
+
+    n_trials = load_search_space(REPO_ROOT / "search_spaces" / "smoke.yaml").num_samples
+    assert len(rows) == 1 + n_trials, f"expected the {n_trials} trials of smoke.yaml, got {rows}"
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["n_trials"] == 4 and summary["n_errors"] == 0
+    assert summary["n_trials"] == n_trials and summary["n_errors"] == 0
     assert summary["best_trial"] in "\n".join(rows[1:])
     best = TrainConfig.from_dict(load_yaml(out_dir / "best_config.yaml"))
     assert best.model == "tiny"
