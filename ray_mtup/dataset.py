@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from . import amr
-from .corpus import Example
+from .corpus import Example, normalise_sentence
 from .errors import CorpusError
 from .prompts import Template, render_training
 
@@ -41,10 +41,6 @@ class MtupExample:
     source: str
     task1: str
     task2: str
-
-
-def _sentence_key(sentence: str) -> str:
-    return " ".join(sentence.lower().split())
 
 
 def _stratified_sample(examples: Sequence[Example], n: int, rng: random.Random) -> list[Example]:
@@ -84,7 +80,7 @@ def select_and_split(
         pool = _stratified_sample(pool, max_samples, rng)
     groups: dict[tuple[str, str], list[Example]] = defaultdict(list)
     for ex in pool:
-        groups[(ex.source, _sentence_key(ex.sentence))].append(ex)
+        groups[(ex.source, normalise_sentence(ex.sentence))].append(ex)
     by_source: dict[str, list[list[Example]]] = defaultdict(list)
     # A duplicate sentence shared across sources is grouped under its first source.
     seen: dict[str, tuple[str, str]] = {}

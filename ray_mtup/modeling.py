@@ -189,13 +189,6 @@ def load_adapter(model: Any, adapter_dir: str | Path) -> Any:
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
 
 
-def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
-
-
 def base_fingerprint(model: Any) -> str:
     """A hash of the input embeddings: proves a rebuilt random-init base equals the trained one."""
     weight = model.get_input_embeddings().weight.detach().float().cpu().contiguous()

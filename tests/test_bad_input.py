@@ -22,7 +22,8 @@ import pytest
 from ray_mtup import launcher, search
 from ray_mtup.config import TrainConfig
 from ray_mtup.corpus import find_duplicate_sentences, load_corpus, read_amr_file
-from ray_mtup.dataset import _sentence_key, select_and_split
+from ray_mtup.corpus import normalise_sentence
+from ray_mtup.dataset import select_and_split
 from ray_mtup.errors import ConfigError, CorpusError
 from ray_mtup.training import load_examples
 
@@ -103,7 +104,7 @@ def test_duplicates_accepted_and_kept_on_one_side_of_the_split(fixtures_dir, tmp
         for val_split in (0.1, 0.3, 0.5):
             train, val = select_and_split(examples, val_split, seed)
             assert len(train) + len(val) == len(examples)
-            assert not ({_sentence_key(e.sentence) for e in train} & {_sentence_key(e.sentence) for e in val})
+            assert not ({normalise_sentence(e.sentence) for e in train} & {normalise_sentence(e.sentence) for e in val})
 
 
 def test_sentence_only_file_where_graphs_are_expected(fixtures_dir, tmp_path):
