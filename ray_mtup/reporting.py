@@ -140,6 +140,7 @@ def leaderboard_rows(records: Sequence[TrialRecord]) -> list[dict[str, Any]]:
             "best_epoch": best.get("epoch"),
             "best_task1_f1": best.get("task1_f1"),
             "best_task2_f1": best.get("task2_f1"),
+            "best_task2_f1_official": best.get("task2_f1_official"),
             "validity": best.get("validity"),
             "val_loss": best.get("val_loss"),
             "stopped_early": r.stopped_early,

@@ -62,7 +62,7 @@ def test_zero_stage_trains_and_reports_every_epoch(stage, vlsp_dir, ray_local, t
     assert [m["epoch"] for m in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     for m in history:  # SMATCH and validity reported every epoch, as fractions
-        for key in ("task1_f1", "task2_f1", "validity", "val_loss", "useful_token_fraction"):
+        for key in ("task1_f1", "task2_f1", "task2_f1_official", "validity", "val_loss", "useful_token_fraction"):
             assert key in m
         assert 0.0 <= m["task2_f1"] <= 1.0 and 0.0 <= m["validity"] <= 1.0
         assert m["n_eval"] == 8
