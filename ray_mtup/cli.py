@@ -143,12 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits on --help and on usage errors
         return exc.code if isinstance(exc.code, int) else 2
-    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if args.verbose < 2:
-        # penman warns once per odd graph (duplicate triples in gold, broken predictions);
-        # ray_mtup counts and reports those itself.
-        logging.getLogger("penman").setLevel(logging.ERROR)
+    from ray_mtup.launcher import setup_logging
+
+    setup_logging({0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG))
     try:
         return args.handler(args)
     except RayMtupError as exc:

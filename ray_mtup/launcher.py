@@ -65,11 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def setup_logging(verbose: bool = False) -> None:
-    """Configure handlers; only entry points (and Ray worker entry functions) call this."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("penman").setLevel(logging.ERROR)  # broken model outputs are counted, not logged
+def setup_logging(level: int = logging.INFO) -> None:
+    """Configure handlers; only entry points (and Ray worker entry functions) call this.
+
+    penman warns once per odd graph (duplicate triples in gold, broken predictions);
+    ray_mtup counts and reports those itself, so penman is quiet unless ``level`` is DEBUG.
+    """
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("penman").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.ERROR)
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -176,7 +179,7 @@ def _free_port() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return _main(args)
     except RayMtupError as exc:
@@ -186,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     from . import search, trial
+    from .reporting import local_results_dir
 
     cfg = config_from_args(args)
     name = args.name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -197,7 +201,8 @@ def _main(args: argparse.Namespace) -> int:
         search.check_resources(_cluster_resources(), cfg, driver_cpu=0.0)
         t0 = time.time()
         summary = trial.run_single(cfg, name=name, storage_path=storage,
-                                   output_dir=_local_dir(storage, name), max_failures=args.max_failures)
+                                   output_dir=local_results_dir(f"{storage.rstrip('/')}/{name}"),
+                                   max_failures=args.max_failures)
         print(trial.format_epoch_table(summary.history))
         best = summary.best
         print(f"best epoch {summary.best_epoch}: Task 1 F1 {best['task1_f1']:.4f}, Task 2 F1 {best['task2_f1']:.4f}, "
@@ -241,6 +246,3 @@ def _cluster_resources() -> dict[str, float]:
 
     return ray.cluster_resources()
 
-
-def _local_dir(storage: str, name: str) -> Path:
-    return Path(storage) / name if "://" not in storage else Path("runs") / name

@@ -24,12 +24,12 @@ from .errors import ModelError
 from .generation import generate, parse_outputs, prompts_for
 from .modeling import base_fingerprint, build_model, load_adapter, load_base_weights, load_tokenizer
 from .prompts import get_template
+from .training import STATE_FILE
 
 logger = logging.getLogger(__name__)
 
 #: Written for a sentence whose output cannot be turned into a graph at all.
 FALLBACK_GRAPH = "(a / amr-unknown)"
-STATE_FILE = "trainer_state.json"
 
 
 @dataclass(frozen=True)

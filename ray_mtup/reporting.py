@@ -301,9 +301,19 @@ def plot(records: Sequence[TrialRecord], out_dir: Path) -> list[str]:
     return paths
 
 
+def local_results_dir(run_path: str) -> Path:
+    """Where a run's result files are written: the run's directory, or ``runs/<name>`` locally
+    when the storage is remote (s3://, gs://); remote results are then copied up.
+
+    >>> local_results_dir("s3://bucket/exp"), local_results_dir("/data/exp")
+    (PosixPath('runs/exp'), PosixPath('/data/exp'))
+    """
+    return Path(run_path) if "://" not in run_path else Path("runs") / Path(run_path).name
+
+
 def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, space: Any) -> dict[str, Any]:
     """Leaderboard to the terminal; results.csv, summary.json, best_config.yaml, best_adapter/, plots."""
-    out_dir = Path(experiment_dir) if "://" not in experiment_dir else Path("runs") / Path(experiment_dir).name
+    out_dir = local_results_dir(experiment_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = collect_trials(grid, base)
     rows = leaderboard_rows(records)

@@ -24,7 +24,7 @@ import yaml
 
 from .config import TrainConfig
 from .errors import ConfigError, TrainingError
-from .training import STATE_FILE, train_loop_per_worker
+from .training import ADAPTER_FILE, STATE_FILE, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
@@ -217,4 +217,4 @@ def run_single(cfg: TrainConfig, name: str, storage_path: str, output_dir: str |
 
 def _has_adapter(checkpoint: Any) -> bool:
     with checkpoint.as_directory() as d:
-        return (Path(d) / "adapter_model.safetensors").is_file()
+        return (Path(d) / ADAPTER_FILE).is_file()

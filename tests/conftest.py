@@ -10,6 +10,16 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
 
+#: Malformed corpus fixtures in fixtures/bad/: (file, 1-based line of the error, reason).
+MALFORMED_CORPORA = [
+    ("bad_utf8.txt", 3, "not valid UTF-8"),
+    ("empty.txt", 1, "empty file"),
+    ("no_snt.txt", 5, "graph without a preceding #::snt"),
+    ("unbalanced.txt", 6, "unbalanced parentheses"),
+    ("snt_without_graph.txt", 5, "#::snt line without a graph"),
+    ("sentence_only.txt", 1, "sentence-only file"),
+]
+
 
 def _vlsp_dir() -> Path:
     """RAY_MTUP_DATA_DIR if set, else ../shared/data/vlsp2025 next to the repository."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import MALFORMED_CORPORA
 
 from ray_mtup import launcher, search
 from ray_mtup.config import TrainConfig
@@ -72,14 +73,7 @@ def corpus_dir(tmp_path: Path, first: Path | str, second: Path | None = None) ->
 
 # --- corpus files, read directly -----------------------------------------------------------
 
-BAD_CORPORA = [  # (fixture, line of the error, reason) -- the reader's own tests are in test_corpus.py
-    ("bad_utf8.txt", 3, "not valid UTF-8"),
-    ("empty.txt", 1, "empty file"),
-    ("no_snt.txt", 5, "graph without a preceding #::snt"),
-    ("unbalanced.txt", 6, "unbalanced parentheses"),
-    ("snt_without_graph.txt", 5, "#::snt line without a graph"),
-    ("sentence_only.txt", 1, "sentence-only file"),
-]
+BAD_CORPORA = MALFORMED_CORPORA  # the reader's own tests of these are in test_corpus.py
 GOOD_CORPORA = ["bom_crlf_ok.txt", "mixed_newlines_ok.txt", "duplicates_ok.txt"]
 
 

@@ -6,6 +6,7 @@ import logging
 import re
 
 import pytest
+from conftest import MALFORMED_CORPORA
 
 from ray_mtup.corpus import (
     Example,
@@ -72,14 +73,7 @@ def test_read_sentences_errors(fixtures_dir):
 
 # --- malformed files -----------------------------------------------------------------
 
-MALFORMED = [
-    ("bad_utf8.txt", 3, "not valid UTF-8"),
-    ("empty.txt", 1, "empty file"),
-    ("no_snt.txt", 5, "graph without a preceding #::snt"),
-    ("unbalanced.txt", 6, "unbalanced parentheses"),
-    ("snt_without_graph.txt", 5, "#::snt line without a graph"),
-    ("sentence_only.txt", 1, "sentence-only file"),
-]
+MALFORMED = MALFORMED_CORPORA
 
 
 @pytest.mark.parametrize(("name", "line", "reason"), MALFORMED)
