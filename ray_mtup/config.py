@@ -227,6 +227,13 @@ class TrainConfig:
         """Rebuild from :meth:`to_dict` output; unknown keys are an error naming the key."""
         return _build(cls, data, "")
 
+    def write_yaml(self, path: str | Path, header: str) -> None:
+        """Write the config as YAML that ``--config`` accepts, after a ``#`` comment ``header``
+        that ends with the command reproducing the run."""
+        comment = "".join(f"# {line}\n" for line in header.splitlines())
+        Path(path).write_text(comment + yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True),
+                              encoding="utf-8")
+
     def replace(self, **overrides: Any) -> "TrainConfig":
         """A new config with ``overrides`` applied (dotted keys reach nested settings)."""
         return TrainConfig.from_dict(merge(self.to_dict(), overrides))

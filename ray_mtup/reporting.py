@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
-
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -342,10 +340,9 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
             "documented_optimum_trial": first.trial_id if first else None,
             "noise": noise_analysis(best, first),
         })
-        (out_dir / "best_config.yaml").write_text(
-            f"# best trial {best.trial_id} of {experiment_dir}; reproduce with:\n"
-            f"#   python run_tune.py --no-search --config {out_dir / 'best_config.yaml'}\n"
-            + yaml.safe_dump(best.config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+        best.config.write_yaml(out_dir / "best_config.yaml",
+                               f"best trial {best.trial_id} of {experiment_dir}; reproduce with:\n"
+                               f"  python run_tune.py --no-search --config {out_dir / 'best_config.yaml'}")
         checkpoint = _checkpoint(best.best.get("checkpoint_path"))
         if checkpoint is not None:
             dest = out_dir / "best_adapter"

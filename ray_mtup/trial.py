@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
-
 from .config import TrainConfig
 from .errors import ConfigError, TrainingError
 from .training import ADAPTER_FILE, STATE_FILE, train_loop_per_worker
@@ -173,9 +171,8 @@ def write_run_outputs(out_dir: Path, cfg: TrainConfig, history: Sequence[Mapping
                       best_checkpoint: Any) -> RunSummary:
     """config.yaml, metrics.csv, adapter/ (best epoch) and summary.json in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(
-        f"# resolved config; rerun with: python run_tune.py --no-search --config {out_dir / 'config.yaml'}\n"
-        + yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    cfg.write_yaml(out_dir / "config.yaml",
+                   f"resolved config; rerun with: python run_tune.py --no-search --config {out_dir / 'config.yaml'}")
     columns = sorted({k for m in history for k in m})
     with (out_dir / "metrics.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
