@@ -88,15 +88,15 @@ def corpus_lengths(data_dir: Path, vocab_size: int, max_seq_len: int, seed: int,
     """
     from ray_mtup import dataset
     from ray_mtup.config import TinyModelSettings, TrainConfig
-    from ray_mtup.modeling import build_tokenizer
+    from ray_mtup.dataset import load_examples, tokenizer_texts
+    from ray_mtup.modeling import base_source, build_tokenizer
     from ray_mtup.prompts import get_template
-    from ray_mtup.training import load_examples, tokenizer_texts
 
     cfg = TrainConfig(data_dir=str(data_dir), tiny=TinyModelSettings(vocab_size=vocab_size),
                       max_seq_len=max_seq_len, seed=seed, template=template,
                       model="qwen2.5-7b" if tokenizer_path else "tiny", model_path=tokenizer_path)
     train, _, _ = load_examples(cfg)
-    tokenizer = build_tokenizer(cfg, tokenizer_texts(train))
+    tokenizer = build_tokenizer(base_source(cfg, tokenizer_texts(train)))
     encoded, skipped = dataset.encode_all(tokenizer, get_template(cfg.template), train, cfg.max_seq_len)
     if skipped:
         logging.getLogger(__name__).warning("%d examples longer than %d tokens left out", len(skipped), max_seq_len)

@@ -99,7 +99,7 @@ def load_prompts(args: argparse.Namespace) -> tuple[Any, list[str], str, list[An
     from ray_mtup.config import TrainConfig
     from ray_mtup.generation import prompts_for
     from ray_mtup.prompts import get_template
-    from ray_mtup.training import load_examples
+    from ray_mtup.dataset import load_examples
 
     data_dir = Path(args.data_dir)
     have_corpus = all((data_dir / f).is_file() for f in CORPUS_FILES)
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import CompileConfig
 
     from ray_mtup.generation import generate
-    from ray_mtup.modeling import apply_lora, build_tokenizer
-    from ray_mtup.training import tokenizer_texts
+    from ray_mtup.dataset import tokenizer_texts
+    from ray_mtup.modeling import apply_lora, base_source, build_tokenizer
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
@@ -147,12 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg, prompts, source, train = load_prompts(args)
     batch_size = args.batch_size or cfg.eval_batch_size
     if args.model == "tiny" or args.model_path is not None:
-        tokenizer = build_tokenizer(cfg, tokenizer_texts(train))
+        source = base_source(cfg, tokenizer_texts(train))
     else:  # random-init Qwen2.5 shape: the tiny BPE only supplies ids below the vocabulary size
         from ray_mtup.config import TrainConfig
 
-        tokenizer = build_tokenizer(TrainConfig(), tokenizer_texts(train))
-    model = build_base_model(args.model, cfg, tokenizer, device)
+        source = base_source(TrainConfig(), tokenizer_texts(train))
+    tokenizer = build_tokenizer(source)
+    model = build_base_model(args.model, cfg, tokenizer, device, source)
     if not args.no_lora:
         model = apply_lora(model, cfg.lora)
     model.eval()

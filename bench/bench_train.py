@@ -57,32 +57,34 @@ def _standalone_env() -> None:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
 
 
-def train_config(args: argparse.Namespace, zero_stage: int, on_gpu: bool) -> Any:
+def train_config(args: argparse.Namespace, zero_stage: int, on_gpu: bool, world: int = 1) -> Any:
     """The TrainConfig whose DeepSpeed config and model settings the bench uses."""
     from ray_mtup.config import LoraSettings, TrainConfig
 
     return TrainConfig(
-        model=args.model, model_path=args.model_path, per_device_batch_size=args.batch, grad_accum=1,
+        model=args.model, model_path=args.model_path, per_device_batch_size=args.batch, global_batch_size=args.batch * world, num_workers=world,
         zero_stage=zero_stage, lora=LoraSettings(r=args.lora_r, alpha=2 * args.lora_r),
         gradient_checkpointing=args.gradient_checkpointing, use_gpu=on_gpu,
         max_seq_len=max(32, args.seq_len), seed=args.seed,
     )
 
 
-def build_tokenizer_for(args: argparse.Namespace) -> Any:
+def build_tokenizer_for(args: argparse.Namespace) -> tuple[Any, Any]:
     """Tiny: the project's BPE trained on the shipped sample corpus; Qwen shapes: only the
     vocabulary size matters (the batch is random ids), so no tokenizer is loaded."""
     from ray_mtup.config import TrainConfig
-    from ray_mtup.modeling import build_tokenizer
-    from ray_mtup.training import load_examples, tokenizer_texts
+    from ray_mtup.dataset import load_examples, tokenizer_texts
+    from ray_mtup.modeling import base_source, build_tokenizer
 
     if args.model == "tiny":
         cfg = TrainConfig()
         train, _, _ = load_examples(cfg)
-        return build_tokenizer(cfg, tokenizer_texts(train))
+        source = base_source(cfg, tokenizer_texts(train))
+        return build_tokenizer(source), source
     if args.model_path is not None:
-        return build_tokenizer(TrainConfig(model=args.model, model_path=args.model_path))
-    return None
+        source = base_source(TrainConfig(model=args.model, model_path=args.model_path))
+        return build_tokenizer(source), source
+    return None, None
 
 
 def make_batch(vocab_size: int, batch: int, seq_len: int, seed: int, device: Any) -> dict[str, Any]:
@@ -118,18 +120,20 @@ def time_steps(step: Callable[[], float], steps: int, warmup: int,
     return times, cpu, losses
 
 
-def run_variant(variant: str, args: argparse.Namespace, tokenizer: Any, device: Any, world: int, rank: int,
-                local_rank: int, on_gpu: bool, total_steps: int) -> dict[str, Any]:
+def run_variant(variant: str, args: argparse.Namespace, tokenizer: Any, source: Any, device: Any, world: int,
+                rank: int, local_rank: int, on_gpu: bool, total_steps: int) -> dict[str, Any]:
     """Build a fresh model + LoRA, run one variant's steps, free everything; returns timings."""
     import deepspeed
     import torch
 
     from ray_mtup.modeling import apply_lora
-    from ray_mtup.training import cosine_with_warmup, deepspeed_config
+    from transformers import get_cosine_schedule_with_warmup
+
+    from ray_mtup.engine import deepspeed_config
 
     stage = int(variant[-1]) if variant.startswith("deepspeed") else 2
-    cfg = train_config(args, stage, on_gpu)
-    model = apply_lora(build_base_model(args.model, cfg, tokenizer, device), cfg.lora)
+    cfg = train_config(args, stage, on_gpu, world)
+    model = apply_lora(build_base_model(args.model, cfg, tokenizer, device, source), cfg.lora)
     vocab = model.get_input_embeddings().weight.shape[0]
     batch = make_batch(vocab, args.batch, args.seq_len, args.seed + rank, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -143,7 +147,7 @@ def run_variant(variant: str, args: argparse.Namespace, tokenizer: Any, device: 
             net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if on_gpu else None)
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                 betas=(0.9, 0.999), eps=1e-8)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total_steps, 0))
+        sched = get_cosine_schedule_with_warmup(opt, 0, total_steps)
         net.train()
 
         def step() -> float:
@@ -160,7 +164,7 @@ def run_variant(variant: str, args: argparse.Namespace, tokenizer: Any, device: 
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(cfg, world, on_gpu),
-            lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, cosine_with_warmup(total_steps, 0)),
+            lr_scheduler=lambda o: get_cosine_schedule_with_warmup(o, 0, total_steps),
         )
         engine.train()
 
@@ -221,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
 
-    tokenizer = build_tokenizer_for(args)
+    tokenizer, source = build_tokenizer_for(args)
     stages = [int(s) for s in args.zero_stages.split(",") if s.strip()]
     variants = ([] if args.no_plain else ["plain_peft"]) + [f"deepspeed_zero{s}" for s in stages]
     total_steps = args.steps + args.warmup_steps
@@ -233,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[str, Any]] = {}
     for _ in range(args.rounds):  # rounds interleave the variants, so load from other processes hits all
         for variant in variants:
-            out = run_variant(variant, args, tokenizer, device, world, rank, local_rank, on_gpu, total_steps)
+            out = run_variant(variant, args, tokenizer, source, device, world, rank, local_rank, on_gpu, total_steps)
             run = runs.setdefault(variant, {**out, "times": [], "cpu": []})
             run["times"] += out["times"]
             run["cpu"] += out["cpu"]

@@ -78,10 +78,11 @@ def qwen25_config(name: str, **overrides: Any) -> Any:
     return Qwen2Config(**kwargs)
 
 
-def build_base_model(name: str, cfg: Any, tokenizer: Any, device: Any) -> Any:
+def build_base_model(name: str, cfg: Any, tokenizer: Any, device: Any, source: Any = None) -> Any:
     """The base model of a bench run, before LoRA.
 
-    ``tiny`` (or ``cfg.model_path`` set): the project's :func:`ray_mtup.modeling.build_model`.
+    ``tiny`` (or ``cfg.model_path`` set): the project's :func:`ray_mtup.modeling.build_model` from
+    ``source`` (:func:`ray_mtup.modeling.base_source`).
     A Qwen2.5 name without weights: a random-init ``Qwen2ForCausalLM`` of the real shape, built
     directly on ``device`` in bf16 on GPU (fp32 on CPU), with the same generation and
     gradient-checkpointing settings build_model applies.
@@ -91,7 +92,7 @@ def build_base_model(name: str, cfg: Any, tokenizer: Any, device: Any) -> Any:
     from ray_mtup.modeling import build_model, finish_model
 
     if name == "tiny" or cfg.model_path is not None:
-        return build_model(cfg, tokenizer, device.type).to(device)
+        return build_model(source, cfg, tokenizer, device.type).to(device)
     from transformers import Qwen2ForCausalLM
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -11,8 +11,8 @@ explicit overrides (flags, or a trial's sampled hyper-parameters). See
 :func:`resolve_config`.
 
 >>> cfg = resolve_config(model="qwen2.5-7b", preset="full_training")
->>> (cfg.learning_rate, cfg.epochs, cfg.per_device_batch_size, cfg.grad_accum)
-(0.0001, 15, 2, 8)
+>>> (cfg.learning_rate, cfg.epochs, cfg.per_device_batch_size, cfg.grad_accum, cfg.global_batch_size)
+(0.0001, 15, 2, 8, 16)
 >>> resolve_config(model="qwen2.5-3b", preset="quick_test").max_samples
 100
 >>> TrainConfig(learning_rate=-1.0)
@@ -55,17 +55,17 @@ class ModelSpec:
     learning_rate: float
     epochs: int
     per_device_batch_size: int
-    grad_accum: int
+    global_batch_size: int = 16
     train_base: bool = False
 
 
 #: The model registry. ``tiny`` is a random-init Qwen2 built locally (tests, CPU demo).
 MODELS: dict[str, ModelSpec] = {
-    "qwen2.5-1.5b": ModelSpec("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", 2e-4, 10, 4, 4),
-    "qwen2.5-3b": ModelSpec("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct", 2e-4, 10, 4, 4),
-    "qwen2.5-7b": ModelSpec("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", 1e-4, 15, 2, 8),
+    "qwen2.5-1.5b": ModelSpec("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", 2e-4, 10, 4),
+    "qwen2.5-3b": ModelSpec("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct", 2e-4, 10, 4),
+    "qwen2.5-7b": ModelSpec("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", 1e-4, 15, 2),
     # A random-init base holds nothing worth freezing: tiny trains it too (lora.train_base).
-    "tiny": ModelSpec("tiny", None, 1e-3, 10, 8, 1, train_base=True),
+    "tiny": ModelSpec("tiny", None, 1e-3, 10, 8, 16, train_base=True),
 }
 
 
@@ -138,7 +138,8 @@ class TrainConfig:
     epochs: int = field(default=10, metadata={"help": "Training epochs."})
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (AdamW)."})
     per_device_batch_size: int = field(default=4, metadata={"help": "Micro-batch per worker."})
-    grad_accum: int = field(default=4, metadata={"help": "Gradient accumulation steps."})
+    global_batch_size: int = field(default=16, metadata={
+        "help": "Examples per optimizer step over all workers; accumulation = this / (micro-batch x workers)."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Linear warm-up share of all steps."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
@@ -154,7 +155,8 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations."})
     # evaluation
     eval_batch_size: int = field(default=32, metadata={"help": "Generation batch per worker."})
-    max_new_tokens: int = field(default=512, metadata={"help": "Generation budget per graph."})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": "Generation budget per graph; None: the longest training completion x 1.25."})
     eval_max_samples: int | None = field(
         default=None, metadata={"help": "Cap on validation graphs generated per epoch (None: all)."}
     )
@@ -188,7 +190,10 @@ class TrainConfig:
         _check(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
         _check(self.per_device_batch_size >= 1, "per_device_batch_size",
                f"must be >= 1, got {self.per_device_batch_size}")
-        _check(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _check(self.global_batch_size >= 1, "global_batch_size", f"must be >= 1, got {self.global_batch_size}")
+        _check(self.global_batch_size % (self.per_device_batch_size * self.num_workers) == 0, "global_batch_size",
+               f"{self.global_batch_size} is not a multiple of micro-batch {self.per_device_batch_size} x "
+               f"{self.num_workers} worker(s)")
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         _check(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
@@ -199,7 +204,8 @@ class TrainConfig:
         _check(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         _check(self.zero_stage in (2, 3), "zero_stage", f"must be 2 or 3, got {self.zero_stage}")
         _check(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
-        _check(self.max_new_tokens >= 8, "max_new_tokens", f"must be >= 8, got {self.max_new_tokens}")
+        if self.max_new_tokens is not None:
+            _check(self.max_new_tokens >= 8, "max_new_tokens", f"must be >= 8, got {self.max_new_tokens}")
         if self.eval_max_samples is not None:
             _check(self.eval_max_samples >= 1, "eval_max_samples",
                    f"must be >= 1 or null, got {self.eval_max_samples}")
@@ -211,6 +217,11 @@ class TrainConfig:
                f"must be dynamic or static, got {self.generation_cache!r}")
         _check(self.scoring_mode in SCORING_MODES, "scoring_mode",
                f"unknown mode {self.scoring_mode!r}; choose from {list(SCORING_MODES)}")
+
+    @property
+    def grad_accum(self) -> int:
+        """Accumulation steps at ``num_workers`` workers (derived from the global batch)."""
+        return self.global_batch_size // (self.per_device_batch_size * self.num_workers)
 
     @property
     def spec(self) -> ModelSpec:
@@ -360,7 +371,7 @@ def resolve_config(
         "learning_rate": spec.learning_rate,
         "epochs": spec.epochs,
         "per_device_batch_size": spec.per_device_batch_size,
-        "grad_accum": spec.grad_accum,
+        "global_batch_size": spec.global_batch_size,
         "lora.train_base": spec.train_base,
     })
     if preset is not None:

@@ -22,10 +22,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from . import amr
+from . import amr, corpus
 from .corpus import Example, normalise_sentence
 from .errors import CorpusError
-from .prompts import Template, render_training
+from .prompts import TEMPLATES, Template, render_training
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,26 @@ def to_mtup(examples: Sequence[Example]) -> list[MtupExample]:
     return out
 
 
+def load_examples(cfg: Any) -> tuple[list[MtupExample], list[MtupExample], list[str]]:
+    """Read the run's corpus (``cfg.data_dir``, else the shipped sample), subset and split it;
+    returns (train, val, raw gold graphs of val)."""
+    from .config import SAMPLE_DATA_DIR
+
+    examples = corpus.load_corpus(cfg.data_dir or SAMPLE_DATA_DIR)
+    train_ex, val_ex = select_and_split(examples, cfg.val_split, cfg.seed, cfg.max_samples)
+    return to_mtup(train_ex), to_mtup(val_ex), [e.amr or "" for e in val_ex]
+
+
+def tokenizer_texts(train: Sequence[MtupExample]) -> list[str]:
+    """Texts the tiny model's BPE is trained on: training examples and every template's text."""
+    texts = []
+    for t in TEMPLATES.values():
+        texts += [t.instruction, t.step1_marker, t.step2_marker]
+    for ex in train:
+        texts += [ex.sentence, ex.task1, ex.task2]
+    return texts
+
+
 @dataclass(frozen=True)
 class Encoded:
     input_ids: list[int]
@@ -136,6 +156,11 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def completion_length(self) -> int:
+        """Tokens that carry loss: the completion and its EOS."""
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
 def encode(tokenizer: Any, template: Template, ex: MtupExample) -> Encoded:

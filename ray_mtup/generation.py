@@ -1,9 +1,15 @@
 """Batched greedy generation of MTUP outputs, and their conversion to graphs.
 
 Used by evaluation in the training loop (on every rank, each on its shard) and by
-``predict``. Prompts are sorted by length so a batch pads little, each sequence stops at
-EOS, and the KV cache is on. Under ZeRO-3 every rank must run the same number of forward
-passes, so the caller passes ``synced_gpus=True`` and equal-sized shards.
+``predict``. Prompts are sorted by length so a batch pads little, the KV cache is on, and a
+row ends at EOS or, with :class:`Step2Closed`, as soon as its step-2 graph has closed. Under
+ZeRO-3 every rank must run the same number of forward passes, so the caller passes
+``synced_gpus=True`` and equal-sized shards.
+
+Decoding is the project's, never the checkpoint's: :func:`decoding_config` is greedy with no
+repetition penalty, whatever a ``generation_config.json`` says (Qwen2.5-Instruct ships
+sampling defaults and a 1.05 penalty, which punishes copying words of the sentence into
+concepts).
 """
 
 from __future__ import annotations
@@ -13,9 +19,12 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from . import amr
-from .prompts import Template, parse_generation, render_inference
+from .prompts import Template, marker_pattern, parse_generation, render_inference
 
 logger = logging.getLogger(__name__)
+
+#: Room above the longest training completion when ``max_new_tokens`` is derived from the data.
+MAX_NEW_TOKENS_MARGIN = 1.25
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,81 @@ class Parsed:
     task2_repaired: bool
 
 
+@dataclass(frozen=True)
+class Generated:
+    """Continuations in input order, with what each cost: new tokens, and whether the row
+    stopped only because it reached ``max_new_tokens``."""
+
+    texts: list[str]
+    new_tokens: list[int]
+    hit_limit: list[bool]
+
+
+def decoding_config(tokenizer: Any, max_new_tokens: int | None = None) -> Any:
+    """The project's decoding: greedy, one beam, no penalty, no sampling knobs, stop at EOS.
+
+    A fresh ``GenerationConfig``: nothing of the checkpoint's ``generation_config.json``
+    (temperature, top-k/p, repetition penalty) survives.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=False, num_beams=1, repetition_penalty=1.0, use_cache=True,
+                            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+
+
+def derived_max_new_tokens(completion_lengths: Sequence[int]) -> int:
+    """Generation budget from the data: the longest training completion (tokens, EOS included)
+    times :data:`MAX_NEW_TOKENS_MARGIN`.
+
+    >>> derived_max_new_tokens([40, 120, 80])
+    150
+    """
+    return max(8, int(max(completion_lengths) * MAX_NEW_TOKENS_MARGIN + 0.5))
+
+
+def step2_closed(text: str, template: Template) -> bool:
+    """Whether ``text`` holds the step-2 marker followed by a graph whose brackets have closed.
+
+    Brackets inside double-quoted strings do not count.
+
+    >>> from ray_mtup.prompts import TEMPLATES
+    >>> t = TEMPLATES["v4_compact"]
+    >>> step2_closed("(đi)\\nAMR-2:\\n(đ / đi :agent (t / tôi", t), step2_closed("(đi)\\nAMR-2:\\n(đ / đi)", t)
+    (False, True)
+    >>> step2_closed('(đi)\\nAMR-2:\\n(n / name :op1 "a(")', t), step2_closed("(đ / đi)", t)
+    (True, False)
+    """
+    m = marker_pattern(template.step2_marker).search(text)
+    if m is None:
+        return False
+    depth, opened, quoted = 0, False, False
+    for ch in text[m.end():]:
+        if ch == '"':
+            quoted = not quoted
+        elif not quoted and ch == "(":
+            depth, opened = depth + 1, True
+        elif not quoted and ch == ")":
+            depth -= 1
+            if opened and depth <= 0:
+                return True
+    return False
+
+
+class Step2Closed:
+    """A stopping criterion (transformers' per-row form): a row is done once its step-2 graph
+    has closed, so a model that runs on after the graph does not spend the whole budget."""
+
+    def __init__(self, tokenizer: Any, template: Template, prompt_width: int):
+        self.tokenizer, self.template, self.width = tokenizer, template, prompt_width
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
+        return torch.tensor([step2_closed(t, self.template) for t in texts], device=input_ids.device)
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -37,56 +121,68 @@ def generate(
     synced_gpus: bool = False,
     progress: bool = False,
     cache: str = "dynamic",
-) -> list[str]:
+    stop_template: Template | None = None,
+) -> Generated:
     """Greedy continuations of ``prompts`` (in input order), decoded without special tokens.
 
+    ``stop_template`` ends a row as soon as its step-2 graph has closed (:class:`Step2Closed`).
     ``cache="static"`` pre-allocates the KV cache, which lets transformers compile the decode
     step (worth it on a GPU; on CPU it is not, see docs/benchmarks.md).
     """
-    import torch
-
     if not prompts:
-        return []
-    device = next(model.parameters()).device
+        return Generated([], [], [])
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    outputs: list[str] = [""] * len(prompts)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    iterator: Any = batches
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(batches, desc="generate", unit="batch")
+        batches = tqdm(batches, desc="generate", unit="batch")
+    texts, new_tokens, hit = [""] * len(prompts), [0] * len(prompts), [False] * len(prompts)
     was_training = model.training
     model.eval()
-    pad_id = tokenizer.pad_token_id
     try:
-        for batch in iterator:
-            width = max(len(encoded[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):  # left padding: generation continues at the right edge
-                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]):] = 1
-            with torch.no_grad():
-                out = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    num_beams=1,
-                    use_cache=True,
-                    pad_token_id=pad_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    synced_gpus=synced_gpus,
-                    **({"cache_implementation": "static"} if cache == "static" else {}),
-                )
-            new = out[:, width:].cpu()
-            for row, i in enumerate(batch):
-                outputs[i] = tokenizer.decode(new[row], skip_special_tokens=True)
+        for batch in batches:
+            rows = _generate_batch(model, tokenizer, [encoded[i] for i in batch], max_new_tokens,
+                                   synced_gpus, cache, stop_template)
+            for i, (text, n, at_limit) in zip(batch, rows):
+                texts[i], new_tokens[i], hit[i] = text, n, at_limit
     finally:
         model.train(was_training)
-    return outputs
+    return Generated(texts, new_tokens, hit)
+
+
+def _generate_batch(model: Any, tokenizer: Any, encoded: Sequence[Sequence[int]], max_new_tokens: int,
+                    synced_gpus: bool, cache: str, stop_template: Template | None) -> list[tuple[str, int, bool]]:
+    """One left-padded batch: (text, new tokens, stopped only by the budget) per row."""
+    import torch
+    from transformers import StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):  # left padding: generation continues at the right edge
+        ids[row, width - len(e):] = torch.tensor(list(e))
+        mask[row, width - len(e):] = 1
+    stopping = StoppingCriteriaList([Step2Closed(tokenizer, stop_template, width)] if stop_template else [])
+    config = decoding_config(tokenizer, max_new_tokens)
+    config.compile_config = getattr(model.generation_config, "compile_config", None)  # bench --compile
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device),
+            generation_config=config, stopping_criteria=stopping,
+            synced_gpus=synced_gpus, **({"cache_implementation": "static"} if cache == "static" else {}),
+        )
+    rows = []
+    for row in out[:, width:].cpu().tolist():
+        ended = [k for k, t in enumerate(row) if t in (eos_id, pad_id)]
+        n = ended[0] + 1 if ended else len(row)
+        text = tokenizer.decode(row[:n], skip_special_tokens=True)
+        closed = stop_template is not None and step2_closed(text, stop_template)
+        rows.append((text, n, not ended and n >= max_new_tokens and not closed))
+    return rows
 
 
 def parse_outputs(template: Template, raw_outputs: Sequence[str]) -> list[Parsed]:

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from .config import MODELS, REPO_DIR, SEARCH_SPACES_DIR, TrainConfig, preset_names, resolve_config
 from .errors import RayMtupError
+from .logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any TrainConfig field, e.g. --set eval_max_samples=50 --set lora.r=16")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """Configure handlers; only entry points (and Ray worker entry functions) call this.
-
-    penman warns once per odd graph (duplicate triples in gold, broken predictions);
-    ray_mtup counts and reports those itself, so penman is quiet unless ``level`` is DEBUG.
-    """
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("penman").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.ERROR)
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -123,7 +114,7 @@ def config_from_args(args: argparse.Namespace, under: Mapping[str, Any] | None =
 def check_corpus(cfg: TrainConfig) -> None:
     """Read, split and normalise the corpus in the driver, so that a bad file is reported
     (``CorpusError`` naming file and line) before Ray starts, not as a worker traceback."""
-    from .training import load_examples
+    from .dataset import load_examples
 
     train, val, _ = load_examples(cfg)
     logger.info("corpus: %d training and %d validation graphs", len(train), len(val))
@@ -189,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     from . import search, trial
+    from .outputs import format_epoch_table
     from .reporting import local_results_dir
 
     cfg = config_from_args(args)
@@ -203,7 +195,7 @@ def _main(args: argparse.Namespace) -> int:
         summary = trial.run_single(cfg, name=name, storage_path=storage,
                                    output_dir=local_results_dir(f"{storage.rstrip('/')}/{name}"),
                                    max_failures=args.max_failures)
-        print(trial.format_epoch_table(summary.history))
+        print(format_epoch_table(summary.history))
         best = summary.best
         print(f"best epoch {summary.best_epoch}: Task 1 F1 {best['task1_f1']:.4f}, Task 2 F1 {best['task2_f1']:.4f}, "
               f"validity {best['validity']:.3f} (SMATCH mode {best['scoring_mode']}); "

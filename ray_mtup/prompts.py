@@ -122,7 +122,7 @@ def render_training(template: Template, sentence: str, task1: str, task2: str) -
     )
 
 
-def _marker_pattern(marker: str) -> re.Pattern[str]:
+def marker_pattern(marker: str) -> re.Pattern[str]:
     # Tolerate whitespace differences around and inside the marker (models drift on these).
     words = marker.split()
     return re.compile(r"\s*".join(re.escape(w) for w in words))
@@ -143,10 +143,10 @@ def parse_generation(template: Template, text: str) -> tuple[str, str]:
     >>> parse_generation(t, "(đi\\nBước 2 - AMR hoàn chỉnh có biến (định dạng PENMAN):\\n(đ / đi")
     ('(đi', '(đ / đi')
     """
-    m1 = _marker_pattern(template.step1_marker).search(text)
+    m1 = marker_pattern(template.step1_marker).search(text)
     if m1 is not None and m1.start() < 5:
         text = text[m1.end():]
-    m2 = _marker_pattern(template.step2_marker).search(text)
+    m2 = marker_pattern(template.step2_marker).search(text)
     if m2 is not None:
         return text[: m2.start()].strip(), text[m2.end():].strip()
     text = text.strip()

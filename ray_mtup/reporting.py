@@ -20,7 +20,7 @@ from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-from .training import PREDICTIONS_JSONL
+from .checkpointing import PREDICTIONS_JSONL
 HYPER_COLUMNS = ("learning_rate", "epochs", "lora_r", "lora_alpha_ratio", "template", "weight_decay",
                  "warmup_ratio", "lora_dropout")
 
@@ -212,7 +212,7 @@ def paired_bootstrap(a: Sequence[Any], b: Sequence[Any], n_resamples: int = 1000
 def noise_analysis(best: TrialRecord, first: TrialRecord | None) -> dict[str, Any]:
     """Bootstrap interval of the best trial's F1 and whether it beats the first trial beyond noise."""
     from . import scoring
-    from .training import load_examples
+    from .dataset import load_examples
 
     preds = _read_predictions(best.best.get("checkpoint_path"))
     if preds is None:

@@ -12,24 +12,23 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .config import TrainConfig
+from .outputs import RunSummary, best_epoch, write_run_outputs
 from .errors import ConfigError, TrainingError
-from .training import ADAPTER_FILE, STATE_FILE, train_loop_per_worker
+from .checkpointing import ADAPTER_FILE, STATE_FILE
+from .evaluation import OBJECTIVE
+from .training import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
 #: Hyper-parameters a search space may sample, and how each maps onto TrainConfig.
 SAMPLED_KEYS = ("learning_rate", "epochs", "lora_r", "lora_alpha_ratio", "template",
                 "weight_decay", "warmup_ratio", "lora_dropout")
-OBJECTIVE = "objective"  # Task 2 F1, ties by val_loss (ray_mtup.training.objective)
 COLLECTIVE_TIMEOUT_S = 3 * 3600  # generation of a whole validation split can take a while
 
 
@@ -123,74 +122,10 @@ def trial_function(config: dict[str, Any], context: dict[str, Any]) -> None:
     trainer.fit()
 
 
-@dataclass(frozen=True)
-class RunSummary:
-    """What a finished single run leaves behind, as written to ``summary.json``."""
-
-    run_dir: str
-    history: list[dict[str, Any]]
-    best_epoch: int
-    best: dict[str, Any]
-    final: dict[str, Any]
-    adapter_dir: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"run_dir": self.run_dir, "best_epoch": self.best_epoch, "best": self.best,
-                "final": self.final, "adapter_dir": self.adapter_dir, "epochs_run": len(self.history)}
-
-
 def read_checkpoint_state(checkpoint: Any) -> dict[str, Any]:
-    """The trainer state (epoch, history, config) stored in a checkpoint."""
+    """The trainer state (epoch, history, config) stored in a Ray checkpoint."""
     with checkpoint.as_directory() as d:
         return json.loads((Path(d) / STATE_FILE).read_text(encoding="utf-8"))
-
-
-def best_of(history: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
-    """The epoch with the best objective (Task 2 F1, ties by val_loss; the earliest among ties)."""
-    return max(history, key=lambda m: (m.get(OBJECTIVE, 0.0), -m["epoch"]))
-
-
-EPOCH_COLUMNS = ("epoch", "train_loss", "val_loss", "task1_f1", "task2_f1", "validity", "tokens_per_s",
-                 "useful_token_fraction", "epoch_time_s", "eval_time_s")
-
-
-def format_epoch_table(history: Sequence[Mapping[str, Any]]) -> str:
-    """A fixed-width per-epoch table for the terminal."""
-    head = ["epoch", "loss", "val_loss", "T1 F1", "T2 F1", "valid", "tok/s", "useful", "train s", "eval s"]
-    rows = [" ".join(f"{h:>9}" for h in head)]
-    for m in history:
-        cells = []
-        for col in EPOCH_COLUMNS:
-            v = m.get(col, float("nan"))
-            cells.append(f"{v:>9d}" if isinstance(v, int) else f"{v:>9.4f}" if abs(v) < 100 else f"{v:>9.0f}")
-        rows.append(" ".join(cells) + (f"  {m['stop_reason']}" if m.get("stop_reason") else ""))
-    return "\n".join(rows)
-
-
-def write_run_outputs(out_dir: Path, cfg: TrainConfig, history: Sequence[Mapping[str, Any]],
-                      best_checkpoint: Any) -> RunSummary:
-    """config.yaml, metrics.csv, adapter/ (best epoch) and summary.json in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg.write_yaml(out_dir / "config.yaml",
-                   f"resolved config; rerun with: python run_tune.py --no-search --config {out_dir / 'config.yaml'}")
-    columns = sorted({k for m in history for k in m})
-    with (out_dir / "metrics.csv").open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
-    adapter_dir = None
-    if best_checkpoint is not None:
-        adapter = out_dir / "adapter"
-        if adapter.exists():
-            shutil.rmtree(adapter)
-        best_checkpoint.to_directory(str(adapter))
-        adapter_dir = str(adapter)
-    best = dict(best_of(history))
-    summary = RunSummary(str(out_dir), list(history), int(best["epoch"]), best, dict(history[-1]), adapter_dir)
-    (out_dir / "summary.json").write_text(json.dumps(
-        {**summary.to_dict(), "config": cfg.to_dict(), "history": list(history)}, indent=2,
-        ensure_ascii=False), encoding="utf-8")
-    return summary
 
 
 def run_single(cfg: TrainConfig, name: str, storage_path: str, output_dir: str | Path,
@@ -202,14 +137,14 @@ def run_single(cfg: TrainConfig, name: str, storage_path: str, output_dir: str |
         raise TrainingError(f"run {name} finished without a checkpoint: {result.error}")
     state = read_checkpoint_state(result.checkpoint)
     history = state["history"]
-    with_adapter = [(c, m) for c, m in (result.best_checkpoints or [(result.checkpoint, history[-1])])
-                    if _has_adapter(c)]
+    candidates = result.best_checkpoints or [(result.checkpoint, history[-1])]
+    with_adapter = {int(m["epoch"]): c for c, m in candidates if _has_adapter(c)}
     if not with_adapter:
         raise TrainingError(f"run {name} stopped: {state.get('stop_reason') or 'no epoch produced an adapter'}")
-    best_ckpt = max(with_adapter, key=lambda cm: cm[1].get(OBJECTIVE, -1.0))[0]
     if state.get("stop_reason"):
         logger.error("run %s stopped early: %s; outputs use its best earlier epoch", name, state["stop_reason"])
-    return write_run_outputs(Path(output_dir), cfg, history, best_ckpt)
+    with with_adapter[best_epoch(history, with_adapter)].as_directory() as best_dir:
+        return write_run_outputs(Path(output_dir), cfg, history, Path(best_dir))
 
 
 def _has_adapter(checkpoint: Any) -> bool:

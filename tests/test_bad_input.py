@@ -26,7 +26,7 @@ from ray_mtup.corpus import find_duplicate_sentences, load_corpus, read_amr_file
 from ray_mtup.corpus import normalise_sentence
 from ray_mtup.dataset import select_and_split
 from ray_mtup.errors import ConfigError, CorpusError
-from ray_mtup.training import load_examples
+from ray_mtup.dataset import load_examples
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "ray_mtup"
@@ -345,7 +345,7 @@ def test_library_never_unpickles():
         for args in _calls(text, "torch.load"):
             assert re.search(r"weights_only\s*=\s*True", args), f"{path}: torch.load({args}) without weights_only=True"
     # the resume path reads safetensors
-    assert "load_file(" in (PACKAGE / "training.py").read_text(encoding="utf-8")
+    assert "load_file(" in (PACKAGE / "checkpointing.py").read_text(encoding="utf-8")
 
 
 def _tiny_cfg() -> TrainConfig:
@@ -359,13 +359,14 @@ def saved_adapter(tmp_path):
     """A checkpoint directory written by training.save_checkpoint for a tiny model."""
     import torch
 
-    from ray_mtup import training
-    from ray_mtup.modeling import apply_lora, build_model, build_tokenizer
+    from ray_mtup import checkpointing
+    from ray_mtup.modeling import WeightsSource, apply_lora, build_model, build_tokenizer, write_tiny_checkpoint
 
     cfg = _tiny_cfg()
-    tok = build_tokenizer(cfg, ["tôi đi học", "(m / muốn :agent (t / tôi))"] * 20)
-    torch.manual_seed(0)
-    model = apply_lora(build_model(cfg, tok, "cpu"), cfg.lora)
+    source = WeightsSource(str(write_tiny_checkpoint(cfg.tiny, 0, ["tôi đi học", "(m / muốn :agent (t / tôi))"] * 20,
+                                                     cache_dir=tmp_path)))
+    tok = build_tokenizer(source)
+    model = apply_lora(build_model(source, cfg, tok, "cpu"), cfg.lora)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad:
@@ -374,8 +375,8 @@ def saved_adapter(tmp_path):
     state = {"epoch": 3, "global_step": 9, "history": [{"epoch": e} for e in (1, 2, 3)], "config": cfg.to_dict()}
     ckpt = tmp_path / "checkpoint"
     ckpt.mkdir()
-    training.save_checkpoint(ckpt, SimpleNamespace(module=model), tok, state, weights, [])
-    return SimpleNamespace(cfg=cfg, tokenizer=tok, weights=weights, dir=ckpt)
+    checkpointing.save_checkpoint(ckpt, model, tok, state, weights, [])
+    return SimpleNamespace(cfg=cfg, tokenizer=tok, weights=weights, dir=ckpt, source=source)
 
 
 def _forbid_pickle(monkeypatch):
@@ -399,18 +400,16 @@ def test_saved_adapter_is_safetensors_only(saved_adapter):
 
 
 def test_resume_state_loads_without_pickle(saved_adapter, monkeypatch):
-    import ray.train
     import torch
 
-    from ray_mtup import training
+    from ray_mtup import checkpointing
     from ray_mtup.modeling import apply_lora, build_model
 
     torch.manual_seed(1)
-    model = apply_lora(build_model(saved_adapter.cfg, saved_adapter.tokenizer, "cpu"), saved_adapter.cfg.lora)
-    monkeypatch.setattr(ray.train, "get_checkpoint",
-                        lambda: ray.train.Checkpoint.from_directory(str(saved_adapter.dir)))
+    model = apply_lora(build_model(saved_adapter.source, saved_adapter.cfg, saved_adapter.tokenizer, "cpu"),
+                       saved_adapter.cfg.lora)
     _forbid_pickle(monkeypatch)
-    state = training._load_resume_state(model)
+    state = checkpointing.load_resume_state(model, saved_adapter.dir)
     assert (state["epoch"], state["global_step"]) == (3, 9)
     loaded = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert loaded.keys() == saved_adapter.weights.keys()
@@ -423,8 +422,7 @@ def test_load_adapter_without_pickle(saved_adapter, monkeypatch):
 
     from ray_mtup.modeling import build_model, load_adapter
 
-    torch.manual_seed(0)
-    base = build_model(saved_adapter.cfg, saved_adapter.tokenizer, "cpu")
+    base = build_model(saved_adapter.source, saved_adapter.cfg, saved_adapter.tokenizer, "cpu")
     _forbid_pickle(monkeypatch)
     model = load_adapter(base, saved_adapter.dir)
     params = dict(model.named_parameters())

@@ -19,7 +19,7 @@ import pytest
 from ray_mtup import amr
 from ray_mtup.config import TrainConfig, resolve_config
 from ray_mtup.errors import ModelError
-from ray_mtup.modeling import _weights_source
+from ray_mtup.modeling import WeightsSource, base_source
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -43,10 +43,10 @@ def test_weights_source_maps_a_gguf_file_to_its_directory_and_gguf_file(tmp_path
     gguf = tmp_path / "weights" / "model.Q4_1.gguf"
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF")  # never read: only the mapping is checked
-    source, extra = _weights_source(TrainConfig(model="qwen2.5-1.5b", model_path=str(gguf)))
-    assert (source, extra) == (str(gguf.parent), {"gguf_file": "model.Q4_1.gguf"})
+    source = base_source(TrainConfig(model="qwen2.5-1.5b", model_path=str(gguf)))
+    assert source == WeightsSource(str(gguf.parent), {"gguf_file": "model.Q4_1.gguf"})
     # a directory is passed through as is, with no extra kwargs
-    assert _weights_source(TrainConfig(model="qwen2.5-1.5b", model_path=str(gguf.parent))) == (
+    assert base_source(TrainConfig(model="qwen2.5-1.5b", model_path=str(gguf.parent))) == WeightsSource(
         str(gguf.parent), {})
 
 
@@ -54,7 +54,7 @@ def test_weights_source_rejects_a_file_that_is_not_gguf(tmp_path):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"not gguf")
     with pytest.raises(ModelError, match="not a .gguf file"):
-        _weights_source(TrainConfig(model="qwen2.5-1.5b", model_path=str(weights)))
+        base_source(TrainConfig(model="qwen2.5-1.5b", model_path=str(weights)))
 
 
 @pytest.mark.slow

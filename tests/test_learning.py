@@ -13,7 +13,7 @@ import pytest
 
 from ray_mtup import scoring
 from ray_mtup.config import resolve_config
-from ray_mtup.training import load_examples
+from ray_mtup.dataset import load_examples
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,129 @@
+"""The DeepSpeed engine: its config, the process group, and the model built inside it.
+
+:func:`build_engine` is the one path for every model: the base weights are loaded with
+``from_pretrained`` while a ``HfDeepSpeedConfig`` is alive, so under ZeRO-3 they are
+partitioned as they load (``zero.Init``); LoRA is applied; ``deepspeed.initialize`` wraps
+the result with AdamW (``torch_adam``) and transformers' cosine schedule with warm-up.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+from .checkpointing import load_resume_state
+from .errors import ConfigError
+from .modeling import WeightsSource, apply_lora, build_model
+
+logger = logging.getLogger(__name__)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config derived from the training config (the one place it is built).
+
+    The global batch is the config's, whatever the world size: accumulation is derived.
+
+    >>> ds = deepspeed_config(TrainConfig(zero_stage=3, per_device_batch_size=2, num_workers=4), 4, True)
+    >>> ds["train_batch_size"], ds["gradient_accumulation_steps"], ds["zero_optimization"]["stage"]
+    (16, 2, 3)
+    >>> ds["bf16"]["enabled"], ds["optimizer"]["params"]["torch_adam"]
+    (True, True)
+    """
+    zero: dict[str, Any] = {"stage": cfg.zero_stage, "contiguous_gradients": True, "overlap_comm": on_gpu}
+    if cfg.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    accum = grad_accum(cfg, world_size)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.per_device_batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": cfg.per_device_batch_size * accum * world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.learning_rate,
+                "weight_decay": cfg.weight_decay,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                # torch's AdamW: nothing is JIT-compiled (FusedAdam/CPUAdam need a compiler).
+                "torch_adam": True,
+            },
+        },
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_optimization": zero,
+        "bf16": {"enabled": on_gpu},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def grad_accum(cfg: TrainConfig, world_size: int) -> int:
+    """Accumulation steps that keep the global batch at ``cfg.global_batch_size`` on ``world_size`` workers.
+
+    >>> grad_accum(TrainConfig(model="qwen2.5-7b", per_device_batch_size=2, num_workers=4), 1)
+    8
+    >>> grad_accum(TrainConfig(model="qwen2.5-7b", per_device_batch_size=2, num_workers=4), 4)
+    2
+    """
+    micro = cfg.per_device_batch_size * world_size
+    if cfg.global_batch_size % micro:
+        raise ConfigError("global_batch_size", f"{cfg.global_batch_size} is not a multiple of micro-batch "
+                                               f"{cfg.per_device_batch_size} x {world_size} worker(s)")
+    return cfg.global_batch_size // micro
+
+
+def init_distributed(on_gpu: bool) -> None:
+    """Make DeepSpeed's comm layer adopt the process group its launcher created (Ray Train or
+    torchrun), or create it from the torchrun environment.
+
+    DeepSpeed's config checks ``train_batch_size`` against its own view of the world size:
+    before its comm layer is up that view is 1, which is what broke every multi-worker ZeRO-3
+    run on real checkpoints (``HfDeepSpeedConfig`` is built before the engine).
+    """
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+
+
+@dataclass
+class Schedule:
+    """Optimizer steps of the run: per epoch, in all, and of warm-up."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def build_engine(cfg: TrainConfig, source: WeightsSource, tokenizer: Any, world_size: int, on_gpu: bool,
+                 schedule: Schedule, checkpoint_dir: Path | None = None) -> tuple[Any, Any, dict[str, Any] | None]:
+    """(engine, keep-alive, resumed trainer state or None).
+
+    The base is loaded from ``source`` (partitioned while loading under ZeRO-3), LoRA is
+    applied, the checkpoint in ``checkpoint_dir`` (if any) is loaded into it, then
+    ``deepspeed.initialize``; a resumed run's schedule continues at its saved step. Keep the
+    second value alive as long as the engine: under ZeRO-3 transformers reads it to know the
+    weights are partitioned.
+    """
+    import deepspeed
+    from transformers import get_cosine_schedule_with_warmup
+    from transformers.integrations import HfDeepSpeedConfig
+
+    init_distributed(on_gpu)
+    ds_config = deepspeed_config(cfg, world_size, on_gpu)
+    keep_alive = HfDeepSpeedConfig(ds_config)  # before from_pretrained: ZeRO-3 partitions on load
+    model = apply_lora(build_model(source, cfg, tokenizer, "cuda" if on_gpu else "cpu"), cfg.lora)
+    resume = load_resume_state(model, checkpoint_dir)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, schedule.warmup_steps, schedule.total_steps),
+    )
+    for _ in range(resume["global_step"] if resume else 0):  # continue the schedule where it stopped
+        engine.lr_scheduler.step()
+    return engine, keep_alive, resume

@@ -1,0 +1,88 @@
+"""What a finished run leaves behind, however it was launched (Ray or torchrun):
+``config.yaml``, ``metrics.csv``, ``adapter/`` (the best epoch's checkpoint) and ``summary.json``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Collection, Mapping, Sequence
+
+from .config import TrainConfig
+from .evaluation import OBJECTIVE
+
+EPOCH_COLUMNS = ("epoch", "train_loss", "val_loss", "task1_f1", "task2_f1", "validity", "tokens_per_s",
+                 "useful_token_fraction", "epoch_time_s", "eval_time_s")
+#: How a run's batch was formed (every epoch's metrics carry these).
+BATCH_KEYS = ("global_batch_size", "micro_batch_size", "grad_accum", "world_size")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a finished single run leaves behind, as written to ``summary.json``."""
+
+    run_dir: str
+    history: list[dict[str, Any]]
+    best_epoch: int
+    best: dict[str, Any]
+    final: dict[str, Any]
+    adapter_dir: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_dir": self.run_dir, "best_epoch": self.best_epoch, "best": self.best,
+                "final": self.final, "adapter_dir": self.adapter_dir, "epochs_run": len(self.history),
+                "batch": {k: self.final.get(k) for k in BATCH_KEYS}}
+
+
+def best_epoch(history: Sequence[Mapping[str, Any]], among: Collection[int] | None = None) -> int:
+    """The epoch with the best objective (Task 2 F1, ties by val_loss; the earliest among ties),
+    optionally among the epochs that have a checkpoint.
+
+    >>> best_epoch([{"epoch": 1, "objective": 0.2}, {"epoch": 2, "objective": 0.3}, {"epoch": 3, "objective": 0.3}])
+    2
+    >>> best_epoch([{"epoch": 1, "objective": 0.2}, {"epoch": 2, "objective": 0.3}], among={1})
+    1
+    """
+    rows = [m for m in history if among is None or int(m["epoch"]) in among]
+    return int(max(rows, key=lambda m: (m.get(OBJECTIVE, -1.0), -m["epoch"]))["epoch"])
+
+
+def format_epoch_table(history: Sequence[Mapping[str, Any]]) -> str:
+    """A fixed-width per-epoch table for the terminal."""
+    head = ["epoch", "loss", "val_loss", "T1 F1", "T2 F1", "valid", "tok/s", "useful", "train s", "eval s"]
+    rows = [" ".join(f"{h:>9}" for h in head)]
+    for m in history:
+        cells = []
+        for col in EPOCH_COLUMNS:
+            v = m.get(col, float("nan"))
+            cells.append(f"{v:>9d}" if isinstance(v, int) else f"{v:>9.4f}" if abs(v) < 100 else f"{v:>9.0f}")
+        rows.append(" ".join(cells) + (f"  {m['stop_reason']}" if m.get("stop_reason") else ""))
+    return "\n".join(rows)
+
+
+def write_run_outputs(out_dir: Path, cfg: TrainConfig, history: Sequence[Mapping[str, Any]],
+                      best_dir: Path | None) -> RunSummary:
+    """config.yaml, metrics.csv, adapter/ (a copy of ``best_dir``) and summary.json in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.write_yaml(out_dir / "config.yaml",
+                   f"resolved config; rerun with: python run_tune.py --no-search --config {out_dir / 'config.yaml'}")
+    columns = sorted({k for m in history for k in m})
+    with (out_dir / "metrics.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+    adapter_dir = None
+    if best_dir is not None:
+        adapter = out_dir / "adapter"
+        shutil.rmtree(adapter, ignore_errors=True)
+        shutil.copytree(best_dir, adapter)
+        adapter_dir = str(adapter)
+    chosen = best_epoch(history)
+    best = dict(next(m for m in history if int(m["epoch"]) == chosen))
+    summary = RunSummary(str(out_dir), list(history), chosen, best, dict(history[-1]), adapter_dir)
+    (out_dir / "summary.json").write_text(json.dumps(
+        {**summary.to_dict(), "config": cfg.to_dict(), "history": list(history)}, indent=2,
+        ensure_ascii=False), encoding="utf-8")
+    return summary

@@ -1,0 +1,62 @@
+"""The per-worker loop without Ray: ``torchrun --nproc_per_node N -m ray_mtup.worker --config run.yaml``.
+
+Runs :func:`ray_mtup.training.train_loop` under a :class:`~ray_mtup.session.TorchrunSession`
+and, on rank 0, writes the same run directory as a Ray single run (``config.yaml``,
+``metrics.csv``, ``adapter/``, ``summary.json``) next to its ``checkpoint_<epoch>/``
+directories. Nothing here imports Ray, so the loop can be measured on a machine without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .checkpointing import ADAPTER_FILE
+from .config import TrainConfig, load_yaml
+from .errors import RayMtupError
+from .logs import setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ray_mtup.worker", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="a TrainConfig YAML (e.g. a run's config.yaml)")
+    p.add_argument("--output", required=True, help="the run directory to write")
+    return p
+
+
+def run(cfg: TrainConfig, out_dir: Path) -> None:
+    """Train ``cfg`` in this process group; rank 0 then writes the run directory."""
+    from .outputs import best_epoch, write_run_outputs
+    from .session import TorchrunSession
+    from .training import train_loop
+
+    session = TorchrunSession(out_dir)
+    train_loop(cfg, session)
+    if session.rank != 0:
+        return
+    history = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    with_adapter = {int(p.name.rsplit("_", 1)[1]): p for p in session.checkpoints()
+                    if (p / ADAPTER_FILE).is_file()}
+    best = with_adapter[best_epoch(history, with_adapter)] if with_adapter else None
+    write_run_outputs(out_dir, cfg, history, best)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        run(TrainConfig.from_dict(load_yaml(args.config)), Path(args.output))
+    except RayMtupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
