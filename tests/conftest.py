@@ -42,3 +42,22 @@ def vlsp_dir() -> Path:
     if not (path / "train_amr_1.txt").is_file():
         pytest.skip(f"VLSP corpus not found at {path} (set RAY_MTUP_DATA_DIR)")
     return path
+
+
+#: A small shape for checkpoints written by tests (the tiny model's architecture, fewer weights).
+SMALL_TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "vocab_size": 800}
+
+
+@pytest.fixture(scope="session")
+def qwen_like_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint directory laid out like Qwen2.5-Instruct's (Qwen2 architecture, safetensors,
+    byte-level BPE with <|endoftext|>/<|im_end|> and a chat template, generation_config.json with
+    Qwen's sampling defaults), written by the project's own writer from the shipped sample corpus."""
+    from ray_mtup.config import SAMPLE_DATA_DIR, TinyModelSettings
+    from ray_mtup.dataset import tokenizer_texts, to_mtup
+    from ray_mtup.corpus import load_corpus
+    from ray_mtup.modeling import write_tiny_checkpoint
+
+    texts = tokenizer_texts(to_mtup(load_corpus(SAMPLE_DATA_DIR)))
+    return write_tiny_checkpoint(TinyModelSettings(**SMALL_TINY), 0, texts,
+                                 cache_dir=tmp_path_factory.mktemp("checkpoints"))

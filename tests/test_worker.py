@@ -1,0 +1,54 @@
+"""The same per-worker loop under Ray Train and under torchrun alone (no Ray imported there)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ray_mtup.config import resolve_config
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(checkpoint: Path):
+    return resolve_config("qwen2.5-1.5b", overrides={
+        "model_path": str(checkpoint), "epochs": 1, "max_samples": 40, "num_workers": 2,
+        "per_device_batch_size": 4, "global_batch_size": 8, "learning_rate": 2e-3, "eval_max_samples": 2,
+        "max_new_tokens": 16, "zero_stage": 2, "cpus_per_worker": 1.0})
+
+
+def test_torchrun_runs_the_loop_of_ray_train_with_equal_losses(qwen_like_checkpoint, tmp_path):
+    ray = pytest.importorskip("ray")
+    from ray_mtup.trial import run_single
+
+    cfg = _cfg(qwen_like_checkpoint)
+    cfg.write_yaml(tmp_path / "run.yaml", "the equivalence test's run")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "ray_mtup.worker", "--config", str(tmp_path / "run.yaml"), "--output", str(tmp_path / "torchrun")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(torchrun, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "import ray" not in (REPO / "ray_mtup" / "worker.py").read_text()
+
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
+    try:
+        run_single(cfg, name="equiv", storage_path=str(tmp_path / "storage"), output_dir=tmp_path / "ray")
+    finally:
+        ray.shutdown()
+
+    by_launcher = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in ("torchrun", "ray")}
+    for key in ("train_loss", "val_loss"):
+        a, b = (by_launcher[name]["history"][0][key] for name in ("torchrun", "ray"))
+        assert abs(a - b) <= 1e-5, (key, a, b)
+    for name in ("torchrun", "ray"):  # the same run directory layout
+        run = tmp_path / name
+        assert {"config.yaml", "metrics.csv", "summary.json"} <= {p.name for p in run.iterdir()}
+        assert (run / "adapter" / "adapter_model.safetensors").is_file()
+        assert by_launcher[name]["batch"] == {"global_batch_size": 8, "micro_batch_size": 4, "grad_accum": 1,
+                                              "world_size": 2}
