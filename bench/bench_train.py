@@ -62,7 +62,7 @@ def train_config(args: argparse.Namespace, zero_stage: int, on_gpu: bool) -> Any
     from ray_mtup.config import LoraSettings, TrainConfig
 
     return TrainConfig(
-        model=args.model, model_path=args.model_path, per_device_batch_size=args.batch, grad_accum=1,
+        model=args.model, model_path=args.model_path, per_device_batch_size=args.batch, global_batch_size=args.batch,
         zero_stage=zero_stage, lora=LoraSettings(r=args.lora_r, alpha=2 * args.lora_r),
         gradient_checkpointing=args.gradient_checkpointing, use_gpu=on_gpu,
         max_seq_len=max(32, args.seq_len), seed=args.seed,

@@ -87,7 +87,7 @@ def predict_file(adapter: str | Path, input_path: str | Path, output_path: str |
     model, tokenizer, cfg = load_for_inference(adapter_dir, model_path)
     template = get_template(cfg.template)
     raw = generate(model, tokenizer, prompts_for(template, sentences), batch_size=batch_size,
-                   max_new_tokens=max_new_tokens or cfg.max_new_tokens, progress=True)
+                   max_new_tokens=max_new_tokens or cfg.max_new_tokens or cfg.max_seq_len, progress=True)
     parsed = parse_outputs(template, raw)
     n_task2 = n_repaired = n_task1 = n_min = 0
     blocks = []

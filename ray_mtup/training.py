@@ -42,7 +42,8 @@ PREDICTIONS_JSONL = "val_predictions.jsonl"
 def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
     """The DeepSpeed config derived from the training config (the one place it is built).
 
-    >>> ds = deepspeed_config(TrainConfig(zero_stage=3, per_device_batch_size=2, grad_accum=8), 4, True)
+    >>> cfg = TrainConfig(zero_stage=3, per_device_batch_size=2, num_workers=4, global_batch_size=64)
+    >>> ds = deepspeed_config(cfg, 4, True)
     >>> ds["train_batch_size"], ds["zero_optimization"]["stage"], ds["bf16"]["enabled"]
     (64, 3, True)
     >>> ds["optimizer"]["params"]["torch_adam"]
@@ -212,7 +213,8 @@ def evaluate_epoch(
     t0 = time.perf_counter()
     raw = generate(
         model, tokenizer, prompts_for(template, [data.val[i].sentence for i in idx]),
-        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+        # max_new_tokens None: bounded by max_seq_len until the budget is derived from the data
+        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens or cfg.max_seq_len,
         synced_gpus=(cfg.zero_stage == 3 and world > 1), cache=cfg.generation_cache,
     )
     gen_time = time.perf_counter() - t0

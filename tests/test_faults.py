@@ -46,7 +46,7 @@ params:
 overrides:
   tiny: {hidden_size: 64, num_layers: 2, num_heads: 2, intermediate_size: 128, vocab_size: 1000}
   per_device_batch_size: 8
-  grad_accum: 1
+  global_batch_size: 8
   max_new_tokens: 24
   eval_max_samples: 4
   cpus_per_worker: 0.95
@@ -124,7 +124,8 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path, workers):
     # 0.1 s and give the model steps slower than that: the kill then follows a registered checkpoint,
     # as it would after a real (minutes-long) epoch.
     proc = run_tune("--search-space", str(space), "--storage-path", str(tmp_path), "--name", "kill",
-                    "--workers-per-trial", str(workers), "--set", "inject_fault=kill_worker@2",
+                    "--workers-per-trial", str(workers), "--set", f"global_batch_size={8 * workers}",
+                    "--set", "inject_fault=kill_worker@2",
                     "--set", "tiny.hidden_size=256", "--set", "tiny.intermediate_size=688",
                     env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"})
     exp = tmp_path / "kill"

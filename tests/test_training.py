@@ -23,7 +23,7 @@ SMALL = {
     "epochs": 3,
     "learning_rate": 2e-3,
     "per_device_batch_size": 8,
-    "grad_accum": 1,
+    "global_batch_size": 16,  # 8 per worker x 2 workers: no accumulation
     "eval_max_samples": 8,
     "max_new_tokens": 48,
     "num_workers": 2,
@@ -101,7 +101,7 @@ def test_saved_adapter_predicts_valid_graphs(vlsp_dir, ray_local, tmp_path):
     from ray_mtup.predict import FALLBACK_GRAPH, predict_file
     from ray_mtup.trial import run_single
 
-    cfg = _cfg(vlsp_dir, epochs=1, num_workers=1)
+    cfg = _cfg(vlsp_dir, epochs=1, num_workers=1, global_batch_size=8)
     run_single(cfg, name="pred", storage_path=str(tmp_path / "storage"), output_dir=tmp_path / "run")
     sentences = tmp_path / "in.txt"
     lines = [line for line in (vlsp_dir / "public_test.txt").read_text(encoding="utf-8").splitlines()
@@ -122,6 +122,6 @@ def test_saved_adapter_predicts_valid_graphs(vlsp_dir, ray_local, tmp_path):
 def test_non_finite_loss_stops_with_reason(vlsp_dir, ray_local, tmp_path):
     from ray_mtup.trial import run_single
 
-    cfg = _cfg(vlsp_dir, epochs=2, num_workers=1, inject_fault="nan_loss@1")
+    cfg = _cfg(vlsp_dir, epochs=2, num_workers=1, global_batch_size=8, inject_fault="nan_loss@1")
     with pytest.raises(TrainingError, match="non-finite loss at epoch 1"):
         run_single(cfg, name="nan", storage_path=str(tmp_path / "storage"), output_dir=tmp_path / "run")
