@@ -314,10 +314,15 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
     return out
 
 
-def corpus_dir(data_dir: str | Path | None, default: str | Path = SAMPLE_DATA_DIR) -> Path:
-    """The corpus directory: ``data_dir``, else ``$RAY_MTUP_DATA_DIR``, else ``default``
-    (the sample corpus shipped with the package)."""
-    return Path(data_dir or os.environ.get(DATA_DIR_ENV) or default)
+def corpus_dir(data_dir: str | Path | None, default: str | Path | None = SAMPLE_DATA_DIR) -> Path | None:
+    """The corpus directory (the one lookup): ``data_dir``, else ``$RAY_MTUP_DATA_DIR``, else
+    ``default`` (the sample corpus shipped with the package; None: no directory).
+
+    >>> corpus_dir("/corpus"), corpus_dir(None) == SAMPLE_DATA_DIR or DATA_DIR_ENV in os.environ
+    (PosixPath('/corpus'), True)
+    """
+    found = data_dir or os.environ.get(DATA_DIR_ENV) or default
+    return Path(found) if found else None
 
 
 def load_yaml(path: str | Path | Traversable) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from .config import (
     PRESETS,
     SEARCH_SPACES,
     TrainConfig,
+    corpus_dir,
     packaged_names,
     packaged_yaml,
     resolve_config,
@@ -107,10 +108,11 @@ def _absolute(path: str | None) -> str | None:
 def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields the flags set explicitly (``--set`` and the resource flags)."""
     workers = args.workers_per_trial or (args.gpus_per_trial or 1)
+    data_dir = corpus_dir(args.data_dir, default=None)  # None: the sample corpus, wherever the package is
     overrides: dict[str, Any] = {
         # absolute: Ray workers (and a later `predict`) may not share the driver's directory
         "model_path": _absolute(args.model_path),
-        "data_dir": _absolute(args.data_dir or os.environ.get(DATA_DIR_ENV)),
+        "data_dir": _absolute(str(data_dir)) if data_dir else None,
         "zero_stage": args.zero_stage,
         "cpus_per_worker": args.cpus_per_worker,
     }

@@ -6,7 +6,7 @@ by :func:`load_search_space`.
 the first point) and an ``ASHAScheduler`` on the ``epoch`` counter, runs a ``Tuner`` over
 :func:`ray_mtup.trial.trial_function`, then hands the results to :mod:`ray_mtup.reporting`.
 
-The objective is the ``objective`` metric: validation Task 2 SMATCH F1, with exact ties
+The objective is the ``objective`` metric (:mod:`ray_mtup.objective`): validation Task 2 SMATCH F1, with exact ties
 (common early on, when no output parses yet) ordered by validation loss
 (``task2_f1 - 1e-4 * val_loss``; see :func:`ray_mtup.training.objective`).
 """
@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import objective
 from .config import MAX_FAILURES, MODELS, TEMPLATE_NAMES, TrainConfig, load_yaml
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVE_METRIC = "objective"
 PARAM_TYPES = ("loguniform", "uniform", "randint", "choice")
 SPACE_KEYS = ("params", "num_samples", "grace_period", "reduction_factor", "seed", "overrides")
 
@@ -290,7 +290,7 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) 
                                    resume_errored=True)
     else:
         first = documented_optimum(space, base)
-        searcher = OptunaSearch(metric=OBJECTIVE_METRIC, mode="max", points_to_evaluate=[first],
+        searcher = OptunaSearch(metric=objective.METRIC, mode=objective.MODE, points_to_evaluate=[first],
                                 sampler=TPESampler(seed=space.seed))
         scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs, grace_period=space.grace_period,
                                   reduction_factor=space.reduction_factor)
@@ -298,7 +298,7 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) 
             trainable,
             param_space=space.param_space(),
             tune_config=tune.TuneConfig(
-                metric=OBJECTIVE_METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
+                metric=objective.METRIC, mode=objective.MODE, search_alg=searcher, scheduler=scheduler,
                 num_samples=settings.num_samples or space.num_samples, max_concurrent_trials=concurrency,
             ),
             run_config=tune.RunConfig(

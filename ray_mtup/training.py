@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import corpus, dataset, scoring
-from .config import SAMPLE_DATA_DIR, TrainConfig
+from .config import TrainConfig, corpus_dir
 from .errors import TrainingError
 from .generation import Parsed, generate, parse_outputs, prompts_for
 from .modeling import BASE_FILE, apply_lora, base_fingerprint, build_model, build_tokenizer, load_base_weights
@@ -124,8 +124,7 @@ class RunData:
 
 def load_examples(cfg: TrainConfig) -> tuple[list[dataset.MtupExample], list[dataset.MtupExample], list[str]]:
     """Read the corpus, subset and split it; returns (train, val, raw gold graphs of val)."""
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else SAMPLE_DATA_DIR
-    examples = corpus.load_corpus(data_dir)
+    examples = corpus.load_corpus(corpus_dir(cfg.data_dir))
     train_ex, val_ex = dataset.select_and_split(examples, cfg.val_split, cfg.seed, cfg.max_samples)
     return dataset.to_mtup(train_ex), dataset.to_mtup(val_ex), [e.amr or "" for e in val_ex]
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .config import TrainConfig
+from . import objective
+from .config import MAX_FAILURES, TrainConfig
 from .errors import ConfigError, TrainingError
 from .training import ADAPTER_FILE, STATE_FILE, train_loop_per_worker
 
@@ -29,7 +30,6 @@ logger = logging.getLogger(__name__)
 #: Hyper-parameters a search space may sample, and how each maps onto TrainConfig.
 SAMPLED_KEYS = ("learning_rate", "epochs", "lora_r", "lora_alpha_ratio", "template",
                 "weight_decay", "warmup_ratio", "lora_dropout")
-OBJECTIVE = "objective"  # Task 2 F1, ties by val_loss (ray_mtup.training.objective)
 COLLECTIVE_TIMEOUT_S = 3 * 3600  # generation of a whole validation split can take a while
 
 
@@ -68,7 +68,7 @@ def build_trainer(
     name: str,
     storage_path: str,
     callbacks: Sequence[Any] = (),
-    max_failures: int = 1,
+    max_failures: int = MAX_FAILURES,
     keep_checkpoints: int = 2,
 ) -> Any:
     """A Ray Train V2 ``TorchTrainer`` running :func:`train_loop_per_worker` for ``cfg``."""
@@ -90,8 +90,8 @@ def build_trainer(
             storage_path=storage_path,
             callbacks=list(callbacks),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=keep_checkpoints, checkpoint_score_attribute=OBJECTIVE,
-                checkpoint_score_order="max",
+                num_to_keep=keep_checkpoints, checkpoint_score_attribute=objective.METRIC,
+                checkpoint_score_order=objective.MODE,
             ),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
@@ -145,11 +145,6 @@ def read_checkpoint_state(checkpoint: Any) -> dict[str, Any]:
         return json.loads((Path(d) / STATE_FILE).read_text(encoding="utf-8"))
 
 
-def best_of(history: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
-    """The epoch with the best objective (Task 2 F1, ties by val_loss; the earliest among ties)."""
-    return max(history, key=lambda m: (m.get(OBJECTIVE, 0.0), -m["epoch"]))
-
-
 EPOCH_COLUMNS = ("epoch", "train_loss", "val_loss", "task1_f1", "task2_f1", "validity", "tokens_per_s",
                  "useful_token_fraction", "epoch_time_s", "eval_time_s")
 
@@ -185,7 +180,7 @@ def write_run_outputs(out_dir: Path, cfg: TrainConfig, history: Sequence[Mapping
             shutil.rmtree(adapter)
         best_checkpoint.to_directory(str(adapter))
         adapter_dir = str(adapter)
-    best = dict(best_of(history))
+    best = dict(objective.best_epoch(history))
     summary = RunSummary(str(out_dir), list(history), int(best["epoch"]), best, dict(history[-1]), adapter_dir)
     (out_dir / "summary.json").write_text(json.dumps(
         {**summary.to_dict(), "config": cfg.to_dict(), "history": list(history)}, indent=2,
@@ -194,7 +189,7 @@ def write_run_outputs(out_dir: Path, cfg: TrainConfig, history: Sequence[Mapping
 
 
 def run_single(cfg: TrainConfig, name: str, storage_path: str, output_dir: str | Path,
-               max_failures: int = 1) -> RunSummary:
+               max_failures: int = MAX_FAILURES) -> RunSummary:
     """Single-preset reproduction: one TorchTrainer, no search; writes the run directory."""
     trainer = build_trainer(cfg, name=name, storage_path=storage_path, max_failures=max_failures)
     result = trainer.fit()
@@ -206,7 +201,7 @@ def run_single(cfg: TrainConfig, name: str, storage_path: str, output_dir: str |
                     if _has_adapter(c)]
     if not with_adapter:
         raise TrainingError(f"run {name} stopped: {state.get('stop_reason') or 'no epoch produced an adapter'}")
-    best_ckpt = max(with_adapter, key=lambda cm: cm[1].get(OBJECTIVE, -1.0))[0]
+    best_ckpt = max(with_adapter, key=lambda cm: objective.score(cm[1]))[0]
     if state.get("stop_reason"):
         logger.error("run %s stopped early: %s; outputs use its best earlier epoch", name, state["stop_reason"])
     return write_run_outputs(Path(output_dir), cfg, history, best_ckpt)
