@@ -318,8 +318,8 @@ def corpus_dir(data_dir: str | Path | None, default: str | Path | None = SAMPLE_
     """The corpus directory (the one lookup): ``data_dir``, else ``$RAY_MTUP_DATA_DIR``, else
     ``default`` (the sample corpus shipped with the package; None: no directory).
 
-    >>> corpus_dir("/corpus"), corpus_dir(None) == SAMPLE_DATA_DIR or DATA_DIR_ENV in os.environ
-    (PosixPath('/corpus'), True)
+    >>> corpus_dir("/corpus"), corpus_dir(None, default=None) if DATA_DIR_ENV not in os.environ else None
+    (PosixPath('/corpus'), None)
     """
     found = data_dir or os.environ.get(DATA_DIR_ENV) or default
     return Path(found) if found else None
@@ -344,6 +344,7 @@ def load_yaml(path: str | Path | Traversable) -> dict[str, Any]:
 #: Folders of YAML files shipped inside the package (read through importlib.resources).
 PRESETS = "presets"
 SEARCH_SPACES = "search_spaces"
+_FLAG_OF = {PRESETS: "preset", SEARCH_SPACES: "search_space"}
 
 
 def packaged_names(kind: str) -> list[str]:
@@ -363,7 +364,7 @@ def packaged_yaml(kind: str, name: str | Path) -> Traversable | Path:
         return Path(text)
     path = resources.files(__package__).joinpath(kind, f"{text}.yaml")
     if not path.is_file():
-        raise ConfigError(kind.rstrip("s").replace("_", " ").replace("search space", "search_space"),
+        raise ConfigError(_FLAG_OF.get(kind, kind),
                           f"unknown name {text!r}; choose from {packaged_names(kind)} or give a YAML path")
     return path
 

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(multi-node clusters need shared storage; default: %(default)s)")
     p.add_argument("--name", help="experiment name (default: <model>-<time>); --resume needs it")
     p.add_argument("--resume", action="store_true", help="resume the interrupted experiment --name")
-    p.add_argument("--max-failures", type=int, default=MAX_FAILURES, help="retries of a failed trial (default: %(default)s)")
+    p.add_argument("--max-failures", type=int, default=MAX_FAILURES,
+                   help="retries of a failed trial or run (default: %(default)s)")
     p.add_argument("--smoke-test", action="store_true",
                    help=f"a few tiny trials with short epochs, for CPU (the {SMOKE_SPACE} search space)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
@@ -241,7 +242,8 @@ def _main(args: argparse.Namespace) -> int:
     summary = search.run_search(cfg, space, settings)
     best = summary.get("best_metrics") or {}
     noise = summary.get("noise", {})
-    print(f"search {settings.name}: {summary['n_trials']} trials in {time.time() - t0:.0f} s; best {summary.get('best_trial')} "
+    print(f"search {settings.name}: {summary['n_trials']} trials in {time.time() - t0:.0f} s; "
+          f"best {summary.get('best_trial')} "
           f"Task 2 F1 {best.get('task2_f1', float('nan')):.4f} (95% CI {noise.get('ci95')}); "
           f"results in {summary['experiment_dir']}")
     if summary["n_errors"]:

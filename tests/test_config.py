@@ -193,3 +193,29 @@ def test_resolution_order_flags_over_space_over_file_over_preset(tmp_path: Path)
                          space_overrides={"seed": 5, "weight_decay": 0.5}, overrides={"weight_decay": 0.6})
     assert (cfg.max_samples, cfg.learning_rate) == (100, 2e-4)  # preset, model optimum
     assert (cfg.epochs, cfg.seed, cfg.weight_decay) == (4, 5, 0.6)  # file > preset, space > file, flags > space
+
+
+@pytest.mark.integration
+def test_a_non_editable_install_finds_presets_and_search_spaces(tmp_path: Path):
+    """Build the wheel, install it elsewhere and resolve a preset and a search space from there."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    source = tmp_path / "src"  # a copy: building writes build/ and *.egg-info next to pyproject.toml
+    shutil.copytree(repo, source, ignore=shutil.ignore_patterns(".git", "runs", ".venv", "*.egg-info", "build",
+                                                                "__pycache__", ".pytest_cache", ".hypothesis"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
+                   check=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("ray_mtup-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True,
+                   timeout=300)
+    code = ("import ray_mtup.config as c, ray_mtup.search as s; "
+            "print(c.__file__, c.preset_names(), c.resolve_config('tiny', preset='quick_test').max_samples, "
+            "s.load_search_space(c.packaged_yaml(c.SEARCH_SPACES, 'smoke')).num_samples)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")},
+                         capture_output=True, text=True, check=True, timeout=120).stdout.split()
+    assert out[0].startswith(str(tmp_path / "site")) and out[-2:] == ["100", "6"], out
+    assert "'quick_test']" in out
