@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -174,7 +181,7 @@ class TinyModelSettings(Settings):
     vocab_size: int = Field(3000, ge=300, description="BPE vocabulary trained on the corpus.")
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "TinyModelSettings":
+    def _heads_divide(self) -> TinyModelSettings:
         _check(self.hidden_size % self.num_heads == 0, "hidden_size",
                f"must be divisible by tiny.num_heads ({self.num_heads})")
         return self
@@ -233,7 +240,7 @@ class TrainConfig(Settings):
         "rank's process in epoch E, once per run (a marker file records that it happened)."))
 
     @model_validator(mode="after")
-    def _project_checks(self) -> "TrainConfig":
+    def _project_checks(self) -> TrainConfig:
         _check(self.model in MODELS, "model", f"unknown model {self.model!r}; choose from {sorted(MODELS)}")
         if self.model_path is not None:
             _check(Path(self.model_path).exists(), "model_path", f"{self.model_path} does not exist")
@@ -272,7 +279,7 @@ class TrainConfig(Settings):
         return self.model_dump(mode="json")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
         """Rebuild from :meth:`to_dict` output (or any YAML mapping); errors name the dotted field."""
         if not isinstance(data, Mapping):
             raise ConfigError(cls.__name__, f"expected a mapping, got {type(data).__name__}")
@@ -288,7 +295,7 @@ class TrainConfig(Settings):
         Path(path).write_text(comment + yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True),
                               encoding="utf-8")
 
-    def replace(self, **overrides: Any) -> "TrainConfig":
+    def replace(self, **overrides: Any) -> TrainConfig:
         """A new config with ``overrides`` applied (dotted keys reach nested settings)."""
         return TrainConfig.from_dict(merge(self.to_dict(), overrides))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pydantic
 import pytest
 import yaml
 
@@ -126,8 +127,10 @@ def test_config_round_trips_through_a_plain_dict():
     cfg = resolve_config("qwen2.5-7b", preset="fast_iteration", overrides={"lora.r": 16, "zero_stage": 3})
     again = TrainConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
     assert again == cfg
-    with pytest.raises(Exception):
-        cfg.epochs = 3  # frozen
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        cfg.epochs = 3
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        cfg.lora.r = 3
 
 
 def test_presets_and_spaces_are_package_data_or_paths(tmp_path: Path):
