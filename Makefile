@@ -23,7 +23,7 @@ demo: setup
 
 # A search on the real corpus (tiny model, CPU, about 25 minutes on 2 cores).
 demo-vlsp: setup
-	$(PY) run_tune.py --model tiny --search-space search_spaces/tiny_cpu.yaml --data-dir ../shared/data/vlsp2025
+	$(PY) run_tune.py --model tiny --search-space tiny_cpu --data-dir ../shared/data/vlsp2025
 
 test: setup
 	$(PY) -m pytest -q -rs

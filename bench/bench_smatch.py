@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # launched as a script: make the package importable
     sys.path.insert(0, str(REPO))
 
+from ray_mtup.config import corpus_dir  # noqa: E402
 from ray_mtup.corpus import read_amr_file  # noqa: E402
 from ray_mtup.scoring import DEFAULT_RESTARTS, evaluate_predictions, score_corpus  # noqa: E402
 
@@ -58,7 +59,7 @@ def timed(label: str, fn, n: int, repeats: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    default_dir = os.environ.get("RAY_MTUP_DATA_DIR") or str(REPO.parent / "shared/data/vlsp2025")
+    default_dir = str(corpus_dir(None, default=REPO.parent / "shared/data/vlsp2025"))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=default_dir, help="VLSP 2025 corpus folder (default: %(default)s)")
     parser.add_argument("--restarts", type=int, default=DEFAULT_RESTARTS, help="hill-climbing starts per pair")

@@ -8,7 +8,6 @@ Nothing here is imported by the library.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -35,7 +34,9 @@ def emit(record: dict[str, Any]) -> None:
 
 def default_data_dir() -> str:
     """``RAY_MTUP_DATA_DIR`` if set, else ``../shared/data/vlsp2025`` next to the repository."""
-    return os.environ.get("RAY_MTUP_DATA_DIR") or str(DEFAULT_DATA_DIR)
+    from ray_mtup.config import corpus_dir
+
+    return str(corpus_dir(None, default=DEFAULT_DATA_DIR))
 
 
 def require_corpus(data_dir: str | Path, script: str) -> Path | None:

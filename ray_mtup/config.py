@@ -1,214 +1,252 @@
-"""Frozen configuration dataclasses: the one home of every default.
+"""Frozen configuration models (pydantic v2): the one home of every default.
 
-A run is described by a :class:`TrainConfig`. It is built once, validated in
-``__post_init__`` (a bad value raises :class:`~ray_mtup.errors.ConfigError` naming the
-field) and never mutated; it crosses Ray's process boundary as a plain dict
+A run is described by a :class:`TrainConfig`. pydantic coerces and validates every value
+(types, bounds, the project's own checks); any failure becomes a
+:class:`~ray_mtup.errors.ConfigError` naming the field by its dotted path (``lora.r``).
+A config is never mutated; it crosses Ray's process boundary as a plain dict
 (:meth:`TrainConfig.to_dict` / :meth:`TrainConfig.from_dict`).
 
-Layering, lowest first: dataclass defaults -> the model's documented optimum
-(:data:`MODELS`) -> a preset YAML (``presets/``) -> a config YAML (``--config``) ->
-explicit overrides (flags, or a trial's sampled hyper-parameters). See
-:func:`resolve_config`.
+Layering, lowest first (:func:`resolve_config`, the one place that applies it): field
+defaults -> the model's documented optimum (:data:`MODELS`) -> a preset (shipped in
+``ray_mtup/presets/``, or a YAML path) -> a config YAML (``--config``) -> a search space's
+``overrides:`` -> explicit overrides (``--set`` and the flags).
 
 >>> cfg = resolve_config(model="qwen2.5-7b", preset="full_training")
->>> (cfg.learning_rate, cfg.epochs, cfg.per_device_batch_size, cfg.grad_accum, cfg.global_batch_size)
-(0.0001, 15, 2, 8, 16)
+>>> (cfg.learning_rate, cfg.epochs, cfg.per_device_batch_size, cfg.global_batch_size, cfg.grad_accum)
+(0.0001, 15, 2, 16, 8)
 >>> resolve_config(model="qwen2.5-3b", preset="quick_test").max_samples
 100
 >>> TrainConfig(learning_rate=-1.0)
 Traceback (most recent call last):
 ...
 ray_mtup.errors.ConfigError: learning_rate: must be > 0, got -1.0
+>>> TrainConfig().replace(**{"lora.target_modules": "q_proj"}).lora.target_modules
+('q_proj',)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from dataclasses import dataclass, field, fields
+import os
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_DIR = PACKAGE_DIR.parent
-PRESETS_DIR = REPO_DIR / "presets"
-SEARCH_SPACES_DIR = REPO_DIR / "search_spaces"
 SAMPLE_DATA_DIR = PACKAGE_DIR / "sample_data"
+#: Environment variable naming the corpus directory when ``data_dir`` is not set.
+DATA_DIR_ENV = "RAY_MTUP_DATA_DIR"
+#: Retries of a failed trial or run (Tune's and Train's ``FailureConfig``), unless a flag says otherwise.
+MAX_FAILURES = 2
 
 TEMPLATE_NAMES = ("v1_formal", "v2_natural", "v3_instructional", "v4_compact", "v5_cot")
 SCORING_MODES = ("official", "normalised")  # == ray_mtup.scoring.MODES
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(BaseModel):
     """A model of the registry and its documented optimum."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
     hub_id: str | None
     learning_rate: float
     epochs: int
     per_device_batch_size: int
-    global_batch_size: int = 16
+    global_batch_size: int = 16  # the method's recipe: a global batch of 16
     train_base: bool = False
+
+
+def _spec(name: str, hub_id: str | None, lr: float, epochs: int, micro: int, **kw: Any) -> ModelSpec:
+    return ModelSpec(name=name, hub_id=hub_id, learning_rate=lr, epochs=epochs, per_device_batch_size=micro, **kw)
 
 
 #: The model registry. ``tiny`` is a random-init Qwen2 built locally (tests, CPU demo).
 MODELS: dict[str, ModelSpec] = {
-    "qwen2.5-1.5b": ModelSpec("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", 2e-4, 10, 4),
-    "qwen2.5-3b": ModelSpec("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct", 2e-4, 10, 4),
-    "qwen2.5-7b": ModelSpec("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", 1e-4, 15, 2),
+    "qwen2.5-1.5b": _spec("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", 2e-4, 10, 4),
+    "qwen2.5-3b": _spec("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct", 2e-4, 10, 4),
+    "qwen2.5-7b": _spec("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", 1e-4, 15, 2),
     # A random-init base holds nothing worth freezing: tiny trains it too (lora.train_base).
-    "tiny": ModelSpec("tiny", None, 1e-3, 10, 8, 16, train_base=True),
+    "tiny": _spec("tiny", None, 1e-3, 10, 8, train_base=True),
 }
+
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
+           "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}
+
+
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
+             "tuple": "a list", "list": "a list", "dict": "a mapping", "model": "a mapping"}
+
+
+def config_error(exc: ValidationError) -> ConfigError:
+    """The first error of a pydantic ``ValidationError`` as a ConfigError naming the dotted field."""
+    err = exc.errors()[0]
+    path = [str(p) for p in err["loc"]]
+    ctx = err.get("ctx") or {}
+    original = ctx.get("error")
+    if isinstance(original, ConfigError):  # a project check (below) raised inside pydantic
+        return ConfigError(".".join(path + [original.field]), original.message)
+    field = ".".join(path) or exc.title
+    kind, value = err["type"], err.get("input")
+    if kind in _BOUNDS:
+        key, op = _BOUNDS[kind]
+        return ConfigError(field, f"must be {op} {ctx[key]:g}, got {value!r}")
+    if kind == "extra_forbidden":
+        return ConfigError(field, f"unknown key; valid keys: {_valid_keys(exc.title, path[:-1])}")
+    if kind in ("too_short", "too_long"):
+        return ConfigError(field, f"must not be empty, got {value!r}" if kind == "too_short" else err["msg"])
+    if isinstance(original, ValueError):
+        return ConfigError(field, str(original))
+    expected = _EXPECTED.get(kind.split("_")[0])
+    return ConfigError(field, f"expected {expected}, got {value!r}" if expected else f"{err['msg']}, got {value!r}")
+
+
+def _valid_keys(model_name: str, path: list[str]) -> list[str]:
+    """The field names of the (nested) model at ``path`` under the model called ``model_name``."""
+    cls: Any = next((c for c in (TrainConfig, LoraSettings, TinyModelSettings, ModelSpec)
+                     if c.__name__ == model_name), None)
+    for part in path:
+        cls = cls.model_fields[part].annotation if cls is not None and part in cls.model_fields else None
+    return sorted(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
 
 
 def _check(cond: bool, name: str, message: str) -> None:
+    """A project check inside a validator: ``name`` is relative to the model being checked."""
     if not cond:
         raise ConfigError(name, message)
 
 
-@dataclass(frozen=True)
-class LoraSettings:
+class Settings(BaseModel):
+    """Base of the config models: frozen, unknown keys rejected, errors as ConfigError."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise config_error(exc) from None
+
+
+class LoraSettings(Settings):
     """LoRA adapter settings (peft ``LoraConfig``)."""
 
-    r: int = field(default=64, metadata={"help": "LoRA rank."})
-    alpha: int = field(default=128, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
-    dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    target_modules: tuple[str, ...] = field(
-        default=LORA_TARGETS, metadata={"help": "Linear layers that get an adapter."}
-    )
-    train_base: bool = field(default=False, metadata={
-        "help": "Also train the base weights (saved beside the adapter as base_model.safetensors). "
-                "Only for a random-init base (the tiny model), which a frozen LoRA cannot teach."})
+    r: int = Field(64, ge=1, description="LoRA rank.")
+    alpha: int = Field(128, gt=0, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: tuple[str, ...] = Field(
+        LORA_TARGETS, min_length=1,
+        description=f"Linear layers that get an adapter: a list, or one name ({', '.join(LORA_TARGETS)}).")
+    train_base: bool = Field(False, description=(
+        "Also train the base weights (saved beside the adapter as base_model.safetensors). "
+        "Only for a random-init base (the tiny model), which a frozen LoRA cannot teach."))
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        _check(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}")
-        _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
-        _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
-        _check(len(self.target_modules) > 0, "lora.target_modules", "must not be empty")
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_targets(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [v for v in value if v not in LORA_TARGETS]
+        if bad:
+            raise ValueError(f"unknown module {bad[0]!r}; choose from {list(LORA_TARGETS)}")
+        return value
 
 
-@dataclass(frozen=True)
-class TinyModelSettings:
+class TinyModelSettings(Settings):
     """Shape of the random-init Qwen2 used by ``model: tiny`` (tests and the CPU demo)."""
 
-    hidden_size: int = field(default=256, metadata={"help": "Hidden size."})
-    num_layers: int = field(default=4, metadata={"help": "Decoder layers."})
-    num_heads: int = field(default=4, metadata={"help": "Attention heads (KV heads = heads / 2)."})
-    intermediate_size: int = field(default=688, metadata={"help": "MLP width."})
-    vocab_size: int = field(default=3000, metadata={"help": "BPE vocabulary trained on the corpus."})
+    hidden_size: int = Field(256, ge=1, description="Hidden size.")
+    num_layers: int = Field(4, ge=1, description="Decoder layers.")
+    num_heads: int = Field(4, ge=1, description="Attention heads (KV heads = heads / 2).")
+    intermediate_size: int = Field(688, ge=1, description="MLP width.")
+    vocab_size: int = Field(3000, ge=300, description="BPE vocabulary trained on the corpus.")
 
-    def __post_init__(self) -> None:
-        for f in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
-            _check(getattr(self, f) >= 1, f"tiny.{f}", f"must be >= 1, got {getattr(self, f)}")
-        _check(self.hidden_size % self.num_heads == 0, "tiny.hidden_size",
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelSettings:
+        _check(self.hidden_size % self.num_heads == 0, "hidden_size",
                f"must be divisible by tiny.num_heads ({self.num_heads})")
-        _check(self.vocab_size >= 300, "tiny.vocab_size", f"must be >= 300, got {self.vocab_size}")
+        return self
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Settings):
     """Everything one training run (one trial) needs. Travels to workers as a dict."""
 
     # model
-    model: str = field(default="tiny", metadata={"help": f"Registry name: {', '.join(MODELS)}."})
-    model_path: str | None = field(
-        default=None, metadata={"help": "Local weights: a directory or a single .gguf file."}
-    )
-    tiny: TinyModelSettings = field(default_factory=TinyModelSettings)
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    model: str = Field("tiny", description=f"Registry name: {', '.join(MODELS)}.")
+    model_path: str | None = Field(None, description="Local weights: a directory or a single .gguf file.")
+    tiny: TinyModelSettings = Field(default_factory=TinyModelSettings, description="Shape of the tiny model.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter settings.")
     # data
-    data_dir: str | None = field(
-        default=None, metadata={"help": "Corpus directory; None uses the shipped sample corpus."}
-    )
-    template: str = field(default="v2_natural", metadata={"help": "MTUP prompt template."})
-    max_samples: int | None = field(default=None, metadata={"help": "Cap on corpus graphs (None: all)."})
-    val_split: float = field(default=0.1, metadata={"help": "Fraction held out for validation."})
-    max_seq_len: int = field(default=2048, metadata={"help": "Longer examples are skipped and counted."})
-    seed: int = field(default=42, metadata={"help": "Seed of the split, the init and the shuffling."})
+    data_dir: str | None = Field(None, description=(
+        f"Corpus directory; None: ${DATA_DIR_ENV}, else the shipped sample corpus (see corpus_dir)."))
+    template: str = Field("v2_natural", description="MTUP prompt template.")
+    max_samples: int | None = Field(None, ge=2, description="Cap on corpus graphs (None: all).")
+    val_split: float = Field(0.1, gt=0.0, lt=1.0, description="Fraction held out for validation.")
+    max_seq_len: int = Field(2048, ge=32, description="Longer examples are skipped and counted.")
+    seed: int = Field(42, description="Seed of the split, the init and the shuffling.")
     # optimisation
-    epochs: int = field(default=10, metadata={"help": "Training epochs."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate (AdamW)."})
-    per_device_batch_size: int = field(default=4, metadata={"help": "Micro-batch per worker."})
-    global_batch_size: int = field(default=16, metadata={
-        "help": "Examples per optimizer step over all workers; accumulation = this / (micro-batch x workers)."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "Linear warm-up share of all steps."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    max_steps_per_epoch: int | None = field(
-        default=None, metadata={"help": "Cap on optimiser steps per epoch (smoke tests)."}
-    )
+    epochs: int = Field(10, ge=1, description="Training epochs.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    per_device_batch_size: int = Field(4, ge=1, description="Micro-batch per worker.")
+    global_batch_size: int = Field(16, ge=1, description=(
+        "Examples per optimiser step over all workers; gradient accumulation is derived from it "
+        "(global_batch_size / (per_device_batch_size x num_workers)), so it must divide evenly."))
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Linear warm-up share of all steps.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on optimiser steps per epoch (smoke tests).")
     # distribution
-    num_workers: int = field(default=1, metadata={"help": "Ray Train workers for this run."})
-    use_gpu: bool = field(default=False, metadata={"help": "One GPU per worker; bf16."})
-    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs reserved per worker."})
-    zero_stage: int = field(default=2, metadata={"help": "DeepSpeed ZeRO stage: 2 or 3."})
-    offload: bool = field(default=False, metadata={"help": "ZeRO CPU offload of optimizer state."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations."})
+    num_workers: int = Field(1, ge=1, description="Ray Train workers for this run.")
+    use_gpu: bool = Field(False, description="One GPU per worker; bf16.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    zero_stage: int = Field(2, description="DeepSpeed ZeRO stage: 2 or 3.")
+    offload: bool = Field(False, description="ZeRO CPU offload of optimizer state.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations.")
     # evaluation
-    eval_batch_size: int = field(default=32, metadata={"help": "Generation batch per worker."})
-    max_new_tokens: int | None = field(default=None, metadata={
-        "help": "Generation budget per graph; None: the longest training completion x 1.25."})
-    eval_max_samples: int | None = field(
-        default=None, metadata={"help": "Cap on validation graphs generated per epoch (None: all)."}
-    )
-    generation_cache: str = field(default="dynamic", metadata={
-        "help": "KV cache of evaluation generation: dynamic, or static (lets transformers compile the "
-                "decode step; for GPUs)."})
-    scoring_mode: str = field(default="normalised", metadata={
-        "help": "SMATCH mode of the per-epoch objective: normalised (gold and predictions normalised the "
-                "same way; the default) or official (the shared task's convention)."})
+    eval_batch_size: int = Field(32, ge=1, description="Generation batch per worker.")
+    max_new_tokens: int | None = Field(None, ge=8, description=(
+        "Generation budget per graph (None: derived from the training data by the training loop)."))
+    eval_max_samples: int | None = Field(None, ge=1, description=(
+        "Cap on validation graphs generated per epoch (None: all)."))
+    generation_cache: str = Field("dynamic", description=(
+        "KV cache of evaluation generation: dynamic, or static (lets transformers compile the "
+        "decode step; for GPUs)."))
+    scoring_mode: str = Field("normalised", description=(
+        "SMATCH mode of the per-epoch objective: normalised (gold and predictions normalised the "
+        "same way; the default) or official (the shared task's convention)."))
 
     # testing
-    inject_fault: str | None = field(default=None, metadata={
-        "help": "Tests only: 'nan_loss@E' makes the loss NaN in epoch E; 'kill_worker@E' kills the last "
-                "rank's process in epoch E, once per run (a marker file records that it happened)."})
+    inject_fault: str | None = Field(None, description=(
+        "Tests only: 'nan_loss@E' makes the loss NaN in epoch E; 'kill_worker@E' kills the last "
+        "rank's process in epoch E, once per run (a marker file records that it happened)."))
 
-    def __post_init__(self) -> None:
-        if isinstance(self.lora, Mapping):
-            object.__setattr__(self, "lora", _build(LoraSettings, self.lora, "lora."))
-        if isinstance(self.tiny, Mapping):
-            object.__setattr__(self, "tiny", _build(TinyModelSettings, self.tiny, "tiny."))
+    @model_validator(mode="after")
+    def _project_checks(self) -> TrainConfig:
         _check(self.model in MODELS, "model", f"unknown model {self.model!r}; choose from {sorted(MODELS)}")
         if self.model_path is not None:
             _check(Path(self.model_path).exists(), "model_path", f"{self.model_path} does not exist")
         _check(self.template in TEMPLATE_NAMES, "template",
                f"unknown template {self.template!r}; choose from {list(TEMPLATE_NAMES)}")
-        if self.max_samples is not None:
-            _check(self.max_samples >= 2, "max_samples", f"must be >= 2 or null, got {self.max_samples}")
-        _check(0.0 < self.val_split < 1.0, "val_split", f"must be in (0, 1), got {self.val_split}")
-        _check(self.max_seq_len >= 32, "max_seq_len", f"must be >= 32, got {self.max_seq_len}")
-        _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
-        _check(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
-        _check(self.per_device_batch_size >= 1, "per_device_batch_size",
-               f"must be >= 1, got {self.per_device_batch_size}")
-        _check(self.global_batch_size >= 1, "global_batch_size", f"must be >= 1, got {self.global_batch_size}")
-        _check(self.global_batch_size % (self.per_device_batch_size * self.num_workers) == 0, "global_batch_size",
-               f"{self.global_batch_size} is not a multiple of micro-batch {self.per_device_batch_size} x "
-               f"{self.num_workers} worker(s)")
-        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        _check(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
-        if self.max_steps_per_epoch is not None:
-            _check(self.max_steps_per_epoch >= 1, "max_steps_per_epoch",
-                   f"must be >= 1 or null, got {self.max_steps_per_epoch}")
-        _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
-        _check(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         _check(self.zero_stage in (2, 3), "zero_stage", f"must be 2 or 3, got {self.zero_stage}")
-        _check(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
-        if self.max_new_tokens is not None:
-            _check(self.max_new_tokens >= 8, "max_new_tokens", f"must be >= 8, got {self.max_new_tokens}")
-        if self.eval_max_samples is not None:
-            _check(self.eval_max_samples >= 1, "eval_max_samples",
-                   f"must be >= 1 or null, got {self.eval_max_samples}")
         if self.inject_fault is not None:
             kind, _, epoch = self.inject_fault.partition("@")
             _check(kind in ("nan_loss", "kill_worker") and epoch.isdigit(), "inject_fault",
@@ -217,10 +255,19 @@ class TrainConfig:
                f"must be dynamic or static, got {self.generation_cache!r}")
         _check(self.scoring_mode in SCORING_MODES, "scoring_mode",
                f"unknown mode {self.scoring_mode!r}; choose from {list(SCORING_MODES)}")
+        per_step = self.per_device_batch_size * self.num_workers
+        _check(self.global_batch_size % per_step == 0, "global_batch_size",
+               f"{self.global_batch_size} is not a multiple of per_device_batch_size x num_workers "
+               f"({self.per_device_batch_size} x {self.num_workers} = {per_step})")
+        return self
 
     @property
     def grad_accum(self) -> int:
-        """Accumulation steps at ``num_workers`` workers (derived from the global batch)."""
+        """Gradient accumulation steps: ``global_batch_size / (per_device_batch_size x num_workers)``.
+
+        >>> TrainConfig(per_device_batch_size=2, num_workers=2, global_batch_size=16).grad_accum
+        4
+        """
         return self.global_batch_size // (self.per_device_batch_size * self.num_workers)
 
     @property
@@ -229,14 +276,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, YAML/JSON-safe dict (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        d["lora"]["target_modules"] = list(d["lora"]["target_modules"])
-        return d
+        return self.model_dump(mode="json")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        """Rebuild from :meth:`to_dict` output; unknown keys are an error naming the key."""
-        return _build(cls, data, "")
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Rebuild from :meth:`to_dict` output (or any YAML mapping); errors name the dotted field."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(cls.__name__, f"expected a mapping, got {type(data).__name__}")
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as exc:
+            raise config_error(exc) from None
 
     def write_yaml(self, path: str | Path, header: str) -> None:
         """Write the config as YAML that ``--config`` accepts, after a ``#`` comment ``header``
@@ -245,60 +295,9 @@ class TrainConfig:
         Path(path).write_text(comment + yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True),
                               encoding="utf-8")
 
-    def replace(self, **overrides: Any) -> "TrainConfig":
+    def replace(self, **overrides: Any) -> TrainConfig:
         """A new config with ``overrides`` applied (dotted keys reach nested settings)."""
         return TrainConfig.from_dict(merge(self.to_dict(), overrides))
-
-
-def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise ConfigError(prefix.rstrip(".") or cls.__name__, f"expected a mapping, got {type(data).__name__}")
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(prefix + unknown[0], f"unknown key; valid keys: {sorted(names)}")
-    types = {f.name: str(f.type) for f in fields(cls)}
-    values = {k: _coerce(prefix + k, types[k], v) for k, v in data.items()}
-    return cls(**values)
-
-
-def _coerce(key: str, type_name: str, value: Any) -> Any:
-    """Check (and losslessly convert) a scalar against its field's annotation.
-
-    >>> _coerce("lr", "float", "1e-3"), _coerce("epochs", "int", 3.0)
-    (0.001, 3)
-    >>> _coerce("epochs", "int", "many")
-    Traceback (most recent call last):
-    ...
-    ray_mtup.errors.ConfigError: epochs: expected int, got 'many'
-    """
-    base, _, optional = type_name.partition(" | ")
-    if value is None:
-        if optional == "None":
-            return None
-        raise ConfigError(key, f"expected {base}, got null")
-    if base == "bool":
-        if isinstance(value, bool):
-            return value
-    elif base == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif base == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif base == "str":
-        if isinstance(value, str):
-            return value
-    else:  # nested settings and tuples are checked by their own constructors
-        return value
-    raise ConfigError(key, f"expected {base}, got {value!r}")
 
 
 def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -322,9 +321,20 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
     return out
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def corpus_dir(data_dir: str | Path | None, default: str | Path | None = SAMPLE_DATA_DIR) -> Path | None:
+    """The corpus directory (the one lookup): ``data_dir``, else ``$RAY_MTUP_DATA_DIR``, else
+    ``default`` (the sample corpus shipped with the package; None: no directory).
+
+    >>> corpus_dir("/corpus"), corpus_dir(None, default=None) if DATA_DIR_ENV not in os.environ else None
+    (PosixPath('/corpus'), None)
+    """
+    found = data_dir or os.environ.get(DATA_DIR_ENV) or default
+    return Path(found) if found else None
+
+
+def load_yaml(path: str | Path | Traversable) -> dict[str, Any]:
     """Read a YAML mapping; errors name the file."""
-    path = Path(path)
+    path = Path(path) if isinstance(path, str) else path
     if not path.is_file():
         raise ConfigError(str(path), "file not found")
     try:
@@ -338,27 +348,59 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+#: Folders of YAML files shipped inside the package (read through importlib.resources).
+PRESETS = "presets"
+SEARCH_SPACES = "search_spaces"
+_FLAG_OF = {PRESETS: "preset", SEARCH_SPACES: "search_space"}
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    """The overrides of a named preset in ``presets/``."""
-    path = PRESETS_DIR / f"{name}.yaml"
+def packaged_names(kind: str) -> list[str]:
+    """Names of the YAML files shipped in ``ray_mtup/<kind>/`` (``presets``, ``search_spaces``)."""
+    folder = resources.files(__package__).joinpath(kind)
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def packaged_yaml(kind: str, name: str | Path) -> Traversable | Path:
+    """A shipped YAML by name (``smoke``), or any YAML file by path.
+
+    >>> packaged_yaml(SEARCH_SPACES, "smoke").name
+    'smoke.yaml'
+    """
+    text = str(name)
+    if text.endswith((".yaml", ".yml")) or os.sep in text:
+        return Path(text)
+    path = resources.files(__package__).joinpath(kind, f"{text}.yaml")
     if not path.is_file():
-        raise ConfigError("preset", f"unknown preset {name!r}; choose from {preset_names()}")
-    return load_yaml(path)
+        raise ConfigError(_FLAG_OF.get(kind, kind),
+                          f"unknown name {text!r}; choose from {packaged_names(kind)} or give a YAML path")
+    return path
+
+
+def preset_names() -> list[str]:
+    return packaged_names(PRESETS)
+
+
+def load_preset(name: str | Path) -> dict[str, Any]:
+    """The overrides of a preset: a shipped name (``quick_test``) or a YAML path."""
+    return load_yaml(packaged_yaml(PRESETS, name))
 
 
 def resolve_config(
     model: str | None = None,
-    preset: str | None = None,
+    preset: str | Path | None = None,
     config_file: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
+    space_overrides: Mapping[str, Any] | None = None,
 ) -> TrainConfig:
-    """Build the config of one run: defaults <- model optimum <- preset <- file <- overrides.
+    """Build the config of one run, validated once: defaults <- model optimum <- preset <-
+    ``config_file`` <- ``space_overrides`` (a search space's ``overrides:``) <- ``overrides``
+    (``--set`` and flags; ``None`` values are ignored).
 
     ``model`` None takes the config file's ``model`` key, else ``tiny``.
+
+    >>> cfg = resolve_config("tiny", space_overrides={"epochs": 2, "seed": 1}, overrides={"epochs": 3})
+    >>> cfg.epochs, cfg.seed
+    (3, 1)
     """
     loaded = load_yaml(config_file) if config_file is not None else {}
     model = loaded.get("model", model) if model is None else model
@@ -366,18 +408,16 @@ def resolve_config(
     if model not in MODELS:
         raise ConfigError("model", f"unknown model {model!r}; choose from {sorted(MODELS)}")
     spec = MODELS[model]
-    data: dict[str, Any] = TrainConfig(model=model).to_dict()
-    data = merge(data, {
-        "learning_rate": spec.learning_rate,
-        "epochs": spec.epochs,
-        "per_device_batch_size": spec.per_device_batch_size,
-        "global_batch_size": spec.global_batch_size,
-        "lora.train_base": spec.train_base,
-    })
-    if preset is not None:
-        data = merge(data, load_preset(preset))
-    if loaded:
-        data = merge(data, {k: v for k, v in loaded.items() if k != "model"})
-    if overrides:
-        data = merge(data, {k: v for k, v in overrides.items() if v is not None})
+    layers: list[Mapping[str, Any]] = [
+        {"model": model, "learning_rate": spec.learning_rate, "epochs": spec.epochs,
+         "per_device_batch_size": spec.per_device_batch_size, "global_batch_size": spec.global_batch_size,
+         "lora": {"train_base": spec.train_base}},
+        load_preset(preset) if preset is not None else {},
+        {k: v for k, v in loaded.items() if k != "model"},
+        space_overrides or {},
+        {k: v for k, v in (overrides or {}).items() if v is not None},
+    ]
+    data = TrainConfig().to_dict()
+    for layer in layers:
+        data = merge(data, layer)
     return TrainConfig.from_dict(data)

@@ -132,9 +132,9 @@ def to_mtup(examples: Sequence[Example]) -> list[MtupExample]:
 def load_examples(cfg: Any) -> tuple[list[MtupExample], list[MtupExample], list[str]]:
     """Read the run's corpus (``cfg.data_dir``, else the shipped sample), subset and split it;
     returns (train, val, raw gold graphs of val)."""
-    from .config import SAMPLE_DATA_DIR
+    from .config import corpus_dir
 
-    examples = corpus.load_corpus(cfg.data_dir or SAMPLE_DATA_DIR)
+    examples = corpus.load_corpus(corpus_dir(cfg.data_dir))
     train_ex, val_ex = select_and_split(examples, cfg.val_split, cfg.seed, cfg.max_samples)
     return to_mtup(train_ex), to_mtup(val_ex), [e.amr or "" for e in val_ex]
 

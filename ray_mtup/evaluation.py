@@ -9,35 +9,16 @@ computed and discarded. Generations are gathered and scored once, identically on
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from . import dataset, scoring
+from . import dataset, objective, scoring
 from .config import TrainConfig
 from .generation import Parsed, generate, parse_outputs, prompts_for
 from .prompts import get_template
 
 logger = logging.getLogger(__name__)
-
-#: The metric the search maximises and every "best" is chosen by (see :func:`objective`).
-OBJECTIVE = "objective"
-
-
-def objective(task2_f1: float, val_loss: float) -> float:
-    """The search objective: Task 2 F1, exact ties ordered by validation loss.
-
-    Early on no output parses and every trial has F1 0; the tie-break lets ASHA still rank
-    them. It moves the value by under 0.01 points of F1.
-
-    >>> objective(0.5, 2.0) > objective(0.5, 3.0), objective(0.51, 9.0) > objective(0.5, 0.1)
-    (True, True)
-    """
-    if not math.isfinite(val_loss):
-        return -1.0
-    return task2_f1 - 1e-4 * min(val_loss, 10.0)
-
 
 @dataclass
 class RunData:
@@ -156,6 +137,6 @@ def score_epoch(cfg: TrainConfig, gold: Sequence[str], parsed: Sequence[Parsed],
         "validity": t2.validity,
         "task1_validity": t1.validity,
         "repaired_rate": sum(p.task2_repaired for p in parsed) / max(1, len(parsed)),
-        OBJECTIVE: objective(t2.f1, val_loss),
+        objective.METRIC: objective.value(t2.f1, val_loss),
         "scoring_mode": t2.mode,
     }

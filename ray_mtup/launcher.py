@@ -15,14 +15,26 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .config import MODELS, REPO_DIR, SEARCH_SPACES_DIR, TrainConfig, preset_names, resolve_config
-from .errors import RayMtupError
+from .config import (
+    DATA_DIR_ENV,
+    MAX_FAILURES,
+    MODELS,
+    PACKAGE_DIR,
+    PRESETS,
+    SEARCH_SPACES,
+    TrainConfig,
+    corpus_dir,
+    packaged_names,
+    packaged_yaml,
+    resolve_config,
+)
+from .errors import ConfigError, RayMtupError
 from .logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
-SMOKE_SPACE = SEARCH_SPACES_DIR / "smoke.yaml"
-DEFAULT_SPACE = SEARCH_SPACES_DIR / "default.yaml"
+SMOKE_SPACE = "smoke"
+DEFAULT_SPACE = "default"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,10 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model registry name (default: the --config file's model, else tiny)")
     p.add_argument("--model-path", help="local weights: a model directory or a single .gguf file")
     p.add_argument("--data-dir", help="corpus directory with train_amr_1.txt and train_amr_2.txt "
-                                      "(default: $RAY_MTUP_DATA_DIR, else the small sample corpus shipped "
+                                      f"(default: ${DATA_DIR_ENV}, else the small sample corpus shipped "
                                       "with the package)")
-    p.add_argument("--search-space", help=f"search space YAML (default: {DEFAULT_SPACE.relative_to(REPO_DIR)}; "
-                                          f"{SMOKE_SPACE.relative_to(REPO_DIR)} with --smoke-test)")
+    p.add_argument("--search-space",
+                   help=f"a search space shipped with the package ({', '.join(packaged_names(SEARCH_SPACES))}) "
+                        f"or a YAML path (default: {DEFAULT_SPACE}; {SMOKE_SPACE} with --smoke-test)")
     p.add_argument("--num-samples", type=int, help="number of trials (default: the search space's)")
     p.add_argument("--gpus-per-trial", type=int, default=0,
                    help="GPUs per trial, one per Ray Train worker (0: CPU only)")
@@ -51,12 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(multi-node clusters need shared storage; default: %(default)s)")
     p.add_argument("--name", help="experiment name (default: <model>-<time>); --resume needs it")
     p.add_argument("--resume", action="store_true", help="resume the interrupted experiment --name")
-    p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial (default: %(default)s)")
+    p.add_argument("--max-failures", type=int, default=MAX_FAILURES,
+                   help="retries of a failed trial or run (default: %(default)s)")
     p.add_argument("--smoke-test", action="store_true",
-                   help="a few tiny trials with short epochs, for CPU (search_spaces/smoke.yaml)")
+                   help=f"a few tiny trials with short epochs, for CPU (the {SMOKE_SPACE} search space)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster address (default: $RAY_ADDRESS; without it an embedded local Ray starts)")
-    p.add_argument("--preset", choices=preset_names(), help="a documented preset (presets/*.yaml)")
+    p.add_argument("--preset", help=f"a documented preset shipped with the package "
+                                    f"({', '.join(packaged_names(PRESETS))}) or a preset YAML path")
     p.add_argument("--no-search", action="store_true",
                    help="run one training of the preset/config, no search (single-preset reproduction)")
     p.add_argument("--config", help="a config YAML (e.g. a search's best_config.yaml) for --no-search")
@@ -73,8 +88,6 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            from .errors import ConfigError
-
             raise ConfigError(key, "expected KEY=VALUE")
         out[key.strip()] = yaml.safe_load(value)
     return out
@@ -87,10 +100,11 @@ def _absolute(path: str | None) -> str | None:
 def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields the flags set explicitly (``--set`` and the resource flags)."""
     workers = args.workers_per_trial or (args.gpus_per_trial or 1)
+    data_dir = corpus_dir(args.data_dir, default=None)  # None: the sample corpus, wherever the package is
     overrides: dict[str, Any] = {
         # absolute: Ray workers (and a later `predict`) may not share the driver's directory
         "model_path": _absolute(args.model_path),
-        "data_dir": _absolute(args.data_dir or os.environ.get("RAY_MTUP_DATA_DIR")),
+        "data_dir": _absolute(str(data_dir)) if data_dir else None,
         "zero_stage": args.zero_stage,
         "cpus_per_worker": args.cpus_per_worker,
     }
@@ -102,13 +116,14 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in overrides.items() if v is not None}
 
 
-def config_from_args(args: argparse.Namespace, under: Mapping[str, Any] | None = None) -> TrainConfig:
-    """The run's TrainConfig from flags (validated; no Ray needed).
+def config_from_args(args: argparse.Namespace, space_overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The run's TrainConfig from flags, resolved and validated once (no Ray needed).
 
-    ``under``: overrides that the flags win over (a search space's ``overrides:``).
+    ``space_overrides``: a search space's ``overrides:``, the layer just below the flags
+    (see :func:`ray_mtup.config.resolve_config` for the whole order).
     """
-    overrides = {**(under or {}), **flag_overrides(args)}
-    return resolve_config(args.model, preset=args.preset, config_file=args.config, overrides=overrides)
+    return resolve_config(args.model, preset=args.preset, config_file=args.config,
+                          space_overrides=space_overrides, overrides=flag_overrides(args))
 
 
 def check_corpus(cfg: TrainConfig) -> None:
@@ -137,7 +152,7 @@ def start_ray(address: str | None) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     # The dashboard must run: without it a trial that ASHA stops leaks its placement group.
-    pythonpath = os.pathsep.join(p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    pythonpath = os.pathsep.join(p for p in (str(PACKAGE_DIR.parent), os.environ.get("PYTHONPATH", "")) if p)
     # Ray Train's PlacementGroupCleaner finds "the" cluster through RAY_ADDRESS or, without it, by
     # looking for GCS processes; with another Ray running on the host it fails and a finished
     # trial's placement group leaks, starving every later trial. So the GCS gets a known port
@@ -183,10 +198,10 @@ def _main(args: argparse.Namespace) -> int:
     from .outputs import format_epoch_table
     from .reporting import local_results_dir
 
-    cfg = config_from_args(args)
-    name = args.name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
     if args.no_search:
+        cfg = config_from_args(args)
+        name = _name(args, cfg)
         search.check_storage(storage)
         check_corpus(cfg)
         start_ray(args.address)
@@ -201,25 +216,26 @@ def _main(args: argparse.Namespace) -> int:
               f"validity {best['validity']:.3f} (SMATCH mode {best['scoring_mode']}); "
               f"{time.time() - t0:.0f} s; run directory {summary.run_dir}")
         return 0
-    space_path = args.search_space or (SMOKE_SPACE if args.smoke_test else DEFAULT_SPACE)
-    space = search.load_search_space(space_path)
-    cfg = config_from_args(args, under=space.overrides)  # flags win over the space's overrides
-    settings = search.SearchSettings(name=name, storage_path=storage,
+    # the resource flags first: GPUs that cannot be split over the workers is the error to report
+    search.check_gpu_split(args.gpus_per_trial, args.workers_per_trial or (args.gpus_per_trial or 1))
+    space = search.load_search_space(
+        packaged_yaml(SEARCH_SPACES, args.search_space or (SMOKE_SPACE if args.smoke_test else DEFAULT_SPACE)))
+    cfg = config_from_args(args, space.overrides)  # the one resolved base; trials add their sampled values
+    settings = search.SearchSettings(name=_name(args, cfg), storage_path=storage,
                                      workers_per_trial=cfg.num_workers, gpus_per_trial=args.gpus_per_trial,
                                      max_failures=args.max_failures, num_samples=args.num_samples,
                                      resume=args.resume)
     if args.resume and not args.name:
-        from .errors import ConfigError
-
         raise ConfigError("name", "--resume needs the --name of the experiment to resume")
     search.check_storage(storage)
     check_corpus(cfg)
     start_ray(args.address)
     t0 = time.time()
-    summary = search.run_search(cfg, space, settings, pinned=flag_overrides(args))
+    summary = search.run_search(cfg, space, settings)
     best = summary.get("best_metrics") or {}
     noise = summary.get("noise", {})
-    print(f"search {name}: {summary['n_trials']} trials in {time.time() - t0:.0f} s; best {summary.get('best_trial')} "
+    print(f"search {settings.name}: {summary['n_trials']} trials in {time.time() - t0:.0f} s; "
+          f"best {summary.get('best_trial')} "
           f"Task 2 F1 {best.get('task2_f1', float('nan')):.4f} (95% CI {noise.get('ci95')}); "
           f"results in {summary['experiment_dir']}")
     if summary["n_errors"]:
@@ -231,6 +247,10 @@ def _main(args: argparse.Namespace) -> int:
               "before a finite-loss epoch); see stop_reason in results.csv", file=sys.stderr)
         return 1
     return 0
+
+
+def _name(args: argparse.Namespace, cfg: TrainConfig) -> str:
+    return args.name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _cluster_resources() -> dict[str, float]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Collection, Mapping, Sequence
 
 from .config import TrainConfig
-from .evaluation import OBJECTIVE
+from . import objective
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "val_loss", "task1_f1", "task2_f1", "validity", "tokens_per_s",
                  "useful_token_fraction", "epoch_time_s", "eval_time_s")
@@ -45,8 +45,7 @@ def best_epoch(history: Sequence[Mapping[str, Any]], among: Collection[int] | No
     >>> best_epoch([{"epoch": 1, "objective": 0.2}, {"epoch": 2, "objective": 0.3}], among={1})
     1
     """
-    rows = [m for m in history if among is None or int(m["epoch"]) in among]
-    return int(max(rows, key=lambda m: (m.get(OBJECTIVE, -1.0), -m["epoch"]))["epoch"])
+    return int(objective.best_epoch([m for m in history if among is None or int(m["epoch"]) in among])["epoch"])
 
 
 def format_epoch_table(history: Sequence[Mapping[str, Any]]) -> str:

@@ -16,21 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from . import objective
 from .config import TrainConfig
+from .checkpointing import PREDICTIONS_JSONL
+from .trial import SAMPLED_KEYS, apply_sampled
 
 logger = logging.getLogger(__name__)
-
-from .checkpointing import PREDICTIONS_JSONL
-HYPER_COLUMNS = ("learning_rate", "epochs", "lora_r", "lora_alpha_ratio", "template", "weight_decay",
-                 "warmup_ratio", "lora_dropout")
 
 
 @dataclass(frozen=True)
 class TrialRecord:
     """One trial as read back from Tune: its sampled values and per-epoch history."""
 
-    trial_id: str
-    index: int
+    trial_id: str  # Tune's
+    index: int  # creation order, from 1 (trial 1 is the documented optimum)
     sampled: dict[str, Any]
     config: TrainConfig
     history: list[dict[str, Any]]
@@ -44,9 +43,7 @@ class TrialRecord:
 
     @property
     def best(self) -> dict[str, Any]:
-        if not self.history:
-            return {}
-        return max(self.history, key=lambda m: (m.get("objective", -1.0), -m["epoch"]))
+        return dict(objective.best_epoch(self.history))
 
     @property
     def stop_reason(self) -> str:
@@ -87,11 +84,13 @@ def _error_line(error: Any) -> str:
 
 
 def collect_trials(grid: Any, base: TrainConfig) -> list[TrialRecord]:
-    """TrialRecords from a Tune ``ResultGrid``, in trial creation order."""
-    from .trial import SAMPLED_KEYS, apply_sampled
+    """TrialRecords from a Tune ``ResultGrid``, in trial creation order.
 
+    A ResultGrid lists its trials in the order Tune created them (its experiment state's
+    order), also after a resume; Tune puts the trial's ``trial_id`` in every result.
+    """
     records = []
-    for result in grid:
+    for index, result in enumerate(grid, start=1):
         sampled = {k: v for k, v in (result.config or {}).items() if k in SAMPLED_KEYS}
         df = result.metrics_dataframe
         history: list[dict[str, Any]] = []
@@ -102,27 +101,12 @@ def collect_trials(grid: Any, base: TrainConfig) -> list[TrialRecord]:
         metrics = result.metrics or {}
         error = _error_line(result.error)
         status = "ERROR" if result.error else "TERMINATED"
-        trial_id, index = _trial_id_and_index(result.path, metrics)
+        trial_id = str(metrics["trial_id"])
         wall = float(metrics.get("time_total_s") or sum(m.get("epoch_time_s", 0) + m.get("eval_time_s", 0)
                                                          for m in history))
         records.append(TrialRecord(trial_id, index, sampled, apply_sampled(base.to_dict(), sampled), history,
                                    status, error, wall))
-    records.sort(key=lambda r: (r.index, r.trial_id))
     return records
-
-
-def _trial_id_and_index(path: str, metrics: Mapping[str, Any]) -> tuple[str, int]:
-    """Tune names trial dirs ``<trainable>_<id>_<n>_<params>``; n is the creation order (from 1).
-
-    >>> _trial_id_and_index("/x/trial_function_16dbd99f_2_epochs=3,lr=0.1_2026", {})
-    ('16dbd99f', 2)
-    """
-    import re
-
-    m = re.search(r"_([0-9a-f]{5,})_(\d+)_", Path(path).name + "_")
-    if m:
-        return str(metrics.get("trial_id") or m.group(1)), int(m.group(2))
-    return str(metrics.get("trial_id") or Path(path).name), 10**9
 
 
 def leaderboard_rows(records: Sequence[TrialRecord]) -> list[dict[str, Any]]:
@@ -133,9 +117,10 @@ def leaderboard_rows(records: Sequence[TrialRecord]) -> list[dict[str, Any]]:
             "trial_id": r.trial_id,
             "trial_index": r.index,
             "status": r.status,
-            **{k: r.sampled.get(k) for k in HYPER_COLUMNS if k in r.sampled},
+            **{k: r.sampled.get(k) for k in SAMPLED_KEYS if k in r.sampled},
             "epochs_run": r.epochs_run,
             "best_epoch": best.get("epoch"),
+            "best_objective": best.get(objective.METRIC),
             "best_task1_f1": best.get("task1_f1"),
             "best_task2_f1": best.get("task2_f1"),
             "best_task2_f1_official": best.get("task2_f1_official"),
@@ -151,8 +136,8 @@ def leaderboard_rows(records: Sequence[TrialRecord]) -> list[dict[str, Any]]:
 
 
 def format_leaderboard(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Best-first fixed-width table."""
-    ranked = sorted(rows, key=lambda r: -(r.get("best_task2_f1") or -1.0))
+    """Best-first (by the search objective) fixed-width table."""
+    ranked = sorted(rows, key=lambda r: -objective.score({objective.METRIC: r.get("best_objective")}))
     head = f"{'trial':<14}{'lr':>10}{'ep':>4}{'r':>5}{'template':>18}{'run':>5}{'T1 F1':>8}{'T2 F1':>8}" \
            f"{'valid':>7}{'early':>7}  note"
     lines = [head, "-" * len(head)]
@@ -329,7 +314,7 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
                                "objective": "task2_f1 (validation, corpus SMATCH), ties by val_loss",
                                "cost": cost_summary(records)}
     if scored:
-        best = max(scored, key=lambda r: r.best.get("objective", -1.0))
+        best = max(scored, key=lambda r: objective.score(r.best))
         first = records[0] if records else None
         summary.update({
             "best_trial": best.trial_id,

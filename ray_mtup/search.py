@@ -1,11 +1,12 @@
 """Layer 1, the search: Ray Tune with Optuna (TPE) and ASHA over per-trial TorchTrainers.
 
-Search spaces are YAML files (``search_spaces/``) validated by :func:`load_search_space`.
+Search spaces are YAML files (shipped in ``ray_mtup/search_spaces/``, or any path) validated
+by :func:`load_search_space`.
 :func:`run_search` builds ``OptunaSearch`` (seeded, with the model's documented optimum as
 the first point) and an ``ASHAScheduler`` on the ``epoch`` counter, runs a ``Tuner`` over
 :func:`ray_mtup.trial.trial_function`, then hands the results to :mod:`ray_mtup.reporting`.
 
-The objective is the ``objective`` metric: validation Task 2 SMATCH F1, with exact ties
+The objective is the ``objective`` metric (:mod:`ray_mtup.objective`): validation Task 2 SMATCH F1, with exact ties
 (common early on, when no output parses yet) ordered by validation loss
 (``task2_f1 - 1e-4 * val_loss``; see :func:`ray_mtup.training.objective`).
 """
@@ -19,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import MODELS, TEMPLATE_NAMES, TrainConfig, load_yaml
+from . import objective
+from .config import MAX_FAILURES, MODELS, TEMPLATE_NAMES, TrainConfig, load_yaml
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVE_METRIC = "objective"
 PARAM_TYPES = ("loguniform", "uniform", "randint", "choice")
 SPACE_KEYS = ("params", "num_samples", "grace_period", "reduction_factor", "seed", "overrides")
 
@@ -186,7 +187,7 @@ class SearchSettings:
     workers_per_trial: int = 1
     gpus_per_trial: int = 0
     cpus_per_worker: float = 1.0
-    max_failures: int = 2
+    max_failures: int = MAX_FAILURES
     keep_checkpoints: int = 2
     num_samples: int | None = None
     resume: bool = False
@@ -196,11 +197,16 @@ class SearchSettings:
             raise ConfigError("workers_per_trial", f"must be >= 1, got {self.workers_per_trial}")
         if self.gpus_per_trial < 0:
             raise ConfigError("gpus_per_trial", f"must be >= 0, got {self.gpus_per_trial}")
-        if self.gpus_per_trial and self.gpus_per_trial % self.workers_per_trial:
-            raise ConfigError("gpus_per_trial", f"{self.gpus_per_trial} GPUs cannot be split evenly over "
-                                                f"{self.workers_per_trial} workers")
+        check_gpu_split(self.gpus_per_trial, self.workers_per_trial)
         if self.num_samples is not None and self.num_samples < 1:
             raise ConfigError("num_samples", f"must be >= 1, got {self.num_samples}")
+
+
+def check_gpu_split(gpus_per_trial: int, workers_per_trial: int) -> None:
+    """Each worker of a trial gets one GPU: the GPUs of a trial must split evenly over its workers."""
+    if gpus_per_trial and gpus_per_trial % workers_per_trial:
+        raise ConfigError("gpus_per_trial", f"{gpus_per_trial} GPUs cannot be split evenly over "
+                                            f"{workers_per_trial} workers")
 
 
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its TorchTrainer
@@ -249,24 +255,12 @@ def check_storage(storage_path: str) -> None:
         raise ConfigError("storage_path", f"{storage_path} is not writable: {exc}") from exc
 
 
-def trial_base(base: TrainConfig, space: SearchSpace, pinned: Mapping[str, Any] | None = None) -> TrainConfig:
-    """The config every trial starts from: ``base``, then the space's ``overrides``, then
-    ``pinned`` (fields the user set explicitly, e.g. with ``--set``), so flags win.
-
-    >>> space = SearchSpace("s.yaml", {}, overrides={"max_new_tokens": 96, "eval_max_samples": 8})
-    >>> cfg = trial_base(TrainConfig(), space, {"max_new_tokens": 16})
-    >>> cfg.max_new_tokens, cfg.eval_max_samples
-    (16, 8)
-    """
-    return base.replace(**{**space.overrides, **(pinned or {})})
-
-
-def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings,
-               pinned: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) -> dict[str, Any]:
     """Run (or resume) the search; returns the summary written by :mod:`ray_mtup.reporting`.
 
-    The trials start from :func:`trial_base` (``pinned``, the user's flags, win over the
-    space's ``overrides``).
+    ``base`` is the resolved config every trial starts from (the launcher applied the space's
+    ``overrides:`` and the flags; :func:`ray_mtup.config.resolve_config`); a trial only adds
+    its sampled values.
     """
     import ray
     from optuna.samplers import TPESampler
@@ -278,7 +272,6 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings,
     from .trial import trial_function
 
     check_storage(settings.storage_path)
-    base = trial_base(base, space, pinned)
     concurrency = check_resources(ray.cluster_resources(), base)
     experiment_dir = f"{settings.storage_path.rstrip('/')}/{settings.name}"
     context = {
@@ -297,7 +290,7 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings,
                                    resume_errored=True)
     else:
         first = documented_optimum(space, base)
-        searcher = OptunaSearch(metric=OBJECTIVE_METRIC, mode="max", points_to_evaluate=[first],
+        searcher = OptunaSearch(metric=objective.METRIC, mode=objective.MODE, points_to_evaluate=[first],
                                 sampler=TPESampler(seed=space.seed))
         scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs, grace_period=space.grace_period,
                                   reduction_factor=space.reduction_factor)
@@ -305,7 +298,7 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings,
             trainable,
             param_space=space.param_space(),
             tune_config=tune.TuneConfig(
-                metric=OBJECTIVE_METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
+                metric=objective.METRIC, mode=objective.MODE, search_alg=searcher, scheduler=scheduler,
                 num_samples=settings.num_samples or space.num_samples, max_concurrent_trials=concurrency,
             ),
             run_config=tune.RunConfig(

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import dataset
+from . import dataset, objective
 from .checkpointing import STATE_FILE, save_checkpoint, trainable_state, weights_digest
 from .config import TrainConfig
 from .engine import Schedule, build_engine, grad_accum
 from .errors import TrainingError
-from .evaluation import OBJECTIVE, RunData, all_reduce, evaluate_epoch
+from .evaluation import RunData, all_reduce, evaluate_epoch
 from .faults import FaultInjector
 from .generation import derived_max_new_tokens
 from .logs import setup_logging
@@ -152,7 +152,7 @@ def train_epoch(w: Worker, batches: list[list[int]], schedule: Schedule, epoch: 
                "skipped_long": len(w.data.skipped_long), **batch_metrics(cfg, world),
                "stop_reason": f"non-finite loss at epoch {epoch}, step {step}" if nonfinite else ""}
     if nonfinite:
-        metrics.update(task1_f1=0.0, task2_f1=0.0, validity=0.0, val_loss=float("nan"), **{OBJECTIVE: -1.0})
+        metrics.update(task1_f1=0.0, task2_f1=0.0, validity=0.0, val_loss=float("nan"), **{objective.METRIC: -1.0})
     return metrics, step
 
 

@@ -17,11 +17,11 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .config import TrainConfig
-from .outputs import RunSummary, best_epoch, write_run_outputs
-from .errors import ConfigError, TrainingError
+from . import objective
 from .checkpointing import ADAPTER_FILE, STATE_FILE
-from .evaluation import OBJECTIVE
+from .config import MAX_FAILURES, TrainConfig
+from .errors import ConfigError, TrainingError
+from .outputs import RunSummary, best_epoch, write_run_outputs
 from .training import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def build_trainer(
     name: str,
     storage_path: str,
     callbacks: Sequence[Any] = (),
-    max_failures: int = 1,
+    max_failures: int = MAX_FAILURES,
     keep_checkpoints: int = 2,
 ) -> Any:
     """A Ray Train V2 ``TorchTrainer`` running :func:`train_loop_per_worker` for ``cfg``."""
@@ -89,8 +89,8 @@ def build_trainer(
             storage_path=storage_path,
             callbacks=list(callbacks),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=keep_checkpoints, checkpoint_score_attribute=OBJECTIVE,
-                checkpoint_score_order="max",
+                num_to_keep=keep_checkpoints, checkpoint_score_attribute=objective.METRIC,
+                checkpoint_score_order=objective.MODE,
             ),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
@@ -129,7 +129,7 @@ def read_checkpoint_state(checkpoint: Any) -> dict[str, Any]:
 
 
 def run_single(cfg: TrainConfig, name: str, storage_path: str, output_dir: str | Path,
-               max_failures: int = 1) -> RunSummary:
+               max_failures: int = MAX_FAILURES) -> RunSummary:
     """Single-preset reproduction: one TorchTrainer, no search; writes the run directory."""
     trainer = build_trainer(cfg, name=name, storage_path=storage_path, max_failures=max_failures)
     result = trainer.fit()

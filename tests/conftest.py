@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+
+from ray_mtup.config import corpus_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
@@ -23,10 +24,7 @@ MALFORMED_CORPORA = [
 
 def _vlsp_dir() -> Path:
     """RAY_MTUP_DATA_DIR if set, else ../shared/data/vlsp2025 next to the repository."""
-    env = os.environ.get("RAY_MTUP_DATA_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared/data/vlsp2025"
+    return corpus_dir(None, default=REPO_ROOT.parent / "shared/data/vlsp2025")
 
 
 @pytest.fixture(scope="session")

@@ -183,6 +183,11 @@ CONFIG_ERRORS = [  # (flags, the field the message must name)
     (["--set", "template=v9"], "template"),
     (["--set", "inject_fault=boom@x"], "inject_fault"),
     (["--set", "max_new_tokens"], "max_new_tokens"),  # no '='
+    (["--set", "lora.target_modules=q_prj"], "lora.target_modules: unknown module 'q_prj'"),
+    (["--set", "lora.target_modules=[]"], "lora.target_modules: must not be empty"),
+    (["--set", "global_batch_size=12"], "global_batch_size: 12 is not a multiple"),  # smoke: 8 per device
+    (["--set", "epochs=many"], "epochs: expected an integer, got 'many'"),
+    (["--preset", "no_such_preset"], "preset: unknown name 'no_such_preset'"),
     (["--cpus-per-worker", "0"], "cpus_per_worker"),
     (["--gpus-per-trial", "3", "--workers-per-trial", "2"], "gpus_per_trial"),
     (["--num-samples", "0"], "num_samples"),
@@ -198,6 +203,21 @@ def test_bad_flag_exit_2_names_field_before_ray(tmp_path, capsys, no_ray, flags,
     assert code == 2
     assert err.startswith("error: ") and field in err, err
     assert not no_ray
+
+
+def test_one_target_module_from_the_command_line(tmp_path, monkeypatch, no_ray):
+    """``--set lora.target_modules=q_proj`` is one module, not the characters of its name."""
+    seen = {}
+
+    def fake_run_search(base, space, settings):
+        seen["cfg"] = base
+        raise RayStarted("search")
+
+    monkeypatch.setattr(launcher, "start_ray", lambda address: None)
+    monkeypatch.setattr(search, "run_search", fake_run_search)
+    with pytest.raises(RayStarted):
+        launcher.main(["--smoke-test", "--storage-path", str(tmp_path / "r"), "--set", "lora.target_modules=q_proj"])
+    assert seen["cfg"].lora.target_modules == ("q_proj",)
 
 
 def test_unknown_model_is_usage_error(tmp_path, capsys, no_ray):
@@ -264,7 +284,8 @@ def test_more_gpus_than_cluster_search(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(launcher, "start_ray", lambda address: None)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
-    code, err = run_main(["--smoke-test", "--gpus-per-trial", "2", "--storage-path", str(tmp_path / "r")], capsys)
+    code, err = run_main(["--smoke-test", "--gpus-per-trial", "2", "--set", "global_batch_size=16",
+                          "--storage-path", str(tmp_path / "r")], capsys)
     assert code == 2
     assert "gpus_per_trial: one trial needs 2 GPU(s)" in err
     assert not list((tmp_path / "r").glob("*/trial_*"))
@@ -273,7 +294,7 @@ def test_more_gpus_than_cluster_search(tmp_path, capsys, monkeypatch):
 def test_check_resources_counts():
     assert search.check_resources({"CPU": 2.0}, TrainConfig(num_workers=2, cpus_per_worker=0.95)) == 1
     with pytest.raises(ConfigError, match="workers_per_trial"):
-        search.check_resources({"CPU": 2.0}, TrainConfig(num_workers=3, cpus_per_worker=0.95))
+        search.check_resources({"CPU": 2.0}, TrainConfig(num_workers=3, cpus_per_worker=0.95, global_batch_size=12))
     with pytest.raises(ConfigError, match="gpus_per_trial"):
         search.check_resources({"CPU": 64.0, "GPU": 1.0}, TrainConfig(num_workers=2, use_gpu=True))
 
@@ -282,8 +303,8 @@ def test_flags_win_over_search_space_overrides(tmp_path, monkeypatch, no_ray):
     """The smoke space fixes max_new_tokens=96 and cpus_per_worker=0.95; flags must still win."""
     seen = {}
 
-    def fake_run_search(base, space, settings, pinned=None):
-        seen["cfg"] = search.trial_base(base, space, pinned)  # what run_search hands its trials
+    def fake_run_search(base, space, settings):
+        seen["cfg"] = base  # what run_search hands its trials (they add only their sampled values)
         raise RayStarted("search")
 
     monkeypatch.setattr(launcher, "start_ray", lambda address: None)

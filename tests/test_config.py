@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pydantic
 import pytest
 import yaml
 
 from ray_mtup.config import (
     MODELS,
-    PRESETS_DIR,
-    SEARCH_SPACES_DIR,
+    PACKAGE_DIR,
+    PRESETS,
+    SEARCH_SPACES,
     TrainConfig,
     load_preset,
+    packaged_names,
+    packaged_yaml,
     preset_names,
     resolve_config,
 )
@@ -20,6 +24,7 @@ from ray_mtup.errors import ConfigError
 from ray_mtup.search import documented_optimum, load_search_space
 from ray_mtup.trial import apply_sampled
 
+SEARCH_SPACES_DIR = PACKAGE_DIR / SEARCH_SPACES
 SPACES = sorted(SEARCH_SPACES_DIR.glob("*.yaml"))
 
 
@@ -31,15 +36,16 @@ def test_presets_match_the_documented_method():
     assert (f.max_samples, f.epochs) == (500, 3)
     full3 = resolve_config("qwen2.5-3b", preset="full_training")
     assert (full3.max_samples, full3.epochs, full3.learning_rate) == (None, 10, 2e-4)
-    assert (full3.per_device_batch_size, full3.grad_accum) == (4, 4)
+    assert (full3.per_device_batch_size, full3.global_batch_size, full3.grad_accum) == (4, 16, 4)
     full7 = resolve_config("qwen2.5-7b", preset="full_training")
     assert (full7.epochs, full7.learning_rate, full7.per_device_batch_size, full7.grad_accum) == (15, 1e-4, 2, 8)
+    assert all(spec.global_batch_size == 16 for spec in MODELS.values())  # the method's global batch
     d = TrainConfig()
     assert (d.val_split, d.weight_decay, d.lora.r, d.lora.alpha, d.lora.dropout) == (0.1, 0.01, 64, 128, 0.05)
     assert d.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@pytest.mark.parametrize("path", sorted(PRESETS_DIR.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((PACKAGE_DIR / PRESETS).glob("*.yaml")), ids=lambda p: p.name)
 def test_every_preset_file_validates_and_documents_its_command(path: Path):
     assert path.read_text(encoding="utf-8").startswith("#")
     assert "run_tune.py" in path.read_text(encoding="utf-8").split("\n\n")[0]
@@ -121,5 +127,98 @@ def test_config_round_trips_through_a_plain_dict():
     cfg = resolve_config("qwen2.5-7b", preset="fast_iteration", overrides={"lora.r": 16, "zero_stage": 3})
     again = TrainConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
     assert again == cfg
-    with pytest.raises(Exception):
-        cfg.epochs = 3  # frozen
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        cfg.epochs = 3
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
+        cfg.lora.r = 3
+
+
+def test_presets_and_spaces_are_package_data_or_paths(tmp_path: Path):
+    assert set(packaged_names(SEARCH_SPACES)) == {"default", "smoke", "tiny_cpu"}
+    assert load_search_space(packaged_yaml(SEARCH_SPACES, "smoke")).num_samples == 6
+    own = tmp_path / "mine.yaml"
+    own.write_text("epochs: 2\n", encoding="utf-8")
+    assert resolve_config("tiny", preset=str(own)).epochs == 2  # a path works as well as a name
+    with pytest.raises(ConfigError) as err:
+        load_preset("no_such_preset")
+    assert err.value.field == "preset" and "quick_test" in err.value.message
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("q_proj", ("q_proj",)), (["q_proj", "v_proj"], ("q_proj", "v_proj"))],
+)
+def test_target_modules_take_one_name_or_a_list(value, expected):
+    assert TrainConfig().replace(**{"lora.target_modules": value}).lora.target_modules == expected
+
+
+@pytest.mark.parametrize(
+    "overrides, field, message",
+    [
+        ({"lora.target_modules": "q_prj"}, "lora.target_modules", "unknown module 'q_prj'"),
+        ({"lora.target_modules": []}, "lora.target_modules", "must not be empty"),
+        ({"epochs": "many"}, "epochs", "expected an integer, got 'many'"),
+        ({"epochs": 2.5}, "epochs", "expected an integer, got 2.5"),
+        ({"use_gpu": "maybe"}, "use_gpu", "expected true or false"),
+        ({"tiny": 3}, "tiny", "expected a mapping, got 3"),
+        ({"tiny.num_heads": 3}, "tiny.hidden_size", "divisible by tiny.num_heads (3)"),
+        ({"lora.rank": 8}, "lora.rank", "unknown key; valid keys: ['alpha', 'dropout', 'r'"),
+        ({"max_new_tokens": 4}, "max_new_tokens", "must be >= 8, got 4"),
+        ({"global_batch_size": 10}, "global_batch_size", "not a multiple of per_device_batch_size x num_workers"),
+        ({"num_workers": 3}, "global_batch_size", "(4 x 3 = 12)"),
+    ],
+)
+def test_config_errors_name_the_dotted_field(overrides: dict, field: str, message: str):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig().replace(**overrides)
+    assert err.value.field == field and message in err.value.message, str(err.value)
+
+
+def test_values_are_coerced_by_type():
+    cfg = TrainConfig.from_dict({"learning_rate": "1e-3", "epochs": 3.0, "max_new_tokens": None})
+    assert (cfg.learning_rate, cfg.epochs, cfg.max_new_tokens) == (1e-3, 3, None)
+    assert type(cfg.epochs) is int
+
+
+def test_grad_accum_is_derived_from_the_global_batch():
+    assert resolve_config("qwen2.5-3b").grad_accum == 4
+    assert resolve_config("qwen2.5-7b").grad_accum == 8
+    assert resolve_config("tiny").grad_accum == 2
+    assert resolve_config("qwen2.5-7b", overrides={"num_workers": 4}).grad_accum == 2
+    with pytest.raises(ConfigError, match="^global_batch_size: "):
+        resolve_config("qwen2.5-7b", overrides={"num_workers": 3})
+
+
+def test_resolution_order_flags_over_space_over_file_over_preset(tmp_path: Path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("epochs: 4\nseed: 4\nweight_decay: 0.4\n", encoding="utf-8")
+    cfg = resolve_config("qwen2.5-3b", preset="quick_test", config_file=config_file,
+                         space_overrides={"seed": 5, "weight_decay": 0.5}, overrides={"weight_decay": 0.6})
+    assert (cfg.max_samples, cfg.learning_rate) == (100, 2e-4)  # preset, model optimum
+    assert (cfg.epochs, cfg.seed, cfg.weight_decay) == (4, 5, 0.6)  # file > preset, space > file, flags > space
+
+
+@pytest.mark.integration
+def test_a_non_editable_install_finds_presets_and_search_spaces(tmp_path: Path):
+    """Build the wheel, install it elsewhere and resolve a preset and a search space from there."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    source = tmp_path / "src"  # a copy: building writes build/ and *.egg-info next to pyproject.toml
+    shutil.copytree(repo, source, ignore=shutil.ignore_patterns(".git", "runs", ".venv", "*.egg-info", "build",
+                                                                "__pycache__", ".pytest_cache", ".hypothesis"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
+                   check=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("ray_mtup-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True,
+                   timeout=300)
+    code = ("import ray_mtup.config as c, ray_mtup.search as s; "
+            "print(c.__file__, c.preset_names(), c.resolve_config('tiny', preset='quick_test').max_samples, "
+            "s.load_search_space(c.packaged_yaml(c.SEARCH_SPACES, 'smoke')).num_samples)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")},
+                         capture_output=True, text=True, check=True, timeout=120).stdout.split()
+    assert out[0].startswith(str(tmp_path / "site")) and out[-2:] == ["100", "6"], out
+    assert "'quick_test']" in out

@@ -46,7 +46,7 @@ params:
 overrides:
   tiny: {hidden_size: 64, num_layers: 2, num_heads: 2, intermediate_size: 128, vocab_size: 1000}
   per_device_batch_size: 8
-  grad_accum: 1
+  global_batch_size: 8
   max_new_tokens: 24
   eval_max_samples: 4
   cpus_per_worker: 0.95
@@ -124,7 +124,8 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path, workers):
     # 0.1 s and give the model steps slower than that: the kill then follows a registered checkpoint,
     # as it would after a real (minutes-long) epoch.
     proc = run_tune("--search-space", str(space), "--storage-path", str(tmp_path), "--name", "kill",
-                    "--workers-per-trial", str(workers), "--set", "inject_fault=kill_worker@2",
+                    "--workers-per-trial", str(workers), "--set", f"global_batch_size={8 * workers}",
+                    "--set", "inject_fault=kill_worker@2",
                     "--set", "tiny.hidden_size=256", "--set", "tiny.intermediate_size=688",
                     env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"})
     exp = tmp_path / "kill"
@@ -203,6 +204,24 @@ def test_diverged_trial_is_not_the_best(tmp_path):
     summary = write_search_results(grid, TrainConfig(), str(tmp_path), SimpleNamespace(path="space.yaml"))
     # the second trial diverged in epoch 2, but its epoch 1 is usable
     assert summary["best_trial"] == "bbbb2222" and summary["best_metrics"]["epoch"] == 1
+
+
+def test_leaderboard_uses_tunes_trial_ids_creation_order_and_the_objective(tmp_path, capsys):
+    from ray_mtup.config import TrainConfig
+    from ray_mtup.reporting import write_search_results
+
+    tied = {"epoch": 1, "train_loss": 1.0, "task2_f1": 0.5, "task1_f1": 0.5, "validity": 1.0, "stop_reason": ""}
+    first = {**tied, "val_loss": 2.0, "objective": 0.5 - 2e-4}
+    second = {**tied, "val_loss": 1.0, "objective": 0.5 - 1e-4}  # same F1, lower loss: the better one
+    grid = [_fake_result("first111", 1, [first]), _fake_result("second22", 2, [second])]
+    for result in grid:
+        result.path = "/x/a_directory_name_tune_may_change"
+    summary = write_search_results(grid, TrainConfig(), str(tmp_path), SimpleNamespace(path="space.yaml"))
+    rows = read_results(tmp_path)
+    assert [(r["trial_id"], r["trial_index"]) for r in rows] == [("first111", "1"), ("second22", "2")]
+    assert summary["best_trial"] == "second22" and summary["documented_optimum_trial"] == "first111"
+    board = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith(("first", "second"))]
+    assert board == ["second22", "first111"]  # best first, by the objective
 
 
 # --- unwritable storage ------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def test_lora_on_smollm2_gguf_trains_and_predicts(tmp_path):
         "lora.r": 8,
         "lora.alpha": 16,
         "per_device_batch_size": 2,
-        "grad_accum": 1,
+        "global_batch_size": 2,
         "num_workers": 1,
         "cpus_per_worker": 1.0,
     })

@@ -18,12 +18,12 @@ from ray_mtup.dataset import load_examples
 pytestmark = pytest.mark.integration
 
 N_EVAL = 150
-#: The CPU demonstration settings (also search_spaces/tiny_cpu.yaml's region).
+#: The CPU demonstration settings (also the tiny_cpu search space's region).
 LEARNING = {
     "epochs": 6,
     "learning_rate": 1e-3,
     "per_device_batch_size": 8,
-    "grad_accum": 1,
+    "global_batch_size": 16,  # 8 per worker x 2 workers: no accumulation
     "warmup_ratio": 0.05,
     "num_workers": 2,
     "eval_max_samples": N_EVAL,

@@ -6,7 +6,6 @@ on the root, one triple per relation or attribute.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import smatch
 
 from ray_mtup import scoring
+from ray_mtup.config import corpus_dir
 from ray_mtup.errors import ConfigError, ScoringError
 from ray_mtup.scoring import (
     PairCounts,
@@ -43,8 +43,7 @@ MUON = "(m / muốn-01 :ARG0 (c / cô_giáo) :ARG1 (d / dạy-01 :ARG0 c :ARG2 (
 
 
 def _data_dir() -> Path | None:
-    env = os.environ.get("RAY_MTUP_DATA_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data/vlsp2025"
+    path = corpus_dir(None, default=Path(__file__).resolve().parents[2] / "shared/data/vlsp2025")
     return path if (path / "train_amr_1.txt").is_file() and (path / "train_amr_2.txt").is_file() else None
 
 

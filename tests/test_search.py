@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_mtup.config import SEARCH_SPACES_DIR, resolve_config
+from ray_mtup.config import PACKAGE_DIR, SEARCH_SPACES, resolve_config
 from ray_mtup.search import documented_optimum, load_search_space
 
 pytestmark = pytest.mark.integration
@@ -49,7 +49,7 @@ def test_smoke_search_runs_four_trials_first_is_documented_optimum(smoke):
     assert len(rows) >= 4
     assert all(r["status"] == "TERMINATED" for r in rows)
     first = min(rows, key=lambda r: int(r["trial_index"]))
-    space = load_search_space(SEARCH_SPACES_DIR / "smoke.yaml")
+    space = load_search_space(PACKAGE_DIR / SEARCH_SPACES / "smoke.yaml")
     expected = documented_optimum(space, resolve_config("tiny").replace(**space.overrides))
     for key, value in expected.items():
         got = first[key]
