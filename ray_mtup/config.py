@@ -168,7 +168,10 @@ class TrainConfig:
     # testing
     inject_fault: str | None = field(default=None, metadata={
         "help": "Tests only: 'nan_loss@E' makes the loss NaN in epoch E; 'kill_worker@E' kills the last "
-                "rank's process in epoch E, once per run (a marker file records that it happened)."})
+                "rank's process in epoch E, once per run (a marker file records that it happened); "
+                "'oom@E:M' raises out-of-memory at micro-batch M of epoch E; 'disk_full@E' fails the "
+                "epoch-E checkpoint write with ENOSPC; 'corrupt_adapter@E' / 'drop_state@E' damage the "
+                "newest stored checkpoint in epoch E, then kill the worker (see ray_mtup/faults.py)."})
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, Mapping):
@@ -204,9 +207,9 @@ class TrainConfig:
             _check(self.eval_max_samples >= 1, "eval_max_samples",
                    f"must be >= 1 or null, got {self.eval_max_samples}")
         if self.inject_fault is not None:
-            kind, _, epoch = self.inject_fault.partition("@")
-            _check(kind in ("nan_loss", "kill_worker") and epoch.isdigit(), "inject_fault",
-                   f"expected nan_loss@EPOCH or kill_worker@EPOCH, got {self.inject_fault!r}")
+            from .faults import parse_fault
+
+            parse_fault(self.inject_fault)  # ConfigError naming inject_fault
         _check(self.generation_cache in ("dynamic", "static"), "generation_cache",
                f"must be dynamic or static, got {self.generation_cache!r}")
         _check(self.scoring_mode in SCORING_MODES, "scoring_mode",

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from . import corpus
+from .checkpointing import STATE_FILE
 from .config import TrainConfig
 from .errors import ModelError
 from .generation import generate, parse_outputs, prompts_for
 from .modeling import base_fingerprint, build_model, load_adapter, load_base_weights, load_tokenizer
 from .prompts import get_template
-from .training import STATE_FILE
 
 logger = logging.getLogger(__name__)
 

@@ -13,11 +13,8 @@ restored; AdamW moments restart from zero (documented in the README).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,19 +22,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import corpus, dataset, scoring
+from .checkpointing import (
+    load_resume_state, save_checkpoint, save_stop_state, trainable_state, weights_digest, write_failure,
+)
 from .config import SAMPLE_DATA_DIR, TrainConfig
 from .errors import TrainingError
+from .faults import FaultInjector
 from .generation import Parsed, generate, parse_outputs, prompts_for
-from .modeling import BASE_FILE, apply_lora, base_fingerprint, build_model, build_tokenizer, load_base_weights
+from .modeling import apply_lora, base_fingerprint, build_model, build_tokenizer
 from .prompts import TEMPLATES, get_template
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_FILE = "adapter_model.safetensors"
-STATE_FILE = "trainer_state.json"
-PREDICTIONS_FILE = "val_predictions.txt"
-PREDICTIONS_JSONL = "val_predictions.jsonl"
-
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
     """The DeepSpeed config derived from the training config (the one place it is built).
@@ -246,113 +241,6 @@ def evaluate_epoch(
     return metrics, parsed
 
 
-def _trainable_state(engine: Any, zero_stage: int) -> dict[str, Any]:
-    """Full (gathered) LoRA weights on CPU; every rank must call this under ZeRO-3."""
-    import deepspeed
-
-    params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    if zero_stage == 3:
-        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-            return {n: p.detach().cpu().clone() for n, p in params}
-    return {n: p.detach().cpu().clone() for n, p in params}
-
-
-def save_checkpoint(directory: Path, engine: Any, tokenizer: Any, state: dict[str, Any],
-                    weights: dict[str, Any], predictions: Sequence[dict[str, Any]]) -> None:
-    """Adapter (safetensors), tokenizer, trainer state and the epoch's validation predictions.
-
-    ``predictions`` are dicts with id, sentence, raw, task1_graph and task2_graph (None when
-    invalid); the JSONL keeps them exactly (for re-scoring), the .txt is for reading.
-    """
-    from peft import get_peft_model_state_dict
-
-    model = engine.module
-    adapter_sd = get_peft_model_state_dict(model, state_dict=weights)
-    model.save_pretrained(str(directory), state_dict=adapter_sd, safe_serialization=True)
-    base = {n: w for n, w in weights.items() if "lora_" not in n}
-    if base:  # lora.train_base: the trained base weights, named as in the PeftModel
-        from safetensors.torch import save_file
-
-        save_file(base, str(directory / BASE_FILE))
-    tokenizer.save_pretrained(str(directory))
-    (directory / STATE_FILE).write_text(json.dumps(state, indent=2, ensure_ascii=False), encoding="utf-8")
-    with (directory / PREDICTIONS_JSONL).open("w", encoding="utf-8") as f:
-        for p in predictions:
-            f.write(json.dumps(p, ensure_ascii=False) + "\n")
-    lines = []
-    for p in predictions:
-        graph = p["task2_graph"] if p["task2_graph"] is not None else "# invalid output (scored as empty)"
-        lines.append(f"#::snt {p['sentence']}\n{graph}\n")
-    (directory / PREDICTIONS_FILE).write_text("\n".join(lines), encoding="utf-8")
-
-
-def weights_digest(weights: dict[str, Any]) -> str:
-    """A short hash of named tensors (key order independent); proves which adapter is loaded."""
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        h.update(name.encode())
-        h.update(weights[name].detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _load_resume_state(model: Any) -> dict[str, Any] | None:
-    """Load the adapter of the latest checkpoint into ``model``; return its trainer state."""
-    import ray.train
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as d:
-        state = json.loads((Path(d) / STATE_FILE).read_text(encoding="utf-8"))
-        weights = load_file(str(Path(d) / ADAPTER_FILE))  # safetensors: no pickle is executed
-        load_base_weights(model, Path(d))
-    result = set_peft_model_state_dict(model, weights)
-    if getattr(result, "unexpected_keys", None):
-        raise TrainingError(f"checkpoint adapter does not fit the model: {result.unexpected_keys[:3]}")
-    loaded = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    state["loaded_adapter_digest"] = weights_digest(loaded)
-    logger.info("resuming after epoch %d (adapter %s)", state["epoch"], state["loaded_adapter_digest"])
-    return state
-
-
-class FaultInjector:
-    """Tests only (``TrainConfig.inject_fault``): NaN loss or a killed worker in a given epoch.
-
-    A kill happens once per run: the last rank writes a marker file into the run's storage
-    directory (``run_dir``) before exiting, and a retried or restarted run finds it and
-    trains on.
-    """
-
-    def __init__(self, cfg: TrainConfig, rank: int, world: int, run_dir: str | None = None):
-        self.kind, self.epoch = None, -1
-        if cfg.inject_fault:
-            kind, _, epoch = cfg.inject_fault.partition("@")
-            self.kind, self.epoch = kind, int(epoch)
-        if run_dir and "://" not in run_dir:
-            self.marker = Path(run_dir) / ".fault_injected"
-        else:
-            digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-            self.marker = Path(tempfile.gettempdir()) / f"ray_mtup_fault_{digest}"
-        self.rank, self.world = rank, world
-
-    def loss(self, loss: Any, epoch: int) -> Any:
-        if self.kind == "nan_loss" and epoch == self.epoch:
-            return loss * float("nan")
-        return loss
-
-    def maybe_kill(self, epoch: int) -> None:
-        if self.kind == "kill_worker" and epoch == self.epoch and self.rank == self.world - 1:
-            if not self.marker.exists():
-                self.marker.write_text("killed\n")
-                # Ray Train collects reports by polling the workers (every 2 s by default): wait
-                # past that, so the previous epoch's report and checkpoint are registered.
-                time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2)) + 1)
-                logger.error("inject_fault: killing rank %d in epoch %d", self.rank, epoch)
-                os._exit(17)
-
-
 def _run_dir(ctx: Any) -> str | None:
     """The run's storage directory (Ray's StorageContext is a DeveloperAPI: tolerate its absence)."""
     try:
@@ -404,7 +292,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # predict rebuilds a random-init (tiny) base from its seed; the fingerprint proves it is the same
     fingerprint = base_fingerprint(base) if cfg.model == "tiny" and cfg.model_path is None else None
     model = apply_lora(base, cfg.lora)
-    resume = _load_resume_state(model)
+    resume = load_resume_state(model)
+    if resume and resume.get("stop_reason"):  # the run already ended (NaN loss, out of memory)
+        logger.error("not resuming: the run stopped after epoch %d: %s", resume["epoch"], resume["stop_reason"])
+        return
     start_epoch = resume["epoch"] + 1 if resume else 1
     history: list[dict[str, Any]] = resume["history"] if resume else []
     global_step = resume["global_step"] if resume else 0
@@ -441,19 +332,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         loss_sum, n_loss, real_tokens, padded_tokens = 0.0, 0, 0, 0
         bad_step: int | None = None
+        oom: str | None = None
         for micro, idx in enumerate(batches):
-            items = [train_enc[i] for i in idx]
-            batch = dataset.collate(items, tokenizer.pad_token_id, pad_to_multiple_of=8 if on_gpu else 1)
-            real_tokens += sum(len(x) for x in items)
-            padded_tokens += batch["input_ids"].numel()
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = faults.loss(engine(**batch).loss, epoch)
-            if micro == 1:
-                faults.maybe_kill(epoch)
-            if not torch.isfinite(loss.detach()):
-                bad_step = global_step
-            engine.backward(loss)
-            engine.step()
+            try:
+                faults.before_micro_step(epoch, micro)
+                items = [train_enc[i] for i in idx]
+                batch = dataset.collate(items, tokenizer.pad_token_id, pad_to_multiple_of=8 if on_gpu else 1)
+                real_tokens += sum(len(x) for x in items)
+                padded_tokens += batch["input_ids"].numel()
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss = faults.loss(engine(**batch).loss, epoch)
+                if not torch.isfinite(loss.detach()):
+                    bad_step = global_step
+                engine.backward(loss)
+                engine.step()
+            except torch.OutOfMemoryError:
+                oom = f"out of memory at micro-batch {micro} of epoch {epoch}"
+                if world > 1:  # the other ranks wait inside this step's collectives: fail the group
+                    raise TrainingError(f"{oom} on rank {rank}") from None
+                break
             loss_sum += float(loss.detach())
             n_loss += 1
             if (micro + 1) % cfg.grad_accum == 0:
@@ -473,10 +370,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epoch_time_s": train_time,
             "skipped_long": len(data.skipped_long),
             "stop_reason": "",
+            "resume_note": resume.get("resume_note", "") if resume and epoch == start_epoch else "",
         }
-        if nonfinite > 0:
+        if nonfinite > 0 or oom:
             metrics.update(task1_f1=0.0, task2_f1=0.0, validity=0.0, val_loss=float("nan"), objective=-1.0,
-                           stop_reason=f"non-finite loss at epoch {epoch}, step {global_step}")
+                           stop_reason=oom or f"non-finite loss at epoch {epoch}, step {global_step}")
             history.append(metrics)
             # The weights are no longer usable: the checkpoint carries only the trainer state
             # (history with the stop reason), so the run's results say why it ended.
@@ -486,8 +384,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     logger.error("stopping: %s", metrics["stop_reason"])
                     state = {"epoch": epoch, "global_step": global_step, "history": history,
                              "config": cfg.to_dict(), "stop_reason": metrics["stop_reason"]}
-                    (Path(tmp) / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                    save_stop_state(Path(tmp) / "checkpoint", state)
+                    checkpoint = ray.train.Checkpoint.from_directory(str(Path(tmp) / "checkpoint"))
                 ray.train.report(metrics, checkpoint=checkpoint)
             return
         t1 = time.perf_counter()
@@ -495,23 +393,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics.update(eval_metrics)
         metrics["eval_time_s"] = time.perf_counter() - t1
         history.append(metrics)
-        weights = _trainable_state(engine, cfg.zero_stage)
+        weights = trainable_state(engine, cfg.zero_stage)
         state = {"epoch": epoch, "global_step": global_step, "history": history, "config": cfg.to_dict(),
                  "base_fingerprint": fingerprint, "adapter_digest": weights_digest(weights),
                  "resumed_from_epoch": resume["epoch"] if resume else 0,
                  "resumed_adapter_digest": resume["loaded_adapter_digest"] if resume else None}
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
+            checkpoint, write_error = None, ""
             if rank == 0:
                 preds = [{"id": data.val[i].id, "sentence": data.val[i].sentence, "raw": p.raw,
                           "task1_graph": p.task1_graph, "task2_graph": p.task2_graph}
                          for i, p in enumerate(parsed)]
-                save_checkpoint(Path(tmp), engine, tokenizer, state, weights, preds)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                try:
+                    save_checkpoint(Path(tmp) / "checkpoint", engine, tokenizer, state, weights, preds,
+                                    before_write=faults.write_hook(epoch))
+                    checkpoint = ray.train.Checkpoint.from_directory(str(Path(tmp) / "checkpoint"))
+                except OSError as exc:  # e.g. a full disk: nothing half-written is reported
+                    write_error = write_failure(epoch, exc)
                 logger.info("epoch %d: loss %.4f val_loss %.4f task1 F %.4f task2 F %.4f validity %.3f "
                             "%.0f tok/s", epoch, metrics["train_loss"], metrics["val_loss"],
                             metrics["task1_f1"], metrics["task2_f1"], metrics["validity"],
                             metrics["tokens_per_s"])
+            if _all_reduce([1.0 if write_error else 0.0], device, world, "max")[0] > 0:
+                # The previous checkpoint stays the latest; this epoch cannot be the best one.
+                metrics.update(objective=-1.0, stop_reason=write_error or "rank 0 could not write the checkpoint")
+                logger.error("stopping: %s", metrics["stop_reason"])
+                ray.train.report(metrics, checkpoint=None)
+                return
             ray.train.report(metrics, checkpoint=checkpoint)
         if world > 1:
             dist.barrier()

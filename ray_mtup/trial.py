@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .checkpointing import ADAPTER_FILE, STATE_FILE
 from .config import TrainConfig
 from .errors import ConfigError, TrainingError
-from .training import ADAPTER_FILE, STATE_FILE, train_loop_per_worker
+from .training import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 

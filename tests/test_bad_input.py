@@ -345,7 +345,7 @@ def test_library_never_unpickles():
         for args in _calls(text, "torch.load"):
             assert re.search(r"weights_only\s*=\s*True", args), f"{path}: torch.load({args}) without weights_only=True"
     # the resume path reads safetensors
-    assert "load_file(" in (PACKAGE / "training.py").read_text(encoding="utf-8")
+    assert "load_file(" in (PACKAGE / "checkpointing.py").read_text(encoding="utf-8")
 
 
 def _tiny_cfg() -> TrainConfig:
@@ -356,10 +356,10 @@ def _tiny_cfg() -> TrainConfig:
 
 @pytest.fixture
 def saved_adapter(tmp_path):
-    """A checkpoint directory written by training.save_checkpoint for a tiny model."""
+    """A checkpoint directory written by checkpointing.save_checkpoint for a tiny model."""
     import torch
 
-    from ray_mtup import training
+    from ray_mtup import checkpointing
     from ray_mtup.modeling import apply_lora, build_model, build_tokenizer
 
     cfg = _tiny_cfg()
@@ -374,7 +374,7 @@ def saved_adapter(tmp_path):
     state = {"epoch": 3, "global_step": 9, "history": [{"epoch": e} for e in (1, 2, 3)], "config": cfg.to_dict()}
     ckpt = tmp_path / "checkpoint"
     ckpt.mkdir()
-    training.save_checkpoint(ckpt, SimpleNamespace(module=model), tok, state, weights, [])
+    checkpointing.save_checkpoint(ckpt, SimpleNamespace(module=model), tok, state, weights, [])
     return SimpleNamespace(cfg=cfg, tokenizer=tok, weights=weights, dir=ckpt)
 
 
@@ -402,7 +402,7 @@ def test_resume_state_loads_without_pickle(saved_adapter, monkeypatch):
     import ray.train
     import torch
 
-    from ray_mtup import training
+    from ray_mtup import checkpointing
     from ray_mtup.modeling import apply_lora, build_model
 
     torch.manual_seed(1)
@@ -410,7 +410,7 @@ def test_resume_state_loads_without_pickle(saved_adapter, monkeypatch):
     monkeypatch.setattr(ray.train, "get_checkpoint",
                         lambda: ray.train.Checkpoint.from_directory(str(saved_adapter.dir)))
     _forbid_pickle(monkeypatch)
-    state = training._load_resume_state(model)
+    state = checkpointing.load_resume_state(model)
     assert (state["epoch"], state["global_step"]) == (3, 9)
     loaded = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert loaded.keys() == saved_adapter.weights.keys()
