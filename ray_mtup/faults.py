@@ -1,6 +1,6 @@
 """Fault injection for the fault tests (``TrainConfig.inject_fault``); inert when unset.
 
-A spec is ``KIND@EPOCH`` or, for ``oom``, ``oom@EPOCH:MICRO``:
+A spec is ``KIND@EPOCH``, or ``oom@EPOCH:MICRO`` (MICRO: 0-based micro-batch within the epoch):
 
 * ``nan_loss@E``: the loss of every micro-batch of epoch E becomes NaN;
 * ``kill_worker@E``: the last rank's process exits in epoch E (once per run);
@@ -60,7 +60,7 @@ def parse_fault(spec: str) -> FaultSpec:
     'disk_full'
     """
     m = _SPEC.fullmatch(spec) if isinstance(spec, str) else None
-    if m is None or m["kind"] not in KINDS or (m["micro"] is not None and m["kind"] != "oom"):
+    if m is None or m["kind"] not in KINDS or (m["micro"] is not None) != (m["kind"] == "oom"):
         raise ConfigError("inject_fault", f"expected KIND@EPOCH (oom@EPOCH:MICRO) with KIND one of "
                                           f"{list(KINDS)}, got {spec!r}")
     return FaultSpec(m["kind"], int(m["epoch"]), int(m["micro"] or 0))
