@@ -288,12 +288,16 @@ def _coerce(key: str, type_name: str, value: Any) -> Any:
     elif base == "str":
         if isinstance(value, str):
             return value
-    else:  # nested settings and tuples are checked by their own constructors
+    elif base.startswith("tuple"):  # tuple[str, ...]: a list of names, never one string split up
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(key, f"expected a list of names, got {value!r}")
+    elif isinstance(value, Mapping):  # nested settings: checked by their own constructors
         return value
     raise ConfigError(key, f"expected {base}, got {value!r}")
 
 
-def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any], _prefix: str = "") -> dict[str, Any]:
     """Merge ``overrides`` into a copy of ``base``; ``"lora.r": 16`` sets a nested key.
 
     >>> merge({"a": 1, "lora": {"r": 64, "alpha": 128}}, {"lora.r": 16, "a": 2})
@@ -305,10 +309,10 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
         if rest:
             sub = out.get(head)
             if not isinstance(sub, dict):
-                raise ConfigError(key, f"{head!r} is not a nested setting")
-            out[head] = merge(sub, {rest: value})
+                raise ConfigError(_prefix + key, f"{_prefix + head!r} is not a nested setting")
+            out[head] = merge(sub, {rest: value}, f"{_prefix}{head}.")
         elif isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+            out[key] = merge(out[key], value, f"{_prefix}{key}.")
         else:
             out[key] = value
     return out
