@@ -26,8 +26,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .errors import CheckpointError, TrainingError
 from .modeling import BASE_FILE, load_base_weights
@@ -270,7 +271,7 @@ def _earlier_checkpoints(latest: Any) -> list[Any]:
     try:
         reported = ray.train.get_all_reported_checkpoints(
             consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-    except Exception as exc:  # an alpha API of Ray Train: its absence means "no fallback"
+    except Exception as exc:  # noqa: BLE001 -- an alpha API of Ray Train: failing means "no fallback"
         logger.error("cannot list the run's earlier checkpoints: %s", exc)
         return []
     others = [r for r in reported if r.checkpoint.path != latest.path]

@@ -69,7 +69,7 @@ def parse_fault(spec: str) -> FaultSpec:
 class FaultInjector:
     """Injects the configured fault on the given rank; ``run_dir`` holds the once-per-run marker."""
 
-    def __init__(self, cfg: "TrainConfig", rank: int, world: int, run_dir: str | None = None):
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, run_dir: str | None = None):
         self.spec = parse_fault(cfg.inject_fault) if cfg.inject_fault else None
         self.rank, self.world = rank, world
         self.run_dir = Path(run_dir) if run_dir and "://" not in run_dir else None
@@ -102,7 +102,7 @@ class FaultInjector:
         self.marker.write_text(f"{self.spec.kind}\n")
         # Ray Train collects reports by polling the workers (every 2 s by default): wait past
         # that, so the previous epoch's report and checkpoint are registered.
-        time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2)) + 1)
+        time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 1)
         if self.spec.kind != "kill_worker":
             self._damage_newest_checkpoint()
         logger.error("inject_fault: killing rank %d in epoch %d", self.rank, epoch)

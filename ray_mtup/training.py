@@ -23,7 +23,12 @@ from typing import Any, Sequence
 
 from . import corpus, dataset, scoring
 from .checkpointing import (
-    load_resume_state, save_checkpoint, save_stop_state, trainable_state, weights_digest, write_failure,
+    load_resume_state,
+    save_checkpoint,
+    save_stop_state,
+    trainable_state,
+    weights_digest,
+    write_failure,
 )
 from .config import SAMPLE_DATA_DIR, TrainConfig
 from .errors import TrainingError
