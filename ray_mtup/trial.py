@@ -208,8 +208,10 @@ def run_single(cfg: TrainConfig, name: str, storage_path: str, output_dir: str |
     if not with_adapter:
         raise TrainingError(f"run {name} stopped: {state.get('stop_reason') or 'no epoch produced an adapter'}")
     best_ckpt = max(with_adapter, key=lambda cm: cm[1].get(OBJECTIVE, -1.0))[0]
-    if state.get("stop_reason"):
-        logger.error("run %s stopped early: %s; outputs use its best earlier epoch", name, state["stop_reason"])
+    # a failed checkpoint write (full disk) reports its reason without a checkpoint
+    reason = state.get("stop_reason") or (result.metrics or {}).get("stop_reason")
+    if reason:
+        logger.error("run %s stopped early: %s; outputs use its best earlier epoch", name, reason)
     return write_run_outputs(Path(output_dir), cfg, history, best_ckpt)
 
 
