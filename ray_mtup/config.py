@@ -102,7 +102,7 @@ def config_error(exc: ValidationError) -> ConfigError:
     original = ctx.get("error")
     if isinstance(original, ConfigError):  # a project check (below) raised inside pydantic
         return ConfigError(".".join(path + [original.field]), original.message)
-    field = ".".join(path) or exc.title
+    field = ".".join(path) if path else exc.title
     kind, value = err["type"], err.get("input")
     if kind in _BOUNDS:
         key, op = _BOUNDS[kind]
@@ -237,7 +237,10 @@ class TrainConfig(Settings):
     # testing
     inject_fault: str | None = Field(None, description=(
         "Tests only: 'nan_loss@E' makes the loss NaN in epoch E; 'kill_worker@E' kills the last "
-        "rank's process in epoch E, once per run (a marker file records that it happened)."))
+        "rank's process in epoch E, once per run (a marker file records that it happened); "
+        "'oom@E:M' raises out-of-memory at micro-batch M of epoch E; 'disk_full@E' fails the "
+        "epoch-E checkpoint write with ENOSPC; 'corrupt_adapter@E' / 'drop_state@E' damage the "
+        "newest stored checkpoint in epoch E, then kill the worker (see ray_mtup/faults.py)."))
 
     @model_validator(mode="after")
     def _project_checks(self) -> TrainConfig:
@@ -248,9 +251,9 @@ class TrainConfig(Settings):
                f"unknown template {self.template!r}; choose from {list(TEMPLATE_NAMES)}")
         _check(self.zero_stage in (2, 3), "zero_stage", f"must be 2 or 3, got {self.zero_stage}")
         if self.inject_fault is not None:
-            kind, _, epoch = self.inject_fault.partition("@")
-            _check(kind in ("nan_loss", "kill_worker") and epoch.isdigit(), "inject_fault",
-                   f"expected nan_loss@EPOCH or kill_worker@EPOCH, got {self.inject_fault!r}")
+            from .faults import parse_fault
+
+            parse_fault(self.inject_fault)  # ConfigError naming inject_fault
         _check(self.generation_cache in ("dynamic", "static"), "generation_cache",
                f"must be dynamic or static, got {self.generation_cache!r}")
         _check(self.scoring_mode in SCORING_MODES, "scoring_mode",
@@ -300,7 +303,7 @@ class TrainConfig(Settings):
         return TrainConfig.from_dict(merge(self.to_dict(), overrides))
 
 
-def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any], _prefix: str = "") -> dict[str, Any]:
     """Merge ``overrides`` into a copy of ``base``; ``"lora.r": 16`` sets a nested key.
 
     >>> merge({"a": 1, "lora": {"r": 64, "alpha": 128}}, {"lora.r": 16, "a": 2})
@@ -312,10 +315,10 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
         if rest:
             sub = out.get(head)
             if not isinstance(sub, dict):
-                raise ConfigError(key, f"{head!r} is not a nested setting")
-            out[head] = merge(sub, {rest: value})
+                raise ConfigError(_prefix + key, f"{_prefix + head!r} is not a nested setting")
+            out[head] = merge(sub, {rest: value}, f"{_prefix}{head}.")
         elif isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+            out[key] = merge(out[key], value, f"{_prefix}{key}.")
         else:
             out[key] = value
     return out

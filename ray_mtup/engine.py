@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .config import TrainConfig
 from .checkpointing import load_resume_state
@@ -100,11 +100,12 @@ class Schedule:
 
 
 def build_engine(cfg: TrainConfig, source: WeightsSource, tokenizer: Any, world_size: int, on_gpu: bool,
-                 schedule: Schedule, checkpoint_dir: Path | None = None) -> tuple[Any, Any, dict[str, Any] | None]:
+                 schedule: Schedule, checkpoints: Sequence[Path] = ()) -> tuple[Any, Any, dict[str, Any] | None]:
     """(engine, keep-alive, resumed trainer state or None).
 
     The base is loaded from ``source`` (partitioned while loading under ZeRO-3), LoRA is
-    applied, the checkpoint in ``checkpoint_dir`` (if any) is loaded into it, then
+    applied, the newest usable of ``checkpoints`` (newest first; see
+    :func:`~ray_mtup.checkpointing.load_resume_state`) is loaded into it, then
     ``deepspeed.initialize``; a resumed run's schedule continues at its saved step. Keep the
     second value alive as long as the engine: under ZeRO-3 transformers reads it to know the
     weights are partitioned.
@@ -117,7 +118,7 @@ def build_engine(cfg: TrainConfig, source: WeightsSource, tokenizer: Any, world_
     ds_config = deepspeed_config(cfg, world_size, on_gpu)
     keep_alive = HfDeepSpeedConfig(ds_config)  # before from_pretrained: ZeRO-3 partitions on load
     model = apply_lora(build_model(source, cfg, tokenizer, "cuda" if on_gpu else "cpu"), cfg.lora)
-    resume = load_resume_state(model, checkpoint_dir)
+    resume = load_resume_state(model, list(checkpoints))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],

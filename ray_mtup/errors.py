@@ -54,3 +54,12 @@ class ScoringError(RayMtupError):
 
 class TrainingError(RayMtupError):
     """A training run that cannot go on (e.g. the loss became NaN or infinite)."""
+
+
+class CheckpointError(RayMtupError):
+    """A checkpoint that cannot be used (truncated, missing or unparseable file); names the file."""
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        self.message = message
+        self.path = str(path) if path is not None else None
+        super().__init__(f"{self.path}: {message}" if self.path else message)

@@ -1,56 +1,136 @@
-"""Fault injection for the fault tests (``TrainConfig.inject_fault``), outside the loop body.
+"""Fault injection for the fault tests (``TrainConfig.inject_fault``); inert when unset.
 
-The loop calls two hooks, :meth:`FaultInjector.loss` and :meth:`FaultInjector.before_micro_step`;
-with ``inject_fault`` unset both do nothing.
+A spec is ``KIND@EPOCH``, or ``oom@EPOCH:MICRO`` (MICRO: 0-based micro-batch within the epoch):
+
+* ``nan_loss@E``: the loss of every micro-batch of epoch E becomes NaN;
+* ``kill_worker@E``: the last rank's process exits in epoch E (once per run);
+* ``oom@E:M``: the last rank raises ``torch.OutOfMemoryError`` before micro-batch M of epoch E;
+* ``disk_full@E``: writing the epoch-E checkpoint fails with ENOSPC after the adapter is written;
+* ``corrupt_adapter@E`` / ``drop_state@E``: in epoch E the last rank truncates the adapter
+  (deletes the trainer state) of the run's newest stored checkpoint, then exits (once per run),
+  so the restarted workers resume from a damaged checkpoint.
+
+The training loop calls it only through :meth:`FaultInjector.loss`,
+:meth:`FaultInjector.before_micro_step` and :meth:`FaultInjector.write_hook`. A fault that
+happens once per run leaves a marker file in the run's storage directory, which a restarted
+worker group finds.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import TrainConfig
+from .checkpointing import ADAPTER_FILE, STATE_FILE, WriteHook
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
+KINDS = ("nan_loss", "kill_worker", "oom", "disk_full", "corrupt_adapter", "drop_state")
+_SPEC = re.compile(r"(?P<kind>[a-z_]+)@(?P<epoch>\d+)(?::(?P<micro>\d+))?")
+#: The micro-batch (within the epoch) at which the once-per-run faults act.
+ACTION_MICRO = 1
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    kind: str
+    epoch: int
+    micro: int = 0
+
+
+def parse_fault(spec: str) -> FaultSpec:
+    """Parse an ``inject_fault`` value; a bad one raises ConfigError naming the field.
+
+    >>> parse_fault("oom@2:3")
+    FaultSpec(kind='oom', epoch=2, micro=3)
+    >>> parse_fault("disk_full@1").kind
+    'disk_full'
+    """
+    m = _SPEC.fullmatch(spec) if isinstance(spec, str) else None
+    if m is None or m["kind"] not in KINDS or (m["micro"] is not None) != (m["kind"] == "oom"):
+        raise ConfigError("inject_fault", f"expected KIND@EPOCH (oom@EPOCH:MICRO) with KIND one of "
+                                          f"{list(KINDS)}, got {spec!r}")
+    return FaultSpec(m["kind"], int(m["epoch"]), int(m["micro"] or 0))
+
 
 class FaultInjector:
-    """Tests only (``TrainConfig.inject_fault``): NaN loss or a killed worker in a given epoch.
-
-    A kill happens once per run: the last rank writes a marker file into the run's storage
-    directory (``run_dir``) before exiting, and a retried or restarted run finds it and
-    trains on.
-    """
+    """Injects the configured fault on the given rank; ``run_dir`` holds the once-per-run marker."""
 
     def __init__(self, cfg: TrainConfig, rank: int, world: int, run_dir: Path | None = None):
-        self.kind, self.epoch = None, -1
-        if cfg.inject_fault:
-            kind, _, epoch = cfg.inject_fault.partition("@")
-            self.kind, self.epoch = kind, int(epoch)
-        if run_dir is not None:
-            self.marker = run_dir / ".fault_injected"
+        self.spec = parse_fault(cfg.inject_fault) if cfg.inject_fault else None
+        self.rank, self.world = rank, world
+        self.run_dir = run_dir
+        if self.run_dir is not None:
+            self.marker = self.run_dir / ".fault_injected"
         else:
             digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
             self.marker = Path(tempfile.gettempdir()) / f"ray_mtup_fault_{digest}"
-        self.rank, self.world = rank, world
+
+    def _is(self, kind: str, epoch: int) -> bool:
+        return self.spec is not None and self.spec.kind == kind and self.spec.epoch == epoch
 
     def loss(self, loss: Any, epoch: int) -> Any:
-        if self.kind == "nan_loss" and epoch == self.epoch:
-            return loss * float("nan")
-        return loss
+        """The loss, made NaN under ``nan_loss`` in its epoch."""
+        return loss * float("nan") if self._is("nan_loss", epoch) else loss
 
     def before_micro_step(self, epoch: int, micro: int) -> None:
-        if self.kind == "kill_worker" and epoch == self.epoch and micro == 1 and self.rank == self.world - 1:
-            if not self.marker.exists():
-                self.marker.write_text("killed\n")
-                # Ray Train collects reports by polling the workers (every 2 s by default): wait
-                # past that, so the previous epoch's report and checkpoint are registered.
-                time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2)) + 1)
-                logger.error("inject_fault: killing rank %d in epoch %d", self.rank, epoch)
-                os._exit(17)
+        """Before micro-batch ``micro`` (0-based) of ``epoch``: OOM, kill, corrupt-and-kill."""
+        if self.spec is None or self.spec.epoch != epoch or self.rank != self.world - 1:
+            return
+        if self.spec.kind == "oom" and micro == self.spec.micro:
+            import torch
+
+            logger.error("inject_fault: out of memory on rank %d at micro-batch %d of epoch %d",
+                         self.rank, micro, epoch)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by inject_fault)")
+        if micro != ACTION_MICRO or self.marker.exists() or self.spec.kind not in (
+                "kill_worker", "corrupt_adapter", "drop_state"):
+            return
+        self.marker.write_text(f"{self.spec.kind}\n")
+        # Ray Train collects reports by polling the workers (every 2 s by default): wait past
+        # that, so the previous epoch's report and checkpoint are registered.
+        time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 1)
+        if self.spec.kind != "kill_worker":
+            self._damage_newest_checkpoint()
+        logger.error("inject_fault: killing rank %d in epoch %d", self.rank, epoch)
+        os._exit(17)
+
+    def write_hook(self, epoch: int) -> WriteHook | None:
+        """A hook for :func:`~ray_mtup.checkpointing.save_checkpoint`: ENOSPC under ``disk_full``."""
+        if not self._is("disk_full", epoch):
+            return None
+
+        def fail(name: str) -> None:
+            if name == STATE_FILE:  # the adapter is already (partly) written: a mid-save failure
+                logger.error("inject_fault: disk full while writing %s in epoch %d", name, epoch)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+
+        return fail
+
+    def _damage_newest_checkpoint(self) -> None:
+        if self.run_dir is None:
+            raise RuntimeError(f"inject_fault {self.spec.kind} needs a local storage path")
+        found = [p for p in self.run_dir.glob("checkpoint_*") if (p / STATE_FILE).is_file()]
+        if not found:
+            raise RuntimeError(f"inject_fault {self.spec.kind}: no checkpoint in {self.run_dir}")
+        newest = max(found, key=lambda p: json.loads((p / STATE_FILE).read_text(encoding="utf-8"))["epoch"])
+        if self.spec.kind == "corrupt_adapter":
+            path = newest / ADAPTER_FILE
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        else:
+            path = newest / STATE_FILE
+            path.unlink()
+        logger.error("inject_fault: damaged %s", path)

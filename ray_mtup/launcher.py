@@ -84,12 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     import yaml
 
+    from .errors import ConfigError
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(key, "expected KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value)
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(key or "--set", f"expected KEY=VALUE, got {item!r}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise ConfigError(key, f"{value!r} is not a valid YAML value ({problem})") from None
     return out
 
 

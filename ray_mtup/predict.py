@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import corpus
+from .checkpointing import STATE_FILE
 from .config import TrainConfig
 from .errors import ModelError
 from .generation import generate, parse_outputs, prompts_for

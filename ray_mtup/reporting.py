@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import objective
-from .config import TrainConfig
 from .checkpointing import PREDICTIONS_JSONL
+from .config import TrainConfig
 from .trial import SAMPLED_KEYS, apply_sampled
 
 logger = logging.getLogger(__name__)
@@ -43,12 +43,20 @@ class TrialRecord:
 
     @property
     def best(self) -> dict[str, Any]:
-        return dict(objective.best_epoch(self.history))
+        """The best epoch; an epoch that stopped the trial (e.g. its checkpoint could not be
+        written) only when there is no other."""
+        usable = [m for m in self.history if not m.get("stop_reason")] or self.history
+        return dict(objective.best_epoch(usable))
 
     @property
     def stop_reason(self) -> str:
         reasons = [m.get("stop_reason") for m in self.history if m.get("stop_reason")]
         return str(reasons[-1]) if reasons else ""
+
+    @property
+    def resume_note(self) -> str:
+        """Why a resume used an older checkpoint than the latest (see ray_mtup.checkpointing), or ''."""
+        return "; ".join(str(m["resume_note"]) for m in self.history if m.get("resume_note"))
 
     @property
     def stopped_early(self) -> bool:
@@ -128,6 +136,7 @@ def leaderboard_rows(records: Sequence[TrialRecord]) -> list[dict[str, Any]]:
             "val_loss": best.get("val_loss"),
             "stopped_early": r.stopped_early,
             "stop_reason": r.stop_reason or r.error,
+            "resume_note": r.resume_note,
             "wall_time_s": round(r.wall_time_s, 1),
             "device_hours": round(r.device_hours(), 5),
             "checkpoint_path": best.get("checkpoint_path"),
@@ -306,9 +315,11 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
         writer.writeheader()
         writer.writerows(rows)
     print(format_leaderboard(rows), flush=True)
-    # A trial whose every epoch diverged (non-finite loss: val_loss NaN, no checkpoint) cannot be
-    # the best one: it is listed with its stop_reason, and the search may have no best at all.
-    scored = [r for r in records if r.history and r.best.get("val_loss") is not None]
+    # A trial whose every epoch diverged (non-finite loss: val_loss NaN, no checkpoint) or stopped
+    # the trial (a checkpoint that could not be written) cannot be the best one: it is listed with
+    # its stop_reason, and the search may have no best at all.
+    scored = [r for r in records
+              if r.history and r.best.get("val_loss") is not None and not r.best.get("stop_reason")]
     summary: dict[str, Any] = {"experiment_dir": experiment_dir, "search_space": space.path,
                                "n_trials": len(records), "n_errors": sum(r.status == "ERROR" for r in records),
                                "objective": "task2_f1 (validation, corpus SMATCH), ties by val_loss",

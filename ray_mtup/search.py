@@ -116,24 +116,56 @@ def load_search_space(path: str | Path) -> SearchSpace:
             raise ConfigError(f"params.{name}", f"not a tunable hyper-parameter; choose from {list(SAMPLED_KEYS)}")
         if not isinstance(spec, dict):
             raise ConfigError(f"params.{name}", "expected a mapping with 'type'")
-        extra = sorted(set(spec) - {"type", "low", "high", "values"})
+        extra = sorted(set(spec) - {"type", "low", "high", "values"}, key=str)
         if extra:
             raise ConfigError(f"params.{name}.{extra[0]}", "unknown key; valid: type, low, high, values")
+        values = spec.get("values")
+        if values is not None and not isinstance(values, list):
+            raise ConfigError(f"params.{name}.values", f"expected a list, got {values!r}")
         params[name] = ParamSpec(name, str(spec.get("type")), _num(spec.get("low"), f"params.{name}.low"),
-                                 _num(spec.get("high"), f"params.{name}.high"), tuple(spec.get("values") or ()))
+                                 _num(spec.get("high"), f"params.{name}.high"), tuple(values or ()))
+        _check_param_values(params[name])
     overrides = data.get("overrides") or {}
-    if not isinstance(overrides, dict):
+    if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
         raise ConfigError("overrides", "expected a mapping of TrainConfig fields")
     TrainConfig().replace(**overrides)  # validates field names and values
-    space = SearchSpace(str(path), params, **{k: data[k] for k in ("num_samples", "grace_period",
-                                                                      "reduction_factor", "seed") if k in data},
-                        overrides=dict(overrides))
+    counters = {k: _int(data[k], k) for k in ("num_samples", "grace_period", "reduction_factor", "seed") if k in data}
+    space = SearchSpace(str(path), params, **counters, overrides=dict(overrides))
     for key in ("num_samples", "grace_period"):
         if int(getattr(space, key)) < 1:
             raise ConfigError(key, f"must be >= 1, got {getattr(space, key)}")
     if space.reduction_factor < 2:
         raise ConfigError("reduction_factor", f"must be >= 2, got {space.reduction_factor}")
     return space
+
+
+#: Sampled hyper-parameters that take integers (the others but ``template`` take any number).
+INT_PARAMS = ("epochs", "lora_r")
+
+
+def _check_param_values(spec: ParamSpec) -> None:
+    """Every choice value and bound has the parameter's type and gives a valid trial config."""
+    from .trial import apply_sampled
+
+    if spec.name == "template":  # its values are checked against the template names
+        return
+    points = ([(f"params.{spec.name}.values", v) for v in spec.values] if spec.type == "choice"
+              else [(f"params.{spec.name}.low", spec.low), (f"params.{spec.name}.high", spec.high)])
+    for key, value in points:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
+        if spec.name in INT_PARAMS and (not float(value).is_integer() or abs(value) > 2**31):
+            raise ConfigError(key, f"expected an integer below 2**31, got {value!r}")
+        try:
+            apply_sampled(TrainConfig().to_dict(), {spec.name: value})
+        except ConfigError as exc:
+            raise ConfigError(key, f"{value!r} makes an invalid trial config ({exc})") from None
+
+
+def _int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    return int(value)
 
 
 def _num(value: Any, key: str) -> float | None:

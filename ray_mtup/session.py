@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol
+
+logger = logging.getLogger(__name__)
 
 
 class Session(Protocol):
@@ -25,8 +28,9 @@ class Session(Protocol):
     world_size: int
     local_rank: int
 
-    def resume_from(self) -> contextlib.AbstractContextManager[Path | None]:
-        """The latest checkpoint directory to resume from (None: a fresh start)."""
+    def resume_from(self) -> contextlib.AbstractContextManager[list[Path]]:
+        """Checkpoint directories to resume from, newest first (empty: a fresh start); the
+        newest is the one to use, the others are the fallback when it is damaged."""
 
     def report(self, metrics: Mapping[str, Any], checkpoint_dir: Path | None) -> None:
         """One epoch's metrics, on every rank, the same number of times; the checkpoint on rank 0."""
@@ -47,15 +51,30 @@ class RaySession:
         self.local_rank = self._ctx.get_local_rank()
 
     @contextlib.contextmanager
-    def resume_from(self) -> Iterator[Path | None]:
+    def resume_from(self) -> Iterator[list[Path]]:
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
+        latest = ray.train.get_checkpoint()
+        if latest is None:
+            yield []
             return
-        with checkpoint.as_directory() as d:
-            yield Path(d)
+        with contextlib.ExitStack() as stack:
+            yield [Path(stack.enter_context(c.as_directory())) for c in [latest, *self._earlier(latest)]]
+
+    @staticmethod
+    def _earlier(latest: Any) -> list[Any]:
+        """The run's other kept checkpoints, newest epoch first."""
+        import ray.train
+
+        try:
+            reported = ray.train.get_all_reported_checkpoints(
+                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+        except Exception as exc:  # noqa: BLE001 -- an alpha API of Ray Train: failing means "no fallback"
+            logger.error("cannot list the run's earlier checkpoints: %s", exc)
+            return []
+        others = [r for r in reported if r.checkpoint.path != latest.path]
+        others.sort(key=lambda r: -float((r.metrics or {}).get("epoch") or 0))
+        return [r.checkpoint for r in others]
 
     def report(self, metrics: Mapping[str, Any], checkpoint_dir: Path | None) -> None:
         import ray.train
@@ -90,9 +109,8 @@ class TorchrunSession:
         return sorted(p for p in self.out_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and "." not in p.name)
 
     @contextlib.contextmanager
-    def resume_from(self) -> Iterator[Path | None]:
-        found = self.checkpoints()
-        yield found[-1] if found else None
+    def resume_from(self) -> Iterator[list[Path]]:
+        yield self.checkpoints()[::-1]
 
     def report(self, metrics: Mapping[str, Any], checkpoint_dir: Path | None) -> None:
         if self.rank != 0:

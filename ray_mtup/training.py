@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import dataset, objective
-from .checkpointing import STATE_FILE, save_checkpoint, trainable_state, weights_digest
+from .checkpointing import save_checkpoint, save_stop_state, trainable_state, weights_digest, write_failure
 from .config import TrainConfig
 from .engine import Schedule, build_engine, grad_accum
 from .errors import TrainingError
@@ -92,24 +92,30 @@ def train_loop(cfg: TrainConfig, session: Session) -> None:
     sampler = dataset.LengthGroupedBatches([len(e) for e in data.train_encoded], cfg.per_device_batch_size,
                                            session.rank, world, cfg.seed)
     schedule = plan_schedule(cfg, len(sampler), world)
-    with session.resume_from() as checkpoint_dir:
-        engine, _keep_alive, resume = build_engine(cfg, source, tokenizer, world, on_gpu, schedule, checkpoint_dir)
+    with session.resume_from() as checkpoints:
+        engine, _keep_alive, resume = build_engine(cfg, source, tokenizer, world, on_gpu, schedule, checkpoints)
+    if resume and resume.get("stop_reason"):  # the run already ended (NaN loss, out of memory)
+        logger.error("not resuming: the run stopped after epoch %d: %s", resume["epoch"], resume["stop_reason"])
+        return
     w = Worker(cfg, session, engine, tokenizer, data, source, device, on_gpu)
     history: list[dict[str, Any]] = resume["history"] if resume else []
     step = resume["global_step"] if resume else 0
     _log_start(w, schedule, resume)
     faults = FaultInjector(cfg, session.rank, world, session.run_dir())
-    for epoch in range((resume["epoch"] + 1) if resume else 1, cfg.epochs + 1):
+    first = (resume["epoch"] + 1) if resume else 1
+    for epoch in range(first, cfg.epochs + 1):
         sampler.set_epoch(epoch)
         metrics, step = train_epoch(w, list(sampler), schedule, epoch, step, faults)
+        metrics["resume_note"] = resume.get("resume_note", "") if resume and epoch == first else ""
         history.append(metrics)
         if metrics["stop_reason"]:
-            _report(w, history, resume, parsed=None)
+            _report(w, history, resume, parsed=None, faults=faults)
             return
         t0 = time.perf_counter()
         eval_metrics, parsed = evaluate_epoch(engine, tokenizer, cfg, data, session.rank, world, device)
         metrics.update(eval_metrics, eval_time_s=time.perf_counter() - t0)
-        _report(w, history, resume, parsed)
+        if not _report(w, history, resume, parsed, faults):
+            return
 
 
 def train_epoch(w: Worker, batches: list[list[int]], schedule: Schedule, epoch: int, step: int,
@@ -117,7 +123,9 @@ def train_epoch(w: Worker, batches: list[list[int]], schedule: Schedule, epoch: 
     """One epoch of optimizer steps; returns its metrics and the new global step.
 
     Every rank runs the same number of micro-steps; a non-finite loss on any rank stops the
-    run at the end of that optimizer step, with the reason in the metrics.
+    run at the end of that optimizer step, and running out of memory stops it at once, each
+    with the reason in the metrics (with several ranks, out of memory fails the worker group:
+    the others wait inside the step's collectives).
     """
     import torch
 
@@ -127,17 +135,23 @@ def train_epoch(w: Worker, batches: list[list[int]], schedule: Schedule, epoch: 
     batches = (batches * (1 + micro_steps // max(1, len(batches))))[:micro_steps]
     engine.train()
     t0 = time.perf_counter()
-    loss_sum, real_tokens, padded_tokens, nonfinite = 0.0, 0, 0, 0.0
+    loss_sum, real_tokens, padded_tokens, nonfinite, oom = 0.0, 0, 0, 0.0, ""
     for micro, idx in enumerate(batches):
-        faults.before_micro_step(epoch, micro)
         items = [w.data.train_encoded[i] for i in idx]
         batch = dataset.collate(items, w.tokenizer.pad_token_id, pad_to_multiple_of=8 if w.on_gpu else 1)
         real_tokens += sum(len(x) for x in items)
         padded_tokens += batch["input_ids"].numel()
-        loss = faults.loss(engine(**{k: v.to(w.device) for k, v in batch.items()}).loss, epoch)
-        nonfinite = max(nonfinite, 0.0 if torch.isfinite(loss.detach()) else 1.0)
-        engine.backward(loss)
-        engine.step()
+        try:
+            faults.before_micro_step(epoch, micro)
+            loss = faults.loss(engine(**{k: v.to(w.device) for k, v in batch.items()}).loss, epoch)
+            nonfinite = max(nonfinite, 0.0 if torch.isfinite(loss.detach()) else 1.0)
+            engine.backward(loss)
+            engine.step()
+        except torch.OutOfMemoryError:
+            oom = f"out of memory at micro-batch {micro} of epoch {epoch}"
+            if world > 1:
+                raise TrainingError(f"{oom} on rank {w.session.rank}") from None
+            break
         loss_sum += float(loss.detach())
         if (micro + 1) % accum == 0:
             step += 1
@@ -150,8 +164,8 @@ def train_epoch(w: Worker, batches: list[list[int]], schedule: Schedule, epoch: 
                "lr": engine.get_lr()[0], "tokens_per_s": real_tokens / max(seconds, 1e-9),
                "useful_token_fraction": real_tokens / max(padded_tokens, 1), "epoch_time_s": seconds,
                "skipped_long": len(w.data.skipped_long), **batch_metrics(cfg, world),
-               "stop_reason": f"non-finite loss at epoch {epoch}, step {step}" if nonfinite else ""}
-    if nonfinite:
+               "stop_reason": oom or (f"non-finite loss at epoch {epoch}, step {step}" if nonfinite else "")}
+    if metrics["stop_reason"]:
         metrics.update(task1_f1=0.0, task2_f1=0.0, validity=0.0, val_loss=float("nan"), **{objective.METRIC: -1.0})
     return metrics, step
 
@@ -162,14 +176,15 @@ def batch_metrics(cfg: TrainConfig, world: int) -> dict[str, int]:
             "grad_accum": grad_accum(cfg, world), "world_size": world}
 
 
-def _report(w: Worker, history: list[dict[str, Any]], resume: dict[str, Any] | None, parsed: Any) -> None:
-    """Report the last epoch on every rank; rank 0 attaches the checkpoint.
+def _report(w: Worker, history: list[dict[str, Any]], resume: dict[str, Any] | None, parsed: Any,
+            faults: FaultInjector) -> bool:
+    """Report the last epoch on every rank; rank 0 attaches the checkpoint. False: the run stops.
 
-    After a non-finite loss (``parsed`` None) the weights are unusable: the checkpoint carries
-    only the trainer state, so the run's results say why it ended.
+    After a stop (``parsed`` None: non-finite loss, out of memory) the weights are unusable:
+    the checkpoint carries only the trainer state, so the run's results say why it ended. A
+    checkpoint that cannot be written (a full disk) stops the run too; the previous checkpoint
+    stays the latest.
     """
-    import torch.distributed as dist
-
     metrics = history[-1]
     weights = trainable_state(w.engine.module) if parsed is not None else None  # a collective under ZeRO-3
     state = {"epoch": metrics["epoch"], "global_step": metrics["global_step"], "history": history,
@@ -177,32 +192,41 @@ def _report(w: Worker, history: list[dict[str, Any]], resume: dict[str, Any] | N
              "stop_reason": metrics["stop_reason"],
              "adapter_digest": weights_digest(weights) if weights is not None else None,
              "resumed_from_epoch": resume["epoch"] if resume else 0,
-             "resumed_adapter_digest": resume["loaded_adapter_digest"] if resume else None}
+             "resumed_adapter_digest": resume.get("loaded_adapter_digest") if resume else None}
     with tempfile.TemporaryDirectory() as tmp:
-        directory = None
+        directory, write_error = Path(tmp) / "checkpoint", ""
         if w.session.rank == 0:
-            directory = Path(tmp)
-            if weights is None:
-                logger.error("stopping: %s", metrics["stop_reason"])
-                (directory / STATE_FILE).write_text(_json(state), encoding="utf-8")
-            else:
-                save_checkpoint(directory, w.engine.module, w.tokenizer, state, weights,
-                                _predictions(w.data, parsed))
-                _log_epoch(metrics)
-        w.session.report(metrics, directory)
-    if w.session.world_size > 1 and dist.is_initialized():
+            try:
+                if weights is None:
+                    logger.error("stopping: %s", metrics["stop_reason"])
+                    save_stop_state(directory, state)
+                else:
+                    save_checkpoint(directory, w.engine.module, w.tokenizer, state, weights,
+                                    _predictions(w.data, parsed), before_write=faults.write_hook(metrics["epoch"]))
+                    _log_epoch(metrics)
+            except OSError as exc:  # e.g. a full disk: nothing half-written is reported
+                write_error = write_failure(int(metrics["epoch"]), exc)
+        if all_reduce([1.0 if write_error else 0.0], w.device, w.session.world_size, "max")[0] > 0:
+            metrics.update({objective.METRIC: -1.0,
+                            "stop_reason": write_error or "rank 0 could not write the checkpoint"})
+            logger.error("stopping: %s", metrics["stop_reason"])
+            w.session.report(metrics, None)
+            return False
+        w.session.report(metrics, directory if w.session.rank == 0 else None)
+    _barrier(w.session.world_size)
+    return weights is not None
+
+
+def _barrier(world: int) -> None:
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_initialized():
         dist.barrier()
 
 
 def _predictions(data: RunData, parsed: Any) -> list[dict[str, Any]]:
     return [{"id": data.val[i].id, "sentence": data.val[i].sentence, "raw": p.raw,
              "task1_graph": p.task1_graph, "task2_graph": p.task2_graph} for i, p in enumerate(parsed)]
-
-
-def _json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, indent=2, ensure_ascii=False)
 
 
 def _device(cfg: TrainConfig, session: Session) -> tuple[Any, bool]:

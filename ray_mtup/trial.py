@@ -141,8 +141,10 @@ def run_single(cfg: TrainConfig, name: str, storage_path: str, output_dir: str |
     with_adapter = {int(m["epoch"]): c for c, m in candidates if _has_adapter(c)}
     if not with_adapter:
         raise TrainingError(f"run {name} stopped: {state.get('stop_reason') or 'no epoch produced an adapter'}")
-    if state.get("stop_reason"):
-        logger.error("run %s stopped early: %s; outputs use its best earlier epoch", name, state["stop_reason"])
+    # a failed checkpoint write (full disk) reports its reason without a checkpoint
+    reason = state.get("stop_reason") or (result.metrics or {}).get("stop_reason")
+    if reason:
+        logger.error("run %s stopped early: %s; outputs use its best earlier epoch", name, reason)
     with with_adapter[best_epoch(history, with_adapter)].as_directory() as best_dir:
         return write_run_outputs(Path(output_dir), cfg, history, Path(best_dir))
 

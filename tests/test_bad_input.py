@@ -377,7 +377,7 @@ def _tiny_cfg() -> TrainConfig:
 
 @pytest.fixture
 def saved_adapter(tmp_path):
-    """A checkpoint directory written by training.save_checkpoint for a tiny model."""
+    """A checkpoint directory written by checkpointing.save_checkpoint for a tiny model."""
     import torch
 
     from ray_mtup import checkpointing
@@ -430,7 +430,7 @@ def test_resume_state_loads_without_pickle(saved_adapter, monkeypatch):
     model = apply_lora(build_model(saved_adapter.source, saved_adapter.cfg, saved_adapter.tokenizer, "cpu"),
                        saved_adapter.cfg.lora)
     _forbid_pickle(monkeypatch)
-    state = checkpointing.load_resume_state(model, saved_adapter.dir)
+    state = checkpointing.load_resume_state(model, [saved_adapter.dir])
     assert (state["epoch"], state["global_step"]) == (3, 9)
     loaded = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert loaded.keys() == saved_adapter.weights.keys()

@@ -8,6 +8,12 @@ Each test runs ``python run_tune.py`` as a subprocess (its own embedded Ray, sto
 * the driver SIGKILLed mid-search -> ``--resume --name`` finishes the search; trials that had
   finished are not run again;
 * a NaN loss -> the trial stops with "non-finite loss" in results.csv, the search goes on;
+* the stored latest checkpoint damaged (adapter truncated) before a worker dies -> the restarted
+  workers fall back to the previous complete checkpoint and say so (``resume_note``);
+* a full disk while a checkpoint is written -> the trial ends with that reason, its previous
+  checkpoint intact, and the search goes on;
+* out of memory at a given micro-batch -> the trial ends with that reason, and ``--resume``
+  does not run it again;
 * an unwritable storage path -> exit 2 naming storage_path, before Ray starts.
 
 Those are slow (minutes on 2 CPU cores) and marked ``integration``; the reporting of a
@@ -147,6 +153,95 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path, workers):
             assert state["resumed_from_epoch"] == 1
     # the restarted worker group started at epoch 2, from the epoch-1 checkpoint
     assert out.count("epochs 2..3") >= 2, _tail(proc)
+
+
+# --- a damaged checkpoint, a full disk, an out-of-memory trial ---------------------------------
+
+# Two epochs, no early stopping: the fault is in the last one.
+TWO_EPOCH_SPACE = NO_STOPPING_SPACE.replace("grace_period: 3", "grace_period: 2").replace("values: [3]", "values: [2]")
+
+
+def checkpoint_states(exp: Path, trial_id: str) -> dict[Path, dict]:
+    """Every stored checkpoint of a trial -> its validated trainer state (raises if one is damaged)."""
+    from ray_mtup.checkpointing import validate_checkpoint
+
+    run = exp / "train_runs" / f"train_{trial_id}"
+    return {p: validate_checkpoint(p) for p in sorted(run.glob("checkpoint_*")) if p.is_dir()}
+
+
+@pytest.mark.integration
+def test_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(NO_STOPPING_SPACE, encoding="utf-8")
+    # In epoch 3 the last rank truncates the stored epoch-2 adapter, then dies: the restarted
+    # workers find Ray Train's latest checkpoint damaged and must resume from epoch 1.
+    # (Poll interval and model size as in the kill test: the kill follows a registered checkpoint.)
+    proc = run_tune("--search-space", str(space), "--storage-path", str(tmp_path), "--name", "corrupt",
+                    "--set", "inject_fault=corrupt_adapter@3",
+                    "--set", "tiny.hidden_size=256", "--set", "tiny.intermediate_size=688",
+                    env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"})
+    exp = tmp_path / "corrupt"
+    assert proc.returncode == 0, _tail(proc)
+    out = proc.stdout + proc.stderr
+    assert out.count("inject_fault: damaged") == 2, _tail(proc)
+    assert out.count("the latest checkpoint is unusable") >= 2, _tail(proc)
+    rows = check_consistent(exp, 2)
+    for row in rows:
+        tid = row["trial_id"]
+        assert row["epochs_run"] == "3" and row["stop_reason"] == "", row
+        assert "adapter_model.safetensors" in row["resume_note"], row
+        assert "resumed from the epoch-1 checkpoint" in row["resume_note"], row
+        # epoch 2 ran again after the fallback; nothing else did, and the schedule went on
+        assert [r["epoch"] for r in reported(trial_dirs(exp)[tid])] == [1, 2, 2, 3]
+        state = latest_state(exp, tid)
+        assert [m["epoch"] for m in state["history"]] == [1, 2, 3] and state["resumed_from_epoch"] == 1
+        steps = [m["global_step"] for m in state["history"]]
+        assert steps == sorted(set(steps)), f"trial {tid}: steps {steps}"
+        # the checkpoints left are complete (the damaged one was replaced or deleted)
+        assert checkpoint_states(exp, tid)
+
+
+@pytest.mark.integration
+def test_full_disk_ends_the_trial_and_keeps_the_previous_checkpoint(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(TWO_EPOCH_SPACE.replace("num_samples: 2", "num_samples: 3"), encoding="utf-8")
+    proc = run_tune("--search-space", str(space), "--storage-path", str(tmp_path), "--name", "full",
+                    "--set", "inject_fault=disk_full@2")
+    exp = tmp_path / "full"
+    assert proc.returncode == 0, _tail(proc)  # epoch 1 of every trial is usable
+    rows = check_consistent(exp, 3)  # the third trial ran after the first two ended: the search went on
+    for row in rows:
+        assert row["stop_reason"].startswith("disk full while writing the epoch-2 checkpoint"), row
+        assert "No space left on device" in row["stop_reason"], row
+        assert (row["epochs_run"], row["best_epoch"]) == ("2", "1"), row
+        states = checkpoint_states(exp, row["trial_id"])  # each one complete and readable
+        assert [s["epoch"] for s in states.values()] == [1], states
+    assert not [p for p in exp.rglob("*.partial-*")], "a half-written checkpoint was left behind"
+    summary = json.loads((exp / "summary.json").read_text(encoding="utf-8"))
+    assert summary["best_trial"] in {r["trial_id"] for r in rows} and summary["best_metrics"]["epoch"] == 1
+
+
+@pytest.mark.integration
+def test_out_of_memory_ends_the_trial_and_resume_does_not_retry_it(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(TWO_EPOCH_SPACE, encoding="utf-8")
+    args = ["--search-space", str(space), "--storage-path", str(tmp_path), "--name", "oom"]
+    proc = run_tune(*args, "--set", "inject_fault=oom@2:1")
+    exp = tmp_path / "oom"
+    assert proc.returncode == 0, _tail(proc)
+    reason = "out of memory at micro-batch 1 of epoch 2"
+    rows = check_consistent(exp, 2)
+    for row in rows:
+        assert row["stop_reason"] == reason and (row["epochs_run"], row["best_epoch"]) == ("2", "1"), row
+        # the leaderboard printed at the end shows it
+        assert [line for line in proc.stdout.splitlines() if line.startswith(row["trial_id"]) and reason in line]
+    before = {tid: (d / "result.json").read_text(encoding="utf-8") for tid, d in trial_dirs(exp).items()}
+    # --resume restores the finished search: the trials that ended out of memory are not run again
+    again = run_tune(*args, "--set", "inject_fault=oom@2:1", "--resume")
+    assert again.returncode == 0, _tail(again)
+    assert "inject_fault: out of memory" not in again.stdout + again.stderr, _tail(again)
+    assert {tid: (d / "result.json").read_text(encoding="utf-8") for tid, d in trial_dirs(exp).items()} == before
+    assert [r["stop_reason"] for r in check_consistent(exp, 2)] == [reason, reason]
 
 
 # --- a NaN loss --------------------------------------------------------------------------------
