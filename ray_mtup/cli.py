@@ -120,6 +120,9 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="generation batch (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, help="generation budget per sentence (default: the run's)")
     p.add_argument("--model-path", help="local base weights, when the run used a hub id")
+    p.add_argument("--concept-style", choices=("space", "_"), default="space",
+                   help="multi-word concepts as 'chủ tịch' (space: the shared task's test gold) or 'chủ_tịch' "
+                        "(_: canonical PENMAN) (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(handler=_run_predict)
 
@@ -128,7 +131,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     from ray_mtup.predict import predict_file
 
     report = predict_file(args.run or args.adapter, args.input, args.output, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, model_path=args.model_path)
+                          max_new_tokens=args.max_new_tokens, model_path=args.model_path,
+                          concept_style=args.concept_style)
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
     else:

@@ -164,6 +164,16 @@ class TrainConfig:
     scoring_mode: str = field(default="normalised", metadata={
         "help": "SMATCH mode of the per-epoch objective: normalised (gold and predictions normalised the "
                 "same way; the default) or official (the shared task's convention)."})
+    # held-out test and schedule horizon (issue 11)
+    test_split: float = field(default=0.1, metadata={
+        "help": "Fraction held out as the test split (seeded, stratified, duplicates on one side); never "
+                "trained on, scored per epoch or used to choose anything. 0: none. Ignored with test_file."})
+    test_file: str | None = field(default=None, metadata={
+        "help": "A gold file in the corpus format (e.g. the public-test gold) that replaces the test split."})
+    schedule_epochs: int | None = field(default=None, metadata={
+        "help": "Length of the cosine learning-rate schedule in epochs (None: epochs). A search sets it to "
+                "its space's maximum epochs, so every trial has the same LR at the same epoch and `epochs` "
+                "is only where a trial stops."})
 
     # testing
     inject_fault: str | None = field(default=None, metadata={
@@ -211,6 +221,14 @@ class TrainConfig:
                f"must be dynamic or static, got {self.generation_cache!r}")
         _check(self.scoring_mode in SCORING_MODES, "scoring_mode",
                f"unknown mode {self.scoring_mode!r}; choose from {list(SCORING_MODES)}")
+        _check(0.0 <= self.test_split < 1.0, "test_split", f"must be in [0, 1), got {self.test_split}")
+        _check(self.val_split + self.test_split < 1.0, "test_split",
+               f"val_split + test_split must be < 1, got {self.val_split} + {self.test_split}")
+        if self.test_file is not None:
+            _check(Path(self.test_file).is_file(), "test_file", f"{self.test_file} is not a file")
+        if self.schedule_epochs is not None:
+            _check(self.schedule_epochs >= self.epochs, "schedule_epochs",
+                   f"must be >= epochs ({self.epochs}) or null, got {self.schedule_epochs}")
 
     @property
     def spec(self) -> ModelSpec:

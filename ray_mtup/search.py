@@ -253,12 +253,21 @@ def trial_base(base: TrainConfig, space: SearchSpace, pinned: Mapping[str, Any] 
     """The config every trial starts from: ``base``, then the space's ``overrides``, then
     ``pinned`` (fields the user set explicitly, e.g. with ``--set``), so flags win.
 
-    >>> space = SearchSpace("s.yaml", {}, overrides={"max_new_tokens": 96, "eval_max_samples": 8})
+    Every trial's learning-rate schedule spans the space's maximum epochs
+    (``schedule_epochs``), and a trial's sampled ``epochs`` is only where it stops: ASHA
+    compares trials at the same epoch, and with a schedule per trial length a short trial
+    would already have decayed its learning rate there and a long one not.
+
+    >>> space = SearchSpace("s.yaml", {"epochs": ParamSpec("epochs", "randint", 2, 6)},
+    ...                     overrides={"max_new_tokens": 96, "eval_max_samples": 8})
     >>> cfg = trial_base(TrainConfig(), space, {"max_new_tokens": 16})
-    >>> cfg.max_new_tokens, cfg.eval_max_samples
-    (16, 8)
+    >>> cfg.max_new_tokens, cfg.eval_max_samples, cfg.schedule_epochs
+    (16, 8, 6)
     """
-    return base.replace(**{**space.overrides, **(pinned or {})})
+    merged = {**space.overrides, **(pinned or {})}
+    if "epochs" in space.params:  # each trial samples its epochs; the horizon is the space's
+        merged = {"epochs": space.max_epochs, "schedule_epochs": space.max_epochs, **merged}
+    return base.replace(**merged)
 
 
 def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings,

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import corpus, dataset, scoring
-from .config import SAMPLE_DATA_DIR, TrainConfig
+from . import dataset, scoring
+from .config import TrainConfig
 from .errors import TrainingError
 from .generation import Parsed, generate, parse_outputs, prompts_for
 from .modeling import BASE_FILE, apply_lora, base_fingerprint, build_model, build_tokenizer, load_base_weights
@@ -109,6 +109,18 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int, offset: int = 0):
     return factor
 
 
+def lr_schedule(cfg: TrainConfig, steps_per_epoch: int, offset: int = 0):
+    """The run's LR multiplier per step: warm-up and cosine over ``schedule_epochs`` (a
+    search's common horizon; default ``epochs``), whatever epoch the run stops at.
+
+    >>> short, long = TrainConfig(epochs=4, schedule_epochs=6), TrainConfig(epochs=6, schedule_epochs=6)
+    >>> lr_schedule(short, 10)(25) == lr_schedule(long, 10)(25) > lr_schedule(TrainConfig(epochs=4), 10)(25)
+    True
+    """
+    total = steps_per_epoch * (cfg.schedule_epochs or cfg.epochs)
+    return cosine_with_warmup(total, int(cfg.warmup_ratio * total), offset=offset)
+
+
 @dataclass
 class RunData:
     """What a worker builds from the corpus: splits, encodings and lengths."""
@@ -122,10 +134,12 @@ class RunData:
 
 
 def load_examples(cfg: TrainConfig) -> tuple[list[dataset.MtupExample], list[dataset.MtupExample], list[str]]:
-    """Read the corpus, subset and split it; returns (train, val, raw gold graphs of val)."""
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else SAMPLE_DATA_DIR
-    examples = corpus.load_corpus(data_dir)
-    train_ex, val_ex = dataset.select_and_split(examples, cfg.val_split, cfg.seed, cfg.max_samples)
+    """Read the corpus, subset and split it; returns (train, val, raw gold graphs of val).
+
+    The test split is left out (:func:`ray_mtup.dataset.corpus_splits`); validation starts
+    with the fixed evaluation subset that per-epoch generation takes.
+    """
+    train_ex, val_ex, _ = dataset.corpus_splits(cfg)
     return dataset.to_mtup(train_ex), dataset.to_mtup(val_ex), [e.amr or "" for e in val_ex]
 
 
@@ -205,7 +219,7 @@ def evaluate_epoch(
     loss_sum, tokens = _all_reduce([loss_sum, tokens], device, world)
     val_loss = loss_sum / max(tokens, 1.0)
 
-    # -- generation on (a capped prefix of) the shuffled validation split
+    # -- generation on the fixed evaluation subset (the first eval_max_samples: dataset.eval_subset_first)
     n_eval = len(data.val) if cfg.eval_max_samples is None else min(cfg.eval_max_samples, len(data.val))
     template = get_template(cfg.template)
     idx, real = _shard(n_eval, rank, world)
@@ -416,15 +430,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.max_steps_per_epoch is not None:
         micro_per_epoch = min(micro_per_epoch, cfg.max_steps_per_epoch * cfg.grad_accum)
     steps_per_epoch = micro_per_epoch // cfg.grad_accum
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = int(cfg.warmup_ratio * total_steps)
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, cosine_with_warmup(total_steps, warmup, offset=global_step)),
+            opt, lr_schedule(cfg, steps_per_epoch, offset=global_step)),
     )
     if rank == 0:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

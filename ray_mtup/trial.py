@@ -7,7 +7,9 @@
   its own ``TorchTrainer`` reporting through ``TuneReportCallback`` (under Train V2 a
   ``TorchTrainer`` cannot be handed to a ``Tuner``).
 * :func:`run_single` runs layer 2 directly, without a search (``--no-search``), and writes
-  the run's directory: ``config.yaml``, ``metrics.csv``, ``adapter/`` and ``summary.json``.
+  the run's directory: ``config.yaml``, ``metrics.csv``, ``adapter/`` and ``summary.json``,
+  which reports the best epoch's adapter scored once on the held-out test set
+  (:func:`ray_mtup.holdout.score_on_test`) beside the validation F that chose it.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import csv
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .config import TrainConfig
 from .errors import ConfigError, TrainingError
+from .holdout import score_on_test
 from .training import ADAPTER_FILE, STATE_FILE, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -133,10 +136,12 @@ class RunSummary:
     best: dict[str, Any]
     final: dict[str, Any]
     adapter_dir: str | None
+    test: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_dir": self.run_dir, "best_epoch": self.best_epoch, "best": self.best,
-                "final": self.final, "adapter_dir": self.adapter_dir, "epochs_run": len(self.history)}
+                "final": self.final, "adapter_dir": self.adapter_dir, "epochs_run": len(self.history),
+                "test": self.test}
 
 
 def read_checkpoint_state(checkpoint: Any) -> dict[str, Any]:
@@ -187,10 +192,14 @@ def write_run_outputs(out_dir: Path, cfg: TrainConfig, history: Sequence[Mapping
         adapter_dir = str(adapter)
     best = dict(best_of(history))
     summary = RunSummary(str(out_dir), list(history), int(best["epoch"]), best, dict(history[-1]), adapter_dir)
-    (out_dir / "summary.json").write_text(json.dumps(
-        {**summary.to_dict(), "config": cfg.to_dict(), "history": list(history)}, indent=2,
-        ensure_ascii=False), encoding="utf-8")
+    _write_summary(out_dir, cfg, summary)
     return summary
+
+
+def _write_summary(out_dir: Path, cfg: TrainConfig, summary: RunSummary) -> None:
+    (out_dir / "summary.json").write_text(json.dumps(
+        {**summary.to_dict(), "config": cfg.to_dict(), "history": list(summary.history)}, indent=2,
+        ensure_ascii=False), encoding="utf-8")
 
 
 def run_single(cfg: TrainConfig, name: str, storage_path: str, output_dir: str | Path,
@@ -209,7 +218,12 @@ def run_single(cfg: TrainConfig, name: str, storage_path: str, output_dir: str |
     best_ckpt = max(with_adapter, key=lambda cm: cm[1].get(OBJECTIVE, -1.0))[0]
     if state.get("stop_reason"):
         logger.error("run %s stopped early: %s; outputs use its best earlier epoch", name, state["stop_reason"])
-    return write_run_outputs(Path(output_dir), cfg, history, best_ckpt)
+    summary = write_run_outputs(Path(output_dir), cfg, history, best_ckpt)
+    # the figure to report: the chosen epoch's adapter, scored once on the held-out test set
+    test = score_on_test(summary.adapter_dir, best_ckpt.path, cfg.use_gpu)
+    summary = replace(summary, test=test)
+    _write_summary(Path(output_dir), cfg, summary)
+    return summary
 
 
 def _has_adapter(checkpoint: Any) -> bool:

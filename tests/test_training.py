@@ -102,7 +102,12 @@ def test_saved_adapter_predicts_valid_graphs(vlsp_dir, ray_local, tmp_path):
     from ray_mtup.trial import run_single
 
     cfg = _cfg(vlsp_dir, epochs=1, num_workers=1)
-    run_single(cfg, name="pred", storage_path=str(tmp_path / "storage"), output_dir=tmp_path / "run")
+    summary = run_single(cfg, name="pred", storage_path=str(tmp_path / "storage"), output_dir=tmp_path / "run")
+    # the chosen adapter scored once on the held-out test split (10% of 120 graphs, both files)
+    test = json.loads((tmp_path / "run" / "summary.json").read_text())["test"]
+    assert test == summary.test and test["n_graphs"] == 12 and test["scoring_mode"] == "normalised"
+    assert test["ci95"][0] <= test["task2_f1"] <= test["ci95"][1]
+    assert set(test["task2_f1_official"]) == {"space", "_"}
     sentences = tmp_path / "in.txt"
     lines = [line for line in (vlsp_dir / "public_test.txt").read_text(encoding="utf-8").splitlines()
              if line.strip()][:6]
