@@ -10,7 +10,9 @@ Generation takes ``predict``'s path (:func:`ray_mtup.predict.load_for_inference`
 :func:`ray_mtup.predict.parse_sentences`), and predictions are paired with gold by sentence
 id (:func:`ray_mtup.scoring.score_by_id`). The figure is in the run's scoring mode, with
 its bootstrap 95% interval; the official F is given too, for predictions written with
-either concept style (:data:`ray_mtup.amr.CONCEPT_STYLES`).
+either concept style (:data:`ray_mtup.amr.CONCEPT_STYLES`), overall and per source file
+(the literary file writes ``chủ_tịch``, the news file and the shared task's test gold
+``chủ tịch``).
 """
 
 from __future__ import annotations
@@ -63,16 +65,22 @@ def evaluate_adapter(adapter_dir: str | Path, model_path: str | None = None) -> 
     pairs = scoring.score_by_id(gold, {ex.id: g for ex, g in zip(test, graphs)}, cfg.scoring_mode)
     score = scoring.Score.from_pairs(list(pairs.values()), cfg.scoring_mode)
     lo, hi = scoring.bootstrap_ci(pairs, n_resamples=N_RESAMPLES)
-    official = {}
+    official: dict[str, float] = {}
+    by_source: dict[str, dict[str, float]] = {}
+    sources = {ex.id: ex.source for ex in test}
     for style in CONCEPT_STYLES:
         written = {ex.id: concept_style(g, style) for ex, g in zip(test, graphs)}
-        official[style] = scoring.Score.from_pairs(
-            list(scoring.score_by_id(gold, written, "official").values()), "official").f1
+        style_pairs = scoring.score_by_id(gold, written, "official")
+        official[style] = scoring.Score.from_pairs(list(style_pairs.values()), "official").f1
+        for source in sorted(set(sources.values())):
+            by_source.setdefault(source, {})[style] = scoring.Score.from_pairs(
+                [p for i, p in style_pairs.items() if sources[i] == source], "official").f1
     result = {
         "task2_f1": score.f1,
         "ci95": [lo, hi],
         "scoring_mode": cfg.scoring_mode,
         "task2_f1_official": official,
+        "task2_f1_official_by_source": by_source,
         "validity": score.validity,
         "n_graphs": len(test),
         "test_set": describe(cfg),
