@@ -113,3 +113,17 @@ def test_space_concepts_are_what_the_shared_task_scores(tmp_path):
     official = {style: scoring.Score.from_pairs(list(scoring.score_by_id(
         golds, {"s:1": concept_style(ours, style)}, "official").values()), "official").f1 for style in ("space", "_")}
     assert official["space"] == 1.0 and official["_"] < 1.0
+
+
+def test_predict_writes_space_concepts_by_default(tmp_path):
+    from ray_mtup.cli import build_parser
+    from ray_mtup.predict import write_parses
+
+    args = build_parser().parse_args(["predict", "--run", "r", "--input", "i", "--output", "o"])
+    assert args.concept_style == "space"
+    gold = tmp_path / "gold.txt"
+    write_amr_file(gold, [("chủ tịch nói .", "(n / nói\n    :agent(c / chủ tịch))")])
+    ours = ["(n / nói\n    :agent (c / chủ_tịch))"]
+    f1 = {style: scoring.evaluate_files(gold, write_parses(tmp_path / f"{style}.txt", ["chủ tịch nói ."], ours,
+                                                          style))["f1"] for style in ("space", "_")}
+    assert f1["space"] == 1.0 and f1["_"] < 1.0
