@@ -156,7 +156,8 @@ class TrainConfig:
     eval_batch_size: int = field(default=32, metadata={"help": "Generation batch per worker."})
     max_new_tokens: int = field(default=512, metadata={"help": "Generation budget per graph."})
     eval_max_samples: int | None = field(
-        default=None, metadata={"help": "Cap on validation graphs generated per epoch (None: all)."}
+        default=None, metadata={"help": "Validation graphs generated per epoch: a seeded sample stratified over the "
+                                         "source files, the same for every trial (None: all)."}
     )
     generation_cache: str = field(default="dynamic", metadata={
         "help": "KV cache of evaluation generation: dynamic, or static (lets transformers compile the "
