@@ -116,7 +116,7 @@ def score_on_test(adapter_dir: str | Path, checkpoint_path: str | None = None, u
             task = ray.remote(num_gpus=1)(_evaluate_checkpoint)
             return ray.get(task.remote(checkpoint_path))
         return evaluate_adapter(adapter_dir)
-    except (RayMtupError, OSError) as exc:
+    except (RayMtupError, OSError, RuntimeError) as exc:  # RuntimeError: torch, or a failed Ray task
         logger.error("the test set could not be scored: %s", exc)
         return {"error": str(exc)}
 
