@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     from ray_mtup.predict import find_adapter, load_for_inference
     from ray_mtup.prompts import get_template
 
-    model, tokenizer, cfg, budget = load_for_inference(find_adapter(args.run))
+    model, tokenizer, cfg = load_for_inference(find_adapter(args.run))
+    budget = cfg.max_new_tokens
     _, val, gold = load_examples(cfg)
     template = get_template(cfg.template)
     prompts = prompts_for(template, [ex.sentence for ex in val[:args.n]])

@@ -56,7 +56,9 @@ from ray_mtup.errors import AmrError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CONCEPT_STYLES",
     "Repair",
+    "concept_style",
     "normalise",
     "repair",
     "repair_task1",
@@ -164,6 +166,33 @@ def _join_concepts(tokens: list[_Tok]) -> list[_Tok]:
             if words:
                 out.append(_Tok("SYMBOL", "_".join(words)))
     return out
+
+
+CONCEPT_STYLES = ("space", "_")
+"""How multi-word concepts are written in output files: ``chủ tịch`` (the shared task's
+test gold, and smatch, which drops the space) or ``chủ_tịch`` (canonical PENMAN)."""
+
+
+def concept_style(graph: str, style: str) -> str:
+    """``graph`` with its concepts' ``_`` written as ``style``; layout, constants and strings kept.
+
+    >>> print(concept_style('(c / chủ_tịch\\n    :name (n / name :op1 "a_b"))', "space"))
+    (c / chủ tịch
+        :name (n / name :op1 "a_b"))
+    >>> concept_style("(c / chủ_tịch)", "_")
+    '(c / chủ_tịch)'
+    """
+    if style not in CONCEPT_STYLES:
+        raise AmrError(f"unknown concept style {style!r}; choose from {list(CONCEPT_STYLES)}")
+    if style == "_":
+        return graph
+    out, last, previous = [], 0, ""
+    for m in _TOKEN_RE.finditer(graph):
+        if m.lastgroup == "SYMBOL" and previous == "SLASH":
+            out.append(graph[last:m.start()] + m.group().replace("_", " "))
+            last = m.end()
+        previous = m.lastgroup or ""
+    return "".join(out) + graph[last:]
 
 
 def _tokens_to_text(tokens: list[_Tok]) -> str:

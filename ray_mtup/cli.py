@@ -41,8 +41,9 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
         "evaluate",
         help="corpus SMATCH of a predictions file against a gold file",
         description="Corpus-level SMATCH (summed triples, smatch 1.0.4 alignment, deterministic). "
-        "Both files are in the corpus format (#::snt line, PENMAN graph, blank line); pairs are aligned by order. "
-        "Predictions that are not graphs even after repair count as empty graphs.",
+        "Both files are in the corpus format (#::snt line, PENMAN graph, blank line); pairs are aligned by order "
+        "(a #::snt that differs from the gold sentence is an error). The predictions are scored as they are, "
+        "like the shared task's scorer: a graph smatch cannot read counts as empty.",
     )
     p.add_argument("--gold", required=True, help="gold graphs, corpus format")
     p.add_argument("--pred", required=True, help="predicted graphs, corpus format")
@@ -53,6 +54,10 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
         help="official: like the shared task's scorer (spaces inside concepts vanish, '_' stays); "
         "normalised: both graphs normalised first, so 'chủ tịch' == 'chủ_tịch' (default: %(default)s)",
     )
+    p.add_argument("--repair", action="store_true",
+                   help="repair every prediction first, as the project does with its own raw outputs (this "
+                        "rewrites multi-word concepts with '_', which official mode then charges against "
+                        "gold written with spaces)")
     p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="N bootstrap resamples for a 95%% interval of F1 (0: none)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(handler=_run_evaluate)
@@ -61,7 +66,7 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from ray_mtup.scoring import evaluate_files
 
-    result = evaluate_files(args.gold, args.pred, mode=args.mode, bootstrap=args.bootstrap)
+    result = evaluate_files(args.gold, args.pred, mode=args.mode, bootstrap=args.bootstrap, repair=args.repair)
     if args.json:
         print(json.dumps(result, ensure_ascii=False, sort_keys=True))
     else:
@@ -81,7 +86,7 @@ def format_evaluation(result: dict) -> str:
       f1          0.5000
     """
     lines = [
-        f"SMATCH (mode: {result['mode']})",
+        f"SMATCH (mode: {result['mode']}{', predictions repaired' if result.get('repair') else ''})",
         f"  pairs       {result['n_pairs']}  (valid graphs: {result['n_valid']}, {100 * result['validity']:.1f}%)",
         f"  precision   {result['precision']:.4f}",
         f"  recall      {result['recall']:.4f}",
@@ -115,6 +120,9 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="generation batch (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, help="generation budget per sentence (default: the run's)")
     p.add_argument("--model-path", help="local base weights, when the run used a hub id")
+    p.add_argument("--concept-style", choices=("space", "_"), default="space",
+                   help="multi-word concepts as 'chủ tịch' (space: the shared task's test gold) or 'chủ_tịch' "
+                        "(_: canonical PENMAN) (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(handler=_run_predict)
 
@@ -123,7 +131,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     from ray_mtup.predict import predict_file
 
     report = predict_file(args.run or args.adapter, args.input, args.output, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, model_path=args.model_path)
+                          max_new_tokens=args.max_new_tokens, model_path=args.model_path,
+                          concept_style=args.concept_style)
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
     else:

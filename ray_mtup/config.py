@@ -226,13 +226,24 @@ class TrainConfig(Settings):
     max_new_tokens: int | None = Field(None, ge=8, description=(
         "Generation budget per graph (None: derived from the training data by the training loop)."))
     eval_max_samples: int | None = Field(None, ge=1, description=(
-        "Cap on validation graphs generated per epoch (None: all)."))
+        "Validation graphs generated per epoch: a seeded sample stratified over the source files, the "
+        "same for every trial (None: all)."))
     generation_cache: str = Field("dynamic", description=(
         "KV cache of evaluation generation: dynamic, or static (lets transformers compile the "
         "decode step; for GPUs)."))
     scoring_mode: str = Field("normalised", description=(
         "SMATCH mode of the per-epoch objective: normalised (gold and predictions normalised the "
         "same way; the default) or official (the shared task's convention)."))
+    # held-out test and schedule horizon
+    test_split: float = Field(0.1, description=(
+        "Fraction held out as the test split (seeded, stratified, duplicates on one side); never "
+        "trained on, scored per epoch or used to choose anything. 0: none. Ignored with test_file."))
+    test_file: str | None = Field(None, description=(
+        "A gold file in the corpus format (e.g. the public-test gold) that replaces the test split."))
+    schedule_epochs: int | None = Field(None, description=(
+        "Length of the cosine learning-rate schedule in epochs (None: epochs). A search sets it to "
+        "its space's maximum epochs, so every trial has the same LR at the same epoch and `epochs` "
+        "is only where a trial stops."))
 
     # testing
     inject_fault: str | None = Field(None, description=(
@@ -262,6 +273,14 @@ class TrainConfig(Settings):
         _check(self.global_batch_size % per_step == 0, "global_batch_size",
                f"{self.global_batch_size} is not a multiple of per_device_batch_size x num_workers "
                f"({self.per_device_batch_size} x {self.num_workers} = {per_step})")
+        _check(0.0 <= self.test_split < 1.0, "test_split", f"must be in [0, 1), got {self.test_split}")
+        _check(self.val_split + self.test_split < 1.0, "test_split",
+               f"val_split + test_split must be < 1, got {self.val_split} + {self.test_split}")
+        if self.test_file is not None:
+            _check(Path(self.test_file).is_file(), "test_file", f"{self.test_file} is not a file")
+        if self.schedule_epochs is not None:
+            _check(self.schedule_epochs >= self.epochs, "schedule_epochs",
+                   f"must be >= epochs ({self.epochs}) or null, got {self.schedule_epochs}")
         return self
 
     @property

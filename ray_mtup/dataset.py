@@ -1,8 +1,10 @@
 """From corpus examples to training batches: sample, split, render, tokenise, batch.
 
-* :func:`select_and_split` draws a seeded subset (``max_samples``) and a seeded, shuffled
-  validation split stratified over the source files; duplicate sentences always land on
-  the same side, so validation never scores a sentence that was trained on.
+* :func:`split_corpus` draws a seeded subset (``max_samples``) and seeded, shuffled
+  validation and test splits stratified over the source files; duplicate sentences always
+  land on the same side, so neither held-out split scores a sentence that was trained on.
+* :func:`stratified_indices` picks the fixed, seeded evaluation subset (``eval_max_samples``),
+  stratified over the source files.
 * :func:`to_mtup` normalises each gold graph once (:func:`ray_mtup.amr.normalise`) and
   derives its task-1 form.
 * :func:`encode` tokenises prompt and completion separately (so the boundary is exact and
@@ -20,6 +22,7 @@ import logging
 import random
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from . import amr, corpus
@@ -43,28 +46,125 @@ class MtupExample:
     task2: str
 
 
-def _stratified_sample(examples: Sequence[Example], n: int, rng: random.Random) -> list[Example]:
-    by_source: dict[str, list[Example]] = defaultdict(list)
-    for ex in examples:
-        by_source[ex.source].append(ex)
-    total = len(examples)
-    chosen: list[Example] = []
-    sources = sorted(by_source)
-    quotas = {s: round(n * len(by_source[s]) / total) for s in sources}
-    quotas[sources[-1]] = n - sum(quotas[s] for s in sources[:-1])
-    for s in sources:
-        pool = list(by_source[s])
+def _quotas(counts: dict[str, int], n: int) -> dict[str, int]:
+    """``n`` shared over the sources in proportion to their counts (largest remainders).
+
+    >>> _quotas({"a.txt": 1262, "b.txt": 580}, 60)
+    {'a.txt': 41, 'b.txt': 19}
+    """
+    total = sum(counts.values())
+    exact = {s: n * c / total for s, c in counts.items()}
+    quotas = {s: int(v) for s, v in exact.items()}
+    for s in sorted(exact, key=lambda s: (quotas[s] - exact[s], s))[: n - sum(quotas.values())]:
+        quotas[s] += 1
+    return quotas
+
+
+def stratified_indices(sources: Sequence[str], n: int, seed: int) -> list[int]:
+    """A seeded sample of ``n`` positions, stratified over ``sources`` (one per item), in order.
+
+    The evaluation subset of ``eval_max_samples``: the same ``seed`` gives the same graphs
+    to every trial of a search, and each source file keeps its share.
+
+    >>> srcs = ["lit"] * 126 + ["news"] * 24
+    >>> idx = stratified_indices(srcs, 60, seed=0)
+    >>> len(idx), sum(srcs[i] == "news" for i in idx), idx == stratified_indices(srcs, 60, seed=0)
+    (60, 10, True)
+    """
+    if n >= len(sources):
+        return list(range(len(sources)))
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for i, source in enumerate(sources):
+        by_source[source].append(i)
+    rng = random.Random(seed)
+    chosen: list[int] = []
+    quotas = _quotas({s: len(v) for s, v in by_source.items()}, n)
+    for source in sorted(by_source):
+        pool = list(by_source[source])
         rng.shuffle(pool)
-        chosen.extend(pool[: max(0, min(quotas[s], len(pool)))])
-    return chosen
+        chosen.extend(pool[: quotas[source]])
+    return sorted(chosen)
+
+
+def _stratified_sample(examples: Sequence[Example], n: int, rng: random.Random) -> list[Example]:
+    idx = stratified_indices([ex.source for ex in examples], n, rng.randrange(2**31))
+    return [examples[i] for i in idx]
+
+
+def _duplicate_groups(pool: Sequence[Example]) -> dict[str, list[list[Example]]]:
+    """Examples grouped by normalised sentence, per source; a sentence shared across
+    sources is grouped under its first source."""
+    groups: dict[tuple[str, str], list[Example]] = defaultdict(list)
+    for ex in pool:
+        groups[(ex.source, normalise_sentence(ex.sentence))].append(ex)
+    seen: dict[str, tuple[str, str]] = {}
+    for key, members in groups.items():
+        if key[1] in seen:
+            groups[seen[key[1]]].extend(members)
+            members.clear()
+        else:
+            seen[key[1]] = key
+    by_source: dict[str, list[list[Example]]] = defaultdict(list)
+    for key, members in groups.items():
+        if members:
+            by_source[key[0]].append(members)
+    return by_source
+
+
+def split_corpus(
+    examples: Sequence[Example], val_split: float, test_split: float, seed: int, max_samples: int | None = None
+) -> tuple[list[Example], list[Example], list[Example]]:
+    """(train, validation, test): a seeded subset, then shuffled held-out splits stratified
+    over source files, duplicate sentences kept on one side.
+
+    ``test_split`` may be 0 (no test split: the test set is a separate file). The test
+    graphs are never trained on, scored per epoch, or used to choose anything.
+
+    >>> exs = [Example(f"a:{i}", f"câu {i % 40}", "(x / y)", "a", i) for i in range(60)]
+    >>> exs += [Example(f"b:{i}", f"tin {i}", "(x / y)", "b", i) for i in range(40)]
+    >>> train, val, test = split_corpus(exs, 0.1, 0.1, seed=1)
+    >>> len(train) + len(val) + len(test), len({e.source for e in test})
+    (100, 2)
+    >>> sents = [{e.sentence for e in part} for part in (train, val, test)]
+    >>> not (sents[0] & sents[1] or sents[0] & sents[2] or sents[1] & sents[2])
+    True
+    """
+    rng = random.Random(seed)
+    pool = list(examples)
+    if max_samples is not None and max_samples < len(pool):
+        pool = _stratified_sample(pool, max_samples, rng)
+    by_source = _duplicate_groups(pool)
+    train: list[Example] = []
+    val: list[Example] = []
+    test: list[Example] = []
+    for source in sorted(by_source):
+        source_groups = by_source[source]
+        rng.shuffle(source_groups)
+        n_graphs = sum(len(g) for g in source_groups)
+        targets = [(val, max(1, round(val_split * n_graphs)) if n_graphs > 1 else 0)]
+        if test_split > 0:
+            targets.insert(0, (test, max(1, round(test_split * n_graphs)) if n_graphs > 2 else 0))
+        groups = iter(source_groups)
+        for side, target in targets:
+            taken = 0
+            while taken < target:
+                g = next(groups, None)
+                if g is None:
+                    break
+                side.extend(g)
+                taken += len(g)
+        for g in groups:
+            train.extend(g)
+    if not train or not val or (test_split > 0 and not test):
+        raise CorpusError(f"cannot split {len(pool)} graphs into train, validation and test with "
+                          f"val_split={val_split}, test_split={test_split}")
+    return train, val, test
 
 
 def select_and_split(
     examples: Sequence[Example], val_split: float, seed: int, max_samples: int | None = None
 ) -> tuple[list[Example], list[Example]]:
-    """A seeded subset, then a shuffled validation split stratified over source files.
-
-    Duplicate sentences are grouped and kept on one side.
+    """(train, validation) of :func:`split_corpus` without a test split.
 
     >>> exs = [Example(f"a:{i}", f"câu {i % 40}", "(x / y)", "a", i) for i in range(60)]
     >>> exs += [Example(f"b:{i}", f"tin {i}", "(x / y)", "b", i) for i in range(40)]
@@ -74,44 +174,43 @@ def select_and_split(
     >>> not ({e.sentence for e in train} & {e.sentence for e in val})
     True
     """
-    rng = random.Random(seed)
-    pool = list(examples)
-    if max_samples is not None and max_samples < len(pool):
-        pool = _stratified_sample(pool, max_samples, rng)
-    groups: dict[tuple[str, str], list[Example]] = defaultdict(list)
-    for ex in pool:
-        groups[(ex.source, normalise_sentence(ex.sentence))].append(ex)
-    by_source: dict[str, list[list[Example]]] = defaultdict(list)
-    # A duplicate sentence shared across sources is grouped under its first source.
-    seen: dict[str, tuple[str, str]] = {}
-    for key, members in groups.items():
-        if key[1] in seen:
-            groups[seen[key[1]]].extend(members)
-            members.clear()
-        else:
-            seen[key[1]] = key
-    for key, members in groups.items():
-        if members:
-            by_source[key[0]].append(members)
-    train: list[Example] = []
-    val: list[Example] = []
-    for source in sorted(by_source):
-        source_groups = by_source[source]
-        rng.shuffle(source_groups)
-        n_graphs = sum(len(g) for g in source_groups)
-        target = max(1, round(val_split * n_graphs)) if n_graphs > 1 else 0
-        taken = 0
-        for g in source_groups:
-            if taken < target:
-                val.extend(g)
-                taken += len(g)
-            else:
-                train.extend(g)
-    if not train or not val:
-        raise CorpusError(
-            f"cannot split {len(pool)} graphs into train and validation with val_split={val_split}"
-        )
+    train, val, _ = split_corpus(examples, val_split, 0.0, seed, max_samples)
     return train, val
+
+
+def corpus_splits(cfg: Any) -> tuple[list[Example], list[Example], list[Example]]:
+    """(train, validation, test) of a run's :class:`~ray_mtup.config.TrainConfig`.
+
+    The test split is ``cfg.test_split`` of the corpus, or the graphs of ``cfg.test_file``
+    when it is set (then nothing more is held out of the corpus). The validation examples
+    come with the fixed evaluation subset first (:func:`eval_subset_first`).
+    """
+    from .config import SAMPLE_DATA_DIR
+    from .corpus import load_corpus, read_amr_file
+
+    examples = load_corpus(Path(cfg.data_dir) if cfg.data_dir else SAMPLE_DATA_DIR)
+    test_split = 0.0 if cfg.test_file else cfg.test_split
+    train, val, test = split_corpus(examples, cfg.val_split, test_split, cfg.seed, cfg.max_samples)
+    if cfg.test_file:
+        test = read_amr_file(cfg.test_file)
+    return train, eval_subset_first(val, cfg.eval_max_samples, cfg.seed), test
+
+
+def eval_subset_first(val: Sequence[Example], n: int | None, seed: int) -> list[Example]:
+    """``val`` reordered so its first ``n`` are the seeded evaluation subset stratified over
+    the source files (:func:`stratified_indices`); per-epoch generation takes that prefix, so
+    every trial of a search scores the same, representative graphs.
+
+    >>> val = [Example(f"a:{i}", "x", "(x / y)", "a.txt", i) for i in range(8)]
+    >>> val += [Example(f"b:{i}", "x", "(x / y)", "b.txt", i) for i in range(4)]
+    >>> sorted(e.source for e in eval_subset_first(val, 3, seed=0)[:3])
+    ['a.txt', 'a.txt', 'b.txt']
+    """
+    if n is None or n >= len(val):
+        return list(val)
+    chosen = stratified_indices([ex.source for ex in val], n, seed)
+    rest = sorted(set(range(len(val))) - set(chosen))
+    return [val[i] for i in chosen + rest]
 
 
 def to_mtup(examples: Sequence[Example]) -> list[MtupExample]:
@@ -131,11 +230,12 @@ def to_mtup(examples: Sequence[Example]) -> list[MtupExample]:
 
 def load_examples(cfg: Any) -> tuple[list[MtupExample], list[MtupExample], list[str]]:
     """Read the run's corpus (``cfg.data_dir``, else the shipped sample), subset and split it;
-    returns (train, val, raw gold graphs of val)."""
-    from .config import corpus_dir
+    returns (train, val, raw gold graphs of val).
 
-    examples = corpus.load_corpus(corpus_dir(cfg.data_dir))
-    train_ex, val_ex = select_and_split(examples, cfg.val_split, cfg.seed, cfg.max_samples)
+    The test split is left out (:func:`corpus_splits`); validation starts with the fixed
+    evaluation subset that per-epoch generation takes.
+    """
+    train_ex, val_ex, _ = corpus_splits(cfg)
     return to_mtup(train_ex), to_mtup(val_ex), [e.amr or "" for e in val_ex]
 
 

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     f"({', '.join(packaged_names(PRESETS))}) or a preset YAML path")
     p.add_argument("--no-search", action="store_true",
                    help="run one training of the preset/config, no search (single-preset reproduction)")
+    p.add_argument("--test-file", help="a gold file in the corpus format (e.g. the public-test gold) that replaces "
+                                       "the held-out test split: the chosen adapter is scored once on it")
     p.add_argument("--config", help="a config YAML (e.g. a search's best_config.yaml) for --no-search")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any TrainConfig field, e.g. --set eval_max_samples=50 --set lora.r=16")
@@ -112,6 +114,7 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
         # absolute: Ray workers (and a later `predict`) may not share the driver's directory
         "model_path": _absolute(args.model_path),
         "data_dir": _absolute(str(data_dir)) if data_dir else None,
+        "test_file": _absolute(args.test_file),
         "zero_stage": args.zero_stage,
         "cpus_per_worker": args.cpus_per_worker,
     }
@@ -137,9 +140,11 @@ def check_corpus(cfg: TrainConfig) -> None:
     """Read, split and normalise the corpus in the driver, so that a bad file is reported
     (``CorpusError`` naming file and line) before Ray starts, not as a worker traceback."""
     from .dataset import load_examples
+    from .holdout import describe, held_out_set
 
     train, val, _ = load_examples(cfg)
-    logger.info("corpus: %d training and %d validation graphs", len(train), len(val))
+    logger.info("corpus: %d training and %d validation graphs; %d test graphs in the %s", len(train), len(val),
+                len(held_out_set(cfg)), describe(cfg))
 
 
 #: Environment of every Ray process of a run (cluster/runtime_env.yaml sets the same).
@@ -202,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     from . import search, trial
+    from .holdout import format_test_line
     from .outputs import format_epoch_table
     from .reporting import local_results_dir
 
@@ -222,6 +228,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"best epoch {summary.best_epoch}: Task 1 F1 {best['task1_f1']:.4f}, Task 2 F1 {best['task2_f1']:.4f}, "
               f"validity {best['validity']:.3f} (SMATCH mode {best['scoring_mode']}); "
               f"{time.time() - t0:.0f} s; run directory {summary.run_dir}")
+        print(format_test_line(best["task2_f1"], summary.test))
         return 0
     # the resource flags first: GPUs that cannot be split over the workers is the error to report
     search.check_gpu_split(args.gpus_per_trial, args.workers_per_trial or (args.gpus_per_trial or 1))
@@ -241,10 +248,11 @@ def _main(args: argparse.Namespace) -> int:
     summary = search.run_search(cfg, space, settings)
     best = summary.get("best_metrics") or {}
     noise = summary.get("noise", {})
-    print(f"search {settings.name}: {summary['n_trials']} trials in {time.time() - t0:.0f} s; "
-          f"best {summary.get('best_trial')} "
-          f"Task 2 F1 {best.get('task2_f1', float('nan')):.4f} (95% CI {noise.get('ci95')}); "
+    print(f"search {settings.name}: {summary['n_trials']} trials in {time.time() - t0:.0f} s; best {summary.get('best_trial')} "
+          f"validation Task 2 F1 {best.get('task2_f1', float('nan')):.4f} (95% CI {noise.get('ci95')}); "
           f"results in {summary['experiment_dir']}")
+    if "test" in summary:
+        print(format_test_line(best.get("task2_f1"), summary["test"]))
     if summary["n_errors"]:
         print(f"error: {summary['n_errors']} of {summary['n_trials']} trials failed; see results.csv",
               file=sys.stderr)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Collection, Mapping, Sequence
 
@@ -29,11 +29,12 @@ class RunSummary:
     best: dict[str, Any]
     final: dict[str, Any]
     adapter_dir: str | None
+    test: dict[str, Any] = field(default_factory=dict)  # the chosen adapter on the held-out test set
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_dir": self.run_dir, "best_epoch": self.best_epoch, "best": self.best,
                 "final": self.final, "adapter_dir": self.adapter_dir, "epochs_run": len(self.history),
-                "batch": {k: self.final.get(k) for k in BATCH_KEYS}}
+                "batch": {k: self.final.get(k) for k in BATCH_KEYS}, "test": self.test}
 
 
 def best_epoch(history: Sequence[Mapping[str, Any]], among: Collection[int] | None = None) -> int:
@@ -81,7 +82,18 @@ def write_run_outputs(out_dir: Path, cfg: TrainConfig, history: Sequence[Mapping
     chosen = best_epoch(history)
     best = dict(next(m for m in history if int(m["epoch"]) == chosen))
     summary = RunSummary(str(out_dir), list(history), chosen, best, dict(history[-1]), adapter_dir)
-    (out_dir / "summary.json").write_text(json.dumps(
-        {**summary.to_dict(), "config": cfg.to_dict(), "history": list(history)}, indent=2,
-        ensure_ascii=False), encoding="utf-8")
+    _write_summary(summary, cfg)
     return summary
+
+
+def with_test_score(summary: RunSummary, cfg: TrainConfig, test: dict[str, Any]) -> RunSummary:
+    """``summary`` with its test figure (:func:`ray_mtup.holdout.score_on_test`), rewritten to disk."""
+    summary = replace(summary, test=test)
+    _write_summary(summary, cfg)
+    return summary
+
+
+def _write_summary(summary: RunSummary, cfg: TrainConfig) -> None:
+    (Path(summary.run_dir) / "summary.json").write_text(json.dumps(
+        {**summary.to_dict(), "config": cfg.to_dict(), "history": list(summary.history)}, indent=2,
+        ensure_ascii=False), encoding="utf-8")

@@ -16,12 +16,13 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from . import corpus
 from .checkpointing import STATE_FILE
 from .config import TrainConfig
-from .errors import ModelError
+from .amr import CONCEPT_STYLES, concept_style
+from .errors import ConfigError, ModelError
 from .generation import generate, parse_outputs, prompts_for
 from .checkpointing import STATE_FILE
 from .modeling import WeightsSource, base_source, build_model, load_adapter, load_base_weights, load_tokenizer
@@ -68,9 +69,11 @@ def inference_source(state: dict[str, Any], cfg: TrainConfig) -> WeightsSource:
     return WeightsSource(recorded)
 
 
-def load_for_inference(adapter_dir: Path, model_path: str | None = None) -> tuple[Any, Any, TrainConfig, int]:
-    """(model with adapter, tokenizer, the run's config, its generation budget), on GPU in bf16
-    when there is one."""
+def load_for_inference(adapter_dir: Path, model_path: str | None = None) -> tuple[Any, Any, TrainConfig]:
+    """(model with adapter, tokenizer, the run's config), on GPU in bf16 when there is one.
+
+    The config's ``max_new_tokens`` is the budget the run used (derived from its training data
+    when the config left it unset)."""
     import torch
 
     state = json.loads((adapter_dir / STATE_FILE).read_text(encoding="utf-8"))
@@ -86,39 +89,60 @@ def load_for_inference(adapter_dir: Path, model_path: str | None = None) -> tupl
     load_base_weights(model, adapter_dir)  # a trained base (lora.train_base), when there is one
     model = model.merge_and_unload().to(device)
     model.eval()
-    budget = state.get("max_new_tokens") or cfg.max_new_tokens
+    budget = cfg.max_new_tokens or state.get("max_new_tokens")
     if budget is None:
         raise ModelError(f"{adapter_dir / STATE_FILE} records no max_new_tokens; pass --max-new-tokens")
-    return model, tokenizer, cfg, int(budget)
+    return model, tokenizer, cfg.replace(max_new_tokens=int(budget))
+
+
+def parse_sentences(model: Any, tokenizer: Any, cfg: TrainConfig, sentences: Sequence[str],
+                    batch_size: int = 32, max_new_tokens: int | None = None,
+                    progress: bool = True) -> tuple[list[str], dict[str, int]]:
+    """One canonical graph per sentence (Task 2, else Task 1, else :data:`FALLBACK_GRAPH`),
+    and how many took each path; the path of ``predict`` and of the test figure."""
+    template = get_template(cfg.template)
+    out = generate(model, tokenizer, prompts_for(template, sentences), batch_size=batch_size,
+                   max_new_tokens=max_new_tokens or cfg.max_new_tokens, progress=progress, stop_template=template)
+    counts = {"n_task2": 0, "n_task2_repaired": 0, "n_task1_fallback": 0, "n_minimal": 0}
+    graphs = []
+    for i, p in enumerate(parse_outputs(template, out.texts)):
+        if p.task2_graph is not None:
+            graphs.append(p.task2_graph)
+            counts["n_task2"] += 1
+            counts["n_task2_repaired"] += int(p.task2_repaired)
+        elif p.task1_graph is not None:
+            graphs.append(p.task1_graph)
+            counts["n_task1_fallback"] += 1
+        else:
+            graphs.append(FALLBACK_GRAPH)
+            counts["n_minimal"] += 1
+            logger.info("sentence %d: no graph could be recovered; wrote %s", i + 1, FALLBACK_GRAPH)
+    return graphs, counts
+
+
+def write_parses(path: str | Path, sentences: Sequence[str], graphs: Sequence[str], style: str) -> Path:
+    """``#::snt`` + graph blocks, multi-word concepts written in ``style`` (:data:`CONCEPT_STYLES`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blocks = [f"#::snt {s}\n{concept_style(g, style)}\n" for s, g in zip(sentences, graphs)]
+    path.write_text("\n".join(blocks), encoding="utf-8")
+    return path
 
 
 def predict_file(adapter: str | Path, input_path: str | Path, output_path: str | Path,
                  batch_size: int = 32, max_new_tokens: int | None = None,
-                 model_path: str | None = None) -> PredictReport:
-    """Parse every line of ``input_path`` into ``output_path`` (``#::snt`` + PENMAN blocks)."""
+                 model_path: str | None = None, concept_style: str = "space") -> PredictReport:
+    """Parse every line of ``input_path`` into ``output_path`` (``#::snt`` + PENMAN blocks).
+
+    Multi-word concepts are written with spaces by default, as the shared task's test gold
+    writes them (``concept_style="_"`` keeps canonical PENMAN's ``chủ_tịch``).
+    """
+    if concept_style not in CONCEPT_STYLES:
+        raise ConfigError("concept_style", f"must be one of {list(CONCEPT_STYLES)}, got {concept_style!r}")
     adapter_dir = find_adapter(adapter)
     sentences = [ex.sentence for ex in corpus.read_sentences(input_path)]
-    model, tokenizer, cfg, budget = load_for_inference(adapter_dir, model_path)
-    template = get_template(cfg.template)
-    out = generate(model, tokenizer, prompts_for(template, sentences), batch_size=batch_size,
-                   max_new_tokens=max_new_tokens or budget, progress=True, stop_template=template)
-    parsed = parse_outputs(template, out.texts)
-    n_task2 = n_repaired = n_task1 = n_min = 0
-    blocks = []
-    for i, (sentence, p) in enumerate(zip(sentences, parsed)):
-        if p.task2_graph is not None:
-            graph = p.task2_graph
-            n_task2 += 1
-            n_repaired += int(p.task2_repaired)
-        elif p.task1_graph is not None:
-            graph = p.task1_graph
-            n_task1 += 1
-        else:
-            graph = FALLBACK_GRAPH
-            n_min += 1
-            logger.info("line %d: no graph could be recovered; wrote %s", i + 1, FALLBACK_GRAPH)
-        blocks.append(f"#::snt {sentence}\n{graph}\n")
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    output_path.write_text("\n".join(blocks), encoding="utf-8")
-    return PredictReport(len(sentences), n_task2, n_repaired, n_task1, n_min, str(output_path))
+    model, tokenizer, cfg = load_for_inference(adapter_dir, model_path)
+    graphs, counts = parse_sentences(model, tokenizer, cfg, sentences, batch_size, max_new_tokens)
+    out = write_parses(output_path, sentences, graphs, concept_style)
+    return PredictReport(len(sentences), counts["n_task2"], counts["n_task2_repaired"],
+                         counts["n_task1_fallback"], counts["n_minimal"], str(out))

@@ -1,8 +1,10 @@
 """Results of a search a person can use: leaderboard, results.csv, summary.json, plots.
 
 Everything here is rebuilt from what the trials left: their reported per-epoch metrics and
-their checkpoints (adapter + ``val_predictions.jsonl``). Nothing new is measured, except
-that the best trial's saved predictions are re-scored per sentence for the bootstrap.
+their checkpoints (adapter + ``val_predictions.jsonl``). Two things are measured: the best
+trial's saved predictions are re-scored per sentence (paired with gold by sentence id) for
+the bootstrap, and its chosen adapter is scored once on the held-out test set
+(:mod:`ray_mtup.holdout`), the figure the summary reports.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from . import objective
 from .checkpointing import PREDICTIONS_JSONL
 from .config import TrainConfig
 from .trial import SAMPLED_KEYS, apply_sampled
+from .holdout import format_test_line, score_on_test
 
 logger = logging.getLogger(__name__)
 
@@ -185,49 +188,43 @@ def _read_predictions(checkpoint_path: str | None) -> list[dict[str, Any]] | Non
         return None
 
 
-def paired_bootstrap(a: Sequence[Any], b: Sequence[Any], n_resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% interval of F1(a) - F1(b) over the same sentences (PairCounts lists, aligned)."""
-    import numpy as np
+def _pairs_by_id(gold: dict[str, str], preds: Sequence[dict[str, Any]], mode: str) -> dict[str, Any]:
+    from . import scoring
 
-    ca = np.array([(p.matched, p.predicted, p.gold) for p in a], dtype=np.float64)
-    cb = np.array([(p.matched, p.predicted, p.gold) for p in b], dtype=np.float64)
-    idx = np.random.default_rng(seed).integers(0, len(ca), size=(n_resamples, len(ca)))
-
-    def f1(c: Any) -> Any:
-        s = c[idx].sum(axis=1)
-        denom = s[:, 1] + s[:, 2]
-        return np.divide(2 * s[:, 0], denom, out=np.zeros(n_resamples), where=denom > 0)
-
-    diff = f1(ca) - f1(cb)
-    lo, hi = np.quantile(diff, [0.025, 0.975])
-    return float(lo), float(hi)
+    return scoring.score_by_id(gold, {p["id"]: p["task2_graph"] for p in preds}, mode=mode)
 
 
 def noise_analysis(best: TrialRecord, first: TrialRecord | None) -> dict[str, Any]:
-    """Bootstrap interval of the best trial's F1 and whether it beats the first trial beyond noise."""
+    """Bootstrap interval of the best trial's validation F1, and whether it beats the first
+    trial (the documented optimum) beyond noise: a paired bootstrap over the same sentences.
+
+    The saved predictions are paired with the validation gold by sentence id; an id that
+    is not a validation graph, or two trials scored on different sentences, is a ScoringError.
+    These figures are on the graphs the choice was made on (optimistic); the test figure
+    (:mod:`ray_mtup.holdout`) is the one to report.
+    """
     from . import scoring
-    from .dataset import load_examples
+    from .dataset import corpus_splits
 
     preds = _read_predictions(best.best.get("checkpoint_path"))
     if preds is None:
         return {"note": "best checkpoint has no saved predictions; no interval"}
-    _, _, gold = load_examples(best.config)
-    gold = gold[: len(preds)]
-    pairs = scoring.score_pairs(gold, [p["task2_graph"] for p in preds], mode=best.config.scoring_mode)
+    gold = {ex.id: ex.amr or "" for ex in corpus_splits(best.config)[1]}
+    mode = best.config.scoring_mode
+    pairs = _pairs_by_id(gold, preds, mode)
     lo, hi = scoring.bootstrap_ci(pairs)
     out: dict[str, Any] = {
-        "task2_f1": scoring.Score.from_pairs(pairs, best.config.scoring_mode).f1,
+        "task2_f1": scoring.Score.from_pairs(list(pairs.values()), mode).f1,
         "ci95": [lo, hi],
         "n_sentences": len(pairs),
-        "note": f"bootstrap over {len(pairs)} validation sentences; differences smaller than the interval "
+        "note": f"bootstrap over the {len(pairs)} validation sentences the best trial was chosen on "
+                "(optimistic: see 'test' for the held-out figure); differences smaller than the interval "
                 "width are noise",
     }
     if first is not None and first.trial_id != best.trial_id:
         first_preds = _read_predictions(first.best.get("checkpoint_path"))
-        if first_preds is not None and len(first_preds) == len(preds):
-            first_pairs = scoring.score_pairs(gold, [p["task2_graph"] for p in first_preds],
-                                              mode=best.config.scoring_mode)
-            dlo, dhi = paired_bootstrap(pairs, first_pairs)
+        if first_preds is not None:
+            dlo, dhi = scoring.bootstrap_ci(pairs, baseline=_pairs_by_id(gold, first_preds, mode))
             out["vs_documented_optimum"] = {
                 "trial_id": first.trial_id,
                 "delta_ci95": [dlo, dhi],
@@ -322,7 +319,8 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
               if r.history and r.best.get("val_loss") is not None and not r.best.get("stop_reason")]
     summary: dict[str, Any] = {"experiment_dir": experiment_dir, "search_space": space.path,
                                "n_trials": len(records), "n_errors": sum(r.status == "ERROR" for r in records),
-                               "objective": "task2_f1 (validation, corpus SMATCH), ties by val_loss",
+                               "objective": "task2_f1 (validation, corpus SMATCH), ties by val_loss; "
+                                            "the reported figure is 'test', scored once on held-out graphs",
                                "cost": cost_summary(records)}
     if scored:
         best = max(scored, key=lambda r: objective.score(r.best))
@@ -346,6 +344,9 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
                 shutil.rmtree(dest)
             checkpoint.to_directory(str(dest))
             summary["best_adapter"] = str(dest)
+            summary["test"] = score_on_test(dest, best.best.get("checkpoint_path"), best.config.use_gpu)
+            print(f"best trial {best.trial_id}: " + format_test_line(best.best.get("task2_f1"), summary["test"]),
+                  flush=True)
         summary["plots"] = plot(records, out_dir)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str),
                                           encoding="utf-8")

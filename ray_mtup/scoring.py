@@ -22,14 +22,13 @@ average of per-sentence F.
 Modes, named in every output:
 
 ``official``
-    The shared task's scorer: graphs are made one-line and fed to smatch's parser as they
-    are. smatch drops spaces inside a concept (``chủ tịch`` becomes ``chủtịch``) while ``_``
-    stays, so ``(c / chủ tịch)`` and ``(c / chủ_tịch)`` do *not* match.
-    Predictions passed through :func:`evaluate_predictions` / :func:`evaluate_files` are
-    repaired first, and a repaired graph is canonical PENMAN with ``_``-joined concepts; so
-    against gold written with spaces (train_amr_2) the official mode charges every
-    multi-word concept, exactly as the shared task's scorer would for such a submission
-    (train_amr_2 scored against itself through the files path: F 0.90).
+    The shared task's scorer: graphs are made one-line the way smatch reads a file (lines
+    stripped and joined) and fed to smatch's parser as they are. smatch drops spaces inside
+    a concept (``chủ tịch`` becomes ``chủtịch``) while ``_`` stays, so ``(c / chủ tịch)``
+    and ``(c / chủ_tịch)`` do *not* match. :func:`evaluate_files` scores a predictions
+    file as it is: nothing is repaired or rewritten, and a graph smatch cannot parse counts
+    as empty (``repair=True`` opts in to repair, as ``predict`` and the training objective
+    do for the project's own outputs). Gold scored against itself gives 1.0.
 ``normalised``
     Both graphs go through :func:`ray_mtup.amr.normalise` first, which joins multi-word
     concepts with ``_``; spaces and underscores in concepts are then equivalent. (Not called
@@ -51,13 +50,13 @@ import random
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import smatch
 
 from ray_mtup import amr
-from ray_mtup.corpus import read_amr_file
+from ray_mtup.corpus import normalise_sentence, read_amr_file
 from ray_mtup.errors import AmrError, ConfigError, CorpusError, ScoringError
 
 logger = logging.getLogger(__name__)
@@ -191,9 +190,14 @@ def _smatch_session() -> Iterator[None]:
 
 
 def _one_line(text: str) -> str:
-    """Join a multi-line graph into one line, dropping comment lines (as smatch's reader does)."""
+    """Join a multi-line graph into one line exactly as smatch's file reader does
+    (``amr.AMR.get_amr_line``): comment lines dropped, lines stripped and joined with nothing.
+
+    >>> _one_line("# ::snt x\\n(c / chủ tịch\\n    :mod (t / to))")
+    '(c / chủ tịch:mod (t / to))'
+    """
     lines = (line.strip() for line in text.splitlines())
-    return " ".join(line for line in lines if line and not line.startswith("#"))
+    return "".join(line for line in lines if line and not line.startswith("#"))
 
 
 def _norm(item: object) -> str:
@@ -457,38 +461,113 @@ def _evaluate(golds, raw_preds, mode, ids, restarts, seed) -> tuple[Score, list[
     return Score.from_pairs(pairs, mode), repairs, pairs
 
 
+def score_by_id(
+    golds: Mapping[str, str],
+    preds: Mapping[str, str | None],
+    mode: str = "official",
+    *,
+    restarts: int = DEFAULT_RESTARTS,
+    seed: int = DEFAULT_SEED,
+) -> dict[str, PairCounts]:
+    """Per-sentence counts with each prediction paired to the gold graph of its sentence id.
+
+    Every predicted id must have a gold graph, else ScoringError naming the first stray ids;
+    the result follows the order of ``preds``.
+
+    >>> score_by_id({"f:1": "(c / chó)", "f:2": "(m / mèo)"}, {"f:2": "(m / mèo)"})
+    {'f:2': PairCounts(matched=2, predicted=2, gold=2, valid=True)}
+    >>> score_by_id({"f:1": "(c / chó)"}, {"f:9": "(c / chó)"})
+    Traceback (most recent call last):
+    ...
+    ray_mtup.errors.ScoringError: 1 prediction(s) have no gold graph with their sentence id: f:9
+    """
+    stray = [i for i in preds if i not in golds]
+    if stray:
+        raise ScoringError(f"{len(stray)} prediction(s) have no gold graph with their sentence id: "
+                           f"{', '.join(map(str, stray[:5]))}")
+    ids = list(preds)
+    pairs = _score_pairs([golds[i] for i in ids], [preds[i] for i in ids], mode, restarts, seed)
+    return dict(zip(ids, pairs))
+
+
+def _resampled_f1(counts: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    sums = counts[idx].sum(axis=1)  # (n_resamples, 3): matched, predicted, gold
+    denom = sums[:, 1] + sums[:, 2]
+    return np.divide(2.0 * sums[:, 0], denom, out=np.zeros(len(idx)), where=denom > 0)
+
+
+def _aligned(pairs: Sequence[PairCounts] | Mapping[str, PairCounts],
+             baseline: Sequence[PairCounts] | Mapping[str, PairCounts] | None) -> list[list[PairCounts]]:
+    """The pair lists to resample together, aligned by sentence id when a baseline is given."""
+    if baseline is None:
+        return [list(pairs.values()) if isinstance(pairs, Mapping) else list(pairs)]
+    if not isinstance(pairs, Mapping) or not isinstance(baseline, Mapping):
+        raise ScoringError("a paired bootstrap needs both sides keyed by sentence id")
+    if set(pairs) != set(baseline):
+        only = sorted(set(pairs) ^ set(baseline))
+        raise ScoringError(f"the two systems were scored on different sentences ({len(only)} ids differ, "
+                           f"e.g. {', '.join(only[:3])}); a paired bootstrap needs the same ids")
+    ids = list(pairs)
+    return [[pairs[i] for i in ids], [baseline[i] for i in ids]]
+
+
 def bootstrap_ci(
-    pairs: Sequence[PairCounts], n_resamples: int = 1000, seed: int = 0, level: float = 0.95
+    pairs: Sequence[PairCounts] | Mapping[str, PairCounts],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    *,
+    baseline: Mapping[str, PairCounts] | None = None,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of corpus F1, resampling sentences with replacement.
+
+    With ``baseline`` (another system's counts on the same sentences, both keyed by
+    sentence id) the interval is of F1(pairs) - F1(baseline) over the same resamples (a
+    paired bootstrap); ids that differ between the two are a ScoringError. The one
+    bootstrap of the project: ``evaluate``, the test figure and the noise analysis use it.
 
     >>> pairs = [PairCounts(5, 5, 5, True)] * 10
     >>> bootstrap_ci(pairs, n_resamples=50)
     (1.0, 1.0)
+    >>> a = {"x": PairCounts(2, 2, 2, True), "y": PairCounts(1, 2, 2, True)}
+    >>> bootstrap_ci(a, n_resamples=50, baseline=a)
+    (0.0, 0.0)
     """
-    if not pairs:
-        raise ScoringError("bootstrap_ci needs at least one pair")
     if n_resamples < 1:
         raise ConfigError("n_resamples", f"must be >= 1, got {n_resamples}")
     if not 0.0 < level < 1.0:
         raise ConfigError("level", f"must be in (0, 1), got {level}")
-    counts = np.array([(p.matched, p.predicted, p.gold) for p in pairs], dtype=np.int64)
+    sides = _aligned(pairs, baseline)
+    if not sides[0]:
+        raise ScoringError("bootstrap_ci needs at least one pair")
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(pairs), size=(n_resamples, len(pairs)))
-    sums = counts[idx].sum(axis=1)  # (n_resamples, 3)
-    denom = sums[:, 1] + sums[:, 2]
-    f1 = np.divide(2.0 * sums[:, 0], denom, out=np.zeros(n_resamples), where=denom > 0)
+    idx = rng.integers(0, len(sides[0]), size=(n_resamples, len(sides[0])))
+    f1s = [_resampled_f1(np.array([(p.matched, p.predicted, p.gold) for p in side], dtype=np.int64), idx)
+           for side in sides]
+    f1 = f1s[0] if len(f1s) == 1 else f1s[0] - f1s[1]
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(f1, [alpha, 1.0 - alpha])
     return float(low), float(high)
 
 
-def read_graph_blocks(path: str | Path) -> list[str]:
-    """Graph texts of a predictions file in the corpus format, one per blank-line separated block.
+@dataclass(frozen=True)
+class Block:
+    """One block of a predictions file: its sentence (None without ``#::snt``), graph text and line."""
+
+    sentence: str | None
+    graph: str
+    line: int
+
+
+_SNT_PREFIXES = ("#::snt", "# ::snt")
+
+
+def read_blocks(path: str | Path) -> list[Block]:
+    """Blocks of a predictions file in the corpus format, separated by blank lines.
 
     Unlike :func:`ray_mtup.corpus.read_amr_file`, nothing is parsed: a block whose graph is
     broken (or missing) is returned as text (possibly empty), to be counted invalid later.
-    Comment lines (``#...``) are dropped.
+    Comment lines (``#...``) are dropped from the graph; a ``#::snt`` line gives the sentence.
     """
     path = Path(path)
     try:
@@ -497,22 +576,41 @@ def read_graph_blocks(path: str | Path) -> list[str]:
         raise CorpusError(f"cannot read predictions: {exc.strerror or exc}", path=path) from exc
     except UnicodeDecodeError as exc:
         raise CorpusError(f"not UTF-8: {exc}", path=path) from exc
-    blocks: list[str] = []
+    blocks: list[Block] = []
     current: list[str] | None = None
-    for line in text.splitlines():
+    sentence: str | None = None
+    start = 0
+    for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
         if not stripped:
             if current is not None:
-                blocks.append("\n".join(current))
-                current = None
+                blocks.append(Block(sentence, "\n".join(current), start))
+                current, sentence = None, None
             continue
         if current is None:
-            current = []
-        if not stripped.startswith("#"):
+            current, start = [], number
+        if stripped.startswith(_SNT_PREFIXES):
+            sentence = stripped.split("::snt", 1)[1].strip()
+        elif not stripped.startswith("#"):
             current.append(line.rstrip())
     if current is not None:
-        blocks.append("\n".join(current))
+        blocks.append(Block(sentence, "\n".join(current), start))
     return blocks
+
+
+def read_graph_blocks(path: str | Path) -> list[str]:
+    """The graph texts of :func:`read_blocks`, in order."""
+    return [b.graph for b in read_blocks(path)]
+
+
+def _check_sentences(examples: Sequence[Any], blocks: Sequence[Block], pred_path: str | Path) -> None:
+    """Pairs are aligned by order: a block whose ``#::snt`` names another sentence is an error."""
+    for ex, block in zip(examples, blocks):
+        if block.sentence is not None and normalise_sentence(block.sentence) != normalise_sentence(ex.sentence):
+            raise ScoringError(
+                f"{pred_path}:{block.line}: the prediction is for {block.sentence[:60]!r} but gold {ex.id} "
+                f"is {ex.sentence[:60]!r}; pairs are aligned by order, so both files must follow the same order"
+            )
 
 
 def evaluate_files(
@@ -521,35 +619,46 @@ def evaluate_files(
     mode: str = "official",
     bootstrap: int = 0,
     *,
+    repair: bool = False,
     restarts: int = DEFAULT_RESTARTS,
     seed: int = DEFAULT_SEED,
 ) -> dict:
     """Score a predictions file against a gold file, both in the corpus format, aligned by order.
 
-    Returns :meth:`Score.to_dict` plus ``gold_path``, ``pred_path``, ``n_repaired`` and, when
-    ``bootstrap > 0``, ``ci_low``, ``ci_high``, ``ci_level``, ``ci_resamples`` and ``ci_note``.
+    The predictions are scored as they are (a graph smatch cannot parse counts as empty),
+    as the shared task's scorer does; ``repair=True`` repairs each one first (the
+    project's own convention for its raw outputs, which rewrites ``chủ tịch`` as ``chủ_tịch``).
+    A prediction block whose ``#::snt`` differs from its gold sentence is a ScoringError.
+
+    Returns :meth:`Score.to_dict` plus ``gold_path``, ``pred_path``, ``repair``,
+    ``n_repaired`` and, when ``bootstrap > 0``, ``ci_low``, ``ci_high``, ``ci_level``,
+    ``ci_resamples`` and ``ci_note``.
     """
     _check_mode(mode)
     if bootstrap < 0:
         raise ConfigError("bootstrap", f"must be >= 0, got {bootstrap}")
     examples = read_amr_file(gold_path)
-    raw_preds = read_graph_blocks(pred_path)
-    if len(examples) != len(raw_preds):
+    blocks = read_blocks(pred_path)
+    if len(examples) != len(blocks):
         raise ScoringError(
-            f"{gold_path} has {len(examples)} graphs but {pred_path} has {len(raw_preds)}; "
+            f"{gold_path} has {len(examples)} graphs but {pred_path} has {len(blocks)}; "
             "pairs are aligned by order, so the counts must be equal"
         )
-    score, repairs, pairs = _evaluate(
-        [ex.amr for ex in examples], raw_preds, mode, [ex.id for ex in examples], restarts, seed
-    )
-    result = {
-        **score.to_dict(),
-        "n_repaired": sum(1 for r, p in zip(repairs, pairs) if r.repaired and p.valid),
-        "gold_path": str(gold_path),
-        "pred_path": str(pred_path),
-    }
+    _check_sentences(examples, blocks, pred_path)
+    golds, ids = [ex.amr for ex in examples], [ex.id for ex in examples]
+    if repair:
+        score, repairs, pairs = _evaluate(golds, [b.graph for b in blocks], mode, ids, restarts, seed)
+        n_repaired = sum(1 for r, p in zip(repairs, pairs) if r.repaired and p.valid)
+    else:
+        pairs = _score_pairs(golds, [b.graph or None for b in blocks], mode, restarts, seed)
+        score, n_repaired = Score.from_pairs(pairs, mode), 0
+        for ex, pair in zip(examples, pairs):
+            if not pair.valid:
+                logger.info("prediction for %s is not a graph smatch can read; counted as empty", ex.id)
+    result = {**score.to_dict(), "repair": repair, "n_repaired": n_repaired,
+              "gold_path": str(gold_path), "pred_path": str(pred_path)}
     if bootstrap > 0:
         level = 0.95
-        low, high = bootstrap_ci(pairs, n_resamples=bootstrap, seed=seed, level=level)
+        low, high = bootstrap_ci(dict(zip(ids, pairs)), n_resamples=bootstrap, seed=seed, level=level)
         result.update(ci_low=low, ci_high=high, ci_level=level, ci_resamples=bootstrap, ci_note=CI_NOTE)
     return result

@@ -8,7 +8,7 @@ the first point) and an ``ASHAScheduler`` on the ``epoch`` counter, runs a ``Tun
 
 The objective is the ``objective`` metric (:mod:`ray_mtup.objective`): validation Task 2 SMATCH F1, with exact ties
 (common early on, when no output parses yet) ordered by validation loss
-(``task2_f1 - 1e-4 * val_loss``; see :func:`ray_mtup.training.objective`).
+(``task2_f1 - 1e-4 * val_loss``; see :func:`ray_mtup.objective.value`).
 """
 
 from __future__ import annotations
@@ -287,12 +287,29 @@ def check_storage(storage_path: str) -> None:
         raise ConfigError("storage_path", f"{storage_path} is not writable: {exc}") from exc
 
 
+def common_horizon(base: TrainConfig, space: SearchSpace) -> TrainConfig:
+    """``base`` with every trial's learning-rate schedule spanning the space's maximum epochs
+    (``schedule_epochs``); a trial's sampled ``epochs`` is then only where it stops.
+
+    ASHA compares trials at the same epoch; with a schedule per trial length, a short trial
+    would already have decayed its learning rate there and a long one not.
+
+    >>> space = SearchSpace("s.yaml", {"epochs": ParamSpec("epochs", "randint", 2, 6)})
+    >>> cfg = common_horizon(TrainConfig(epochs=3), space)
+    >>> cfg.epochs, cfg.schedule_epochs
+    (6, 6)
+    """
+    if "epochs" not in space.params:  # every trial runs the same epochs: its own schedule is common
+        return base
+    return base.replace(epochs=space.max_epochs, schedule_epochs=space.max_epochs)
+
+
 def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) -> dict[str, Any]:
     """Run (or resume) the search; returns the summary written by :mod:`ray_mtup.reporting`.
 
     ``base`` is the resolved config every trial starts from (the launcher applied the space's
-    ``overrides:`` and the flags; :func:`ray_mtup.config.resolve_config`); a trial only adds
-    its sampled values.
+    ``overrides:`` and the flags; :func:`ray_mtup.config.resolve_config`), with the space's
+    common schedule horizon (:func:`common_horizon`); a trial only adds its sampled values.
     """
     import ray
     from optuna.samplers import TPESampler
@@ -304,6 +321,7 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) 
     from .trial import trial_function
 
     check_storage(settings.storage_path)
+    base = common_horizon(base, space)
     concurrency = check_resources(ray.cluster_resources(), base)
     experiment_dir = f"{settings.storage_path.rstrip('/')}/{settings.name}"
     context = {

@@ -59,11 +59,19 @@ def prepare_data(cfg: TrainConfig) -> tuple[RunData, WeightsSource, Any]:
 
 
 def plan_schedule(cfg: TrainConfig, micro_batches: int, world: int) -> Schedule:
-    """Optimizer steps per epoch at the configured global batch (``max_steps_per_epoch`` caps them)."""
+    """Optimizer steps per epoch at the configured global batch (``max_steps_per_epoch`` caps them).
+
+    Warm-up and cosine span ``schedule_epochs`` (a search's common horizon; default ``epochs``),
+    whatever epoch the run stops at.
+
+    >>> short, long = TrainConfig(epochs=4, schedule_epochs=6), TrainConfig(epochs=6, schedule_epochs=6)
+    >>> plan_schedule(short, 40, 1) == plan_schedule(long, 40, 1) != plan_schedule(TrainConfig(epochs=4), 40, 1)
+    True
+    """
     steps = -(-micro_batches // grad_accum(cfg, world))
     if cfg.max_steps_per_epoch is not None:
         steps = min(steps, cfg.max_steps_per_epoch)
-    total = steps * cfg.epochs
+    total = steps * (cfg.schedule_epochs or cfg.epochs)
     return Schedule(steps, total, int(cfg.warmup_ratio * total))
 
 

@@ -7,7 +7,9 @@
   its own ``TorchTrainer`` reporting through ``TuneReportCallback`` (under Train V2 a
   ``TorchTrainer`` cannot be handed to a ``Tuner``).
 * :func:`run_single` runs layer 2 directly, without a search (``--no-search``), and writes
-  the run's directory: ``config.yaml``, ``metrics.csv``, ``adapter/`` and ``summary.json``.
+  the run's directory: ``config.yaml``, ``metrics.csv``, ``adapter/`` and ``summary.json``,
+  which reports the best epoch's adapter scored once on the held-out test set
+  (:func:`ray_mtup.holdout.score_on_test`) beside the validation F that chose it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from . import objective
 from .checkpointing import ADAPTER_FILE, STATE_FILE
 from .config import MAX_FAILURES, TrainConfig
 from .errors import ConfigError, TrainingError
-from .outputs import RunSummary, best_epoch, write_run_outputs
+from .holdout import score_on_test
+from .outputs import RunSummary, best_epoch, with_test_score, write_run_outputs
 from .training import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -145,8 +148,11 @@ def run_single(cfg: TrainConfig, name: str, storage_path: str, output_dir: str |
     reason = state.get("stop_reason") or (result.metrics or {}).get("stop_reason")
     if reason:
         logger.error("run %s stopped early: %s; outputs use its best earlier epoch", name, reason)
-    with with_adapter[best_epoch(history, with_adapter)].as_directory() as best_dir:
-        return write_run_outputs(Path(output_dir), cfg, history, Path(best_dir))
+    best = with_adapter[best_epoch(history, with_adapter)]
+    with best.as_directory() as best_dir:
+        summary = write_run_outputs(Path(output_dir), cfg, history, Path(best_dir))
+    # the figure to report: the chosen epoch's adapter, scored once on the held-out test set
+    return with_test_score(summary, cfg, score_on_test(summary.adapter_dir, best.path, cfg.use_gpu))
 
 
 def _has_adapter(checkpoint: Any) -> bool:

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(cfg: TrainConfig, out_dir: Path) -> None:
     """Train ``cfg`` in this process group; rank 0 then writes the run directory."""
-    from .outputs import best_epoch, write_run_outputs
+    from .holdout import score_on_test
+    from .outputs import best_epoch, with_test_score, write_run_outputs
     from .session import TorchrunSession
     from .training import train_loop
 
@@ -44,7 +45,9 @@ def run(cfg: TrainConfig, out_dir: Path) -> None:
     with_adapter = {int(p.name.rsplit("_", 1)[1]): p for p in session.checkpoints()
                     if (p / ADAPTER_FILE).is_file()}
     best = with_adapter[best_epoch(history, with_adapter)] if with_adapter else None
-    write_run_outputs(out_dir, cfg, history, best)
+    summary = write_run_outputs(out_dir, cfg, history, best)
+    if summary.adapter_dir is not None:
+        with_test_score(summary, cfg, score_on_test(summary.adapter_dir))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

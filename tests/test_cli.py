@@ -104,3 +104,14 @@ def test_python_dash_m_evaluate_json(files):
     assert result["mode"] == "official"
     assert (result["n_pairs"], result["n_valid"]) == (3, 2)
     assert result["f1"] == pytest.approx(2 * 8 / (10 + 18))
+
+
+@pytest.mark.parametrize("mode", ["official", "normalised"])
+def test_evaluate_gold_against_itself_is_one_and_repair_is_opt_in(files, capsys, mode):
+    gold, _ = files
+    assert main(["evaluate", "--gold", str(gold), "--pred", str(gold), "--mode", mode, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["f1"] == 1.0
+    assert main(["evaluate", "--gold", str(gold), "--pred", str(gold), "--mode", mode, "--repair", "--json"]) == 0
+    repaired = json.loads(capsys.readouterr().out)
+    # repair joins 'chủ tịch' into 'chủ_tịch': official charges it, normalised does not
+    assert repaired["repair"] is True and (repaired["f1"] == 1.0) == (mode == "normalised")

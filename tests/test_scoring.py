@@ -7,6 +7,7 @@ on the root, one triple per relation or attribute.
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -336,3 +337,89 @@ def test_corpus_scores_are_reproducible():
     first = score_pairs(golds, preds)
     assert first == score_pairs(golds, preds)
     assert all(p.matched <= min(p.predicted, p.gold) for p in first)
+
+
+# --------------------------------------------------------------------------- files as they are
+
+
+def _smatch_corpus_f(gold: Path, pred: Path, monkeypatch) -> float:
+    """smatch 1.0.4's own corpus F (its file reader, parser and 5 starts), seeded: its
+    per-restart ``random.seed()`` from the OS is disabled for the call."""
+    import smatch as smatch_module
+
+    random.seed(0)
+    monkeypatch.setattr(smatch_module.random, "seed", lambda *a, **k: None)
+    smatch_module.match_triple_dict.clear()
+    with pred.open(encoding="utf-8") as f1, gold.open(encoding="utf-8") as f2:
+        *_, (_, _, f) = smatch_module.score_amr_pairs(f1, f2)
+    monkeypatch.undo()
+    return f
+
+
+def test_evaluate_files_scores_the_file_as_it_is(tmp_path):
+    # gold written with spaces, the shared task's convention: against itself it is 1.0 in
+    # both modes; only --repair rewrites the prediction's concepts (and then official loses)
+    gold = _write_corpus(tmp_path / "gold.txt", ["(c / chủ tịch\n    :mod(x / xã))", DI_CHO, "(t / thuận lợi)"])
+    for mode in scoring.MODES:
+        assert evaluate_files(gold, gold, mode=mode)["f1"] == 1.0
+    repaired = evaluate_files(gold, gold, repair=True)
+    assert repaired["f1"] < 1.0 and repaired["repair"] is True
+    assert evaluate_files(gold, gold, mode="normalised", repair=True)["f1"] == 1.0
+
+
+def test_evaluate_files_unreadable_prediction_counts_empty_without_repair(tmp_path):
+    gold = _write_corpus(tmp_path / "gold.txt", [AN, CHO])
+    pred = _write_corpus(tmp_path / "pred.txt", ["(a / ăn-01 :ARG0 (m / mèo)))", CHO])  # one ")" too many
+    plain = evaluate_files(gold, pred)
+    assert (plain["n_valid"], plain["recall"]) == (1, 2 / 6)
+    fixed = evaluate_files(gold, pred, repair=True)
+    assert (fixed["n_valid"], fixed["n_repaired"], fixed["f1"]) == (2, 1, 1.0)
+
+
+def test_evaluate_files_sentence_mismatch_is_an_error(tmp_path):
+    gold = _write_corpus(tmp_path / "gold.txt", [AN, CHO])
+    pred = tmp_path / "pred.txt"
+    pred.write_text(f"#::snt câu 1 .\n{CHO}\n\n#::snt câu 0 .\n{AN}\n", encoding="utf-8")
+    with pytest.raises(ScoringError, match=r"pred.txt:1: .*gold gold:1"):
+        evaluate_files(gold, pred)
+
+
+def test_paired_bootstrap_needs_the_same_ids():
+    a = {"s1": PairCounts(2, 2, 2, True), "s2": PairCounts(1, 3, 2, True)}
+    b = {"s1": PairCounts(1, 2, 2, True), "s2": PairCounts(1, 3, 2, True)}
+    low, high = bootstrap_ci(a, n_resamples=200, baseline=b)
+    assert 0.0 <= low <= high  # a is never worse than b on any sentence
+    with pytest.raises(ScoringError, match="different sentences"):
+        bootstrap_ci(a, baseline={"s1": b["s1"], "s3": b["s2"]})
+    with pytest.raises(ScoringError, match="no gold graph"):
+        scoring.score_by_id({"s1": CHO}, {"s1": CHO, "s7": MEO})
+
+
+@needs_corpus
+@pytest.mark.parametrize("name", ["train_amr_1.txt", "train_amr_2.txt"])
+@pytest.mark.parametrize("mode", scoring.MODES)
+def test_every_corpus_file_against_itself_scores_one(name, mode):
+    result = evaluate_files(_data_dir() / name, _data_dir() / name, mode=mode)
+    assert (result["f1"], result["validity"]) == (1.0, 1.0)
+
+
+@needs_corpus
+def test_official_matches_smatch_on_real_files(tmp_path, monkeypatch):
+    from ray_mtup.corpus import read_amr_file, write_amr_file
+
+    examples = read_amr_file(_data_dir() / "train_amr_2.txt")[:200]
+    gold = tmp_path / "gold.txt"
+    write_amr_file(gold, [(ex.sentence, ex.amr) for ex in examples])
+    rng = random.Random(3)
+    # another sentence's graph for every 4th sentence, a renamed root concept for the next
+    perturbed = []
+    for i, ex in enumerate(examples):
+        graph = examples[rng.randrange(len(examples))].amr if i % 4 == 0 else ex.amr
+        if i % 4 == 1:
+            graph = re.sub(r"^\((\S+) / [^\n:()]+", r"(\1 / khác", graph, count=1)
+        perturbed.append((ex.sentence, graph))
+    pred = tmp_path / "pred.txt"
+    write_amr_file(pred, perturbed)
+    ours = evaluate_files(gold, pred)["f1"]
+    assert ours < 0.95
+    assert abs(ours - _smatch_corpus_f(gold, pred, monkeypatch)) <= 0.005

@@ -93,6 +93,11 @@ def test_zero_stage_trains_and_reports_every_epoch(stage, trained):
     written = json.loads((run_dir / "summary.json").read_text())
     assert written["epochs_run"] == 3
     assert written["batch"] == {"global_batch_size": 16, "micro_batch_size": 8, "grad_accum": 1, "world_size": 2}
+    # the chosen adapter scored once on the held-out test split (10% of 120 graphs, both files)
+    test = written["test"]
+    assert test == summary.test and test["n_graphs"] == 12 and test["scoring_mode"] == "normalised"
+    assert test["ci95"][0] <= test["task2_f1"] <= test["ci95"][1]
+    assert set(test["task2_f1_official"]) == {"space", "_"}
 
 
 @pytest.mark.parametrize("stage", [2, 3])
