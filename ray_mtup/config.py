@@ -253,6 +253,14 @@ class TrainConfig(Settings):
         "epoch-E checkpoint write with ENOSPC; 'corrupt_adapter@E' / 'drop_state@E' damage the "
         "newest stored checkpoint in epoch E, then kill the worker (see ray_mtup/faults.py)."))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade_grad_accum(cls, data: Any) -> Any:
+        """Read a config written before ``global_batch_size`` replaced the ``grad_accum`` field."""
+        if isinstance(data, Mapping) and "grad_accum" in data:
+            return upgrade_grad_accum(data, cls.model_fields["per_device_batch_size"].default)
+        return data
+
     @model_validator(mode="after")
     def _project_checks(self) -> TrainConfig:
         _check(self.model in MODELS, "model", f"unknown model {self.model!r}; choose from {sorted(MODELS)}")
@@ -320,6 +328,26 @@ class TrainConfig(Settings):
     def replace(self, **overrides: Any) -> TrainConfig:
         """A new config with ``overrides`` applied (dotted keys reach nested settings)."""
         return TrainConfig.from_dict(merge(self.to_dict(), overrides))
+
+
+def upgrade_grad_accum(data: Mapping[str, Any], per_device_default: int) -> dict[str, Any]:
+    """``data`` (a config of an older version) with ``grad_accum`` turned into ``global_batch_size``.
+
+    >>> upgrade_grad_accum({"grad_accum": 4, "per_device_batch_size": 2, "num_workers": 2}, 4)
+    {'per_device_batch_size': 2, 'num_workers': 2, 'global_batch_size': 16}
+    """
+    if "global_batch_size" in data:
+        raise ConfigError("grad_accum", "no longer a field: set global_batch_size (gradient accumulation "
+                                        "is derived from it)")
+    out = {k: v for k, v in data.items() if k != "grad_accum"}
+    try:
+        out["global_batch_size"] = (int(data["grad_accum"]) * int(data.get("per_device_batch_size", per_device_default))
+                                    * int(data.get("num_workers", 1)))
+    except (TypeError, ValueError):
+        raise ConfigError("grad_accum", f"expected an integer, got {data['grad_accum']!r}") from None
+    logger.warning("config field grad_accum=%s read as global_batch_size=%d", data["grad_accum"],
+                   out["global_batch_size"])
+    return out
 
 
 def merge(base: Mapping[str, Any], overrides: Mapping[str, Any], _prefix: str = "") -> dict[str, Any]:
@@ -435,7 +463,8 @@ def resolve_config(
          "per_device_batch_size": spec.per_device_batch_size, "global_batch_size": spec.global_batch_size,
          "lora": {"train_base": spec.train_base}},
         load_preset(preset) if preset is not None else {},
-        {k: v for k, v in loaded.items() if k != "model"},
+        {k: v for k, v in (upgrade_grad_accum(loaded, spec.per_device_batch_size) if "grad_accum" in loaded
+                           else loaded).items() if k != "model"},
         space_overrides or {},
         {k: v for k, v in (overrides or {}).items() if v is not None},
     ]

@@ -342,7 +342,9 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) 
         first = documented_optimum(space, base)
         searcher = OptunaSearch(metric=objective.METRIC, mode=objective.MODE, points_to_evaluate=[first],
                                 sampler=TPESampler(seed=space.seed))
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs, grace_period=space.grace_period,
+        # epochs not sampled: every trial runs the base config's epochs (overrides and flags included)
+        max_t = space.max_epochs if "epochs" in space.params else base.epochs
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=space.grace_period,
                                   reduction_factor=space.reduction_factor)
         tuner = tune.Tuner(
             trainable,

@@ -222,3 +222,15 @@ def test_a_non_editable_install_finds_presets_and_search_spaces(tmp_path: Path):
                          capture_output=True, text=True, check=True, timeout=120).stdout.split()
     assert out[0].startswith(str(tmp_path / "site")) and out[-2:] == ["100", "6"], out
     assert "'quick_test']" in out
+
+
+def test_a_config_of_the_grad_accum_era_still_loads(tmp_path: Path):
+    old = resolve_config("qwen2.5-7b").to_dict()
+    del old["global_batch_size"]
+    old.update(grad_accum=8, num_workers=1)
+    assert TrainConfig.from_dict(old).global_batch_size == 16  # 8 x 2 per device x 1 worker
+    path = tmp_path / "best_config.yaml"
+    path.write_text(yaml.safe_dump(old), encoding="utf-8")
+    assert resolve_config(config_file=path).grad_accum == 8
+    with pytest.raises(ConfigError, match="^grad_accum: no longer a field"):
+        resolve_config("tiny", overrides={"grad_accum": 2})  # on the command line: say what replaced it
