@@ -34,6 +34,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from ray_mtup.checkpointing import validate_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900  # generous: other jobs share the 2 cores
 
@@ -161,12 +163,10 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path, workers):
 TWO_EPOCH_SPACE = NO_STOPPING_SPACE.replace("grace_period: 3", "grace_period: 2").replace("values: [3]", "values: [2]")
 
 
-def checkpoint_states(exp: Path, trial_id: str) -> dict[Path, dict]:
-    """Every stored checkpoint of a trial -> its validated trainer state (raises if one is damaged)."""
-    from ray_mtup.checkpointing import validate_checkpoint
-
+def checkpoint_states(exp: Path, trial_id: str, skip: Path | None = None) -> dict[Path, dict]:
+    """Every stored checkpoint of a trial (but ``skip``) -> its validated trainer state (raises if one is damaged)."""
     run = exp / "train_runs" / f"train_{trial_id}"
-    return {p: validate_checkpoint(p) for p in sorted(run.glob("checkpoint_*")) if p.is_dir()}
+    return {p: validate_checkpoint(p) for p in sorted(run.glob("checkpoint_*")) if p.is_dir() and p != skip}
 
 
 @pytest.mark.integration
@@ -197,8 +197,12 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path):
         assert [m["epoch"] for m in state["history"]] == [1, 2, 3] and state["resumed_from_epoch"] == 1
         steps = [m["global_step"] for m in state["history"]]
         assert steps == sorted(set(steps)), f"trial {tid}: steps {steps}"
-        # the checkpoints left are complete (the damaged one was replaced or deleted)
-        assert checkpoint_states(exp, tid)
+        # every checkpoint left is complete but the damaged one (Ray Train may still keep it among
+        # the best), and the best epoch's checkpoint is a complete one
+        damaged = Path(row["resume_note"].split("(", 1)[1].split(": ", 1)[0]).parent
+        assert checkpoint_states(exp, tid, skip=damaged)
+        assert Path(row["checkpoint_path"]) != damaged
+        validate_checkpoint(row["checkpoint_path"])
 
 
 @pytest.mark.integration
