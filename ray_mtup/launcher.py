@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from .config import MODELS, REPO_DIR, SEARCH_SPACES_DIR, TrainConfig, preset_names, resolve_config
 from .errors import RayMtupError
+from .tracking import DEFAULT_TRACKER, TRACKERS
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="experiment name (default: <model>-<time>); --resume needs it")
     p.add_argument("--resume", action="store_true", help="resume the interrupted experiment --name")
     p.add_argument("--max-failures", type=int, default=2, help="retries of a failed trial (default: %(default)s)")
+    p.add_argument("--tracker", choices=TRACKERS, default=DEFAULT_TRACKER,
+                   help="experiment tracker of a search: an MLflow file store in the experiment directory, "
+                        "TensorBoard, Weights & Biases (needs WANDB_API_KEY) or none (default: %(default)s)")
     p.add_argument("--smoke-test", action="store_true",
                    help="a few tiny trials with short epochs, for CPU (search_spaces/smoke.yaml)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
@@ -215,7 +219,7 @@ def _main(args: argparse.Namespace) -> int:
     settings = search.SearchSettings(name=name, storage_path=storage,
                                      workers_per_trial=cfg.num_workers, gpus_per_trial=args.gpus_per_trial,
                                      max_failures=args.max_failures, num_samples=args.num_samples,
-                                     resume=args.resume)
+                                     resume=args.resume, tracker=args.tracker)
     if args.resume and not args.name:
         from .errors import ConfigError
 
@@ -227,9 +231,11 @@ def _main(args: argparse.Namespace) -> int:
     summary = search.run_search(cfg, space, settings, pinned=flag_overrides(args))
     best = summary.get("best_metrics") or {}
     noise = summary.get("noise", {})
+    baseline = (summary.get("baseline") or {}).get("task2_f1", float("nan"))
     print(f"search {name}: {summary['n_trials']} trials in {time.time() - t0:.0f} s; best {summary.get('best_trial')} "
           f"Task 2 F1 {best.get('task2_f1', float('nan')):.4f} (95% CI {noise.get('ci95')}); "
-          f"results in {summary['experiment_dir']}")
+          f"most-frequent-graph baseline {baseline:.4f}")
+    print(closing_note(summary, args.tracker))
     if summary["n_errors"]:
         print(f"error: {summary['n_errors']} of {summary['n_trials']} trials failed; see results.csv",
               file=sys.stderr)
@@ -239,6 +245,18 @@ def _main(args: argparse.Namespace) -> int:
               "before a finite-loss epoch); see stop_reason in results.csv", file=sys.stderr)
         return 1
     return 0
+
+
+def closing_note(summary: Mapping[str, Any], tracker: str) -> str:
+    """Where a search's results, plots and tracker store are (the last lines a user sees)."""
+    from .reporting import local_results_dir
+    from .tracking import tracker_location
+
+    results = local_results_dir(summary["experiment_dir"])
+    plots = ", ".join(Path(p).name for p in summary.get("plots", [])) or "none"
+    return (f"results: {summary['experiment_dir']} (results.csv, summary.json, best_config.yaml)\n"
+            f"plots:   {plots} in {results}\n"
+            f"tracker: {tracker_location(tracker, results)}")
 
 
 def _cluster_resources() -> dict[str, float]:

@@ -190,6 +190,7 @@ class SearchSettings:
     keep_checkpoints: int = 2
     num_samples: int | None = None
     resume: bool = False
+    tracker: str = "mlflow"  # ray_mtup.tracking.TRACKERS
 
     def __post_init__(self) -> None:
         if self.workers_per_trial < 1:
@@ -201,6 +202,9 @@ class SearchSettings:
                                                 f"{self.workers_per_trial} workers")
         if self.num_samples is not None and self.num_samples < 1:
             raise ConfigError("num_samples", f"must be >= 1, got {self.num_samples}")
+        from .tracking import check_tracker
+
+        check_tracker(self.tracker)
 
 
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its TorchTrainer
@@ -275,6 +279,7 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings,
     from ray.tune.search.optuna import OptunaSearch
 
     from . import reporting
+    from .tracking import EpochProgress, tracker_callbacks
     from .trial import trial_function
 
     check_storage(settings.storage_path)
@@ -299,6 +304,8 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings,
         first = documented_optimum(space, base)
         searcher = OptunaSearch(metric=OBJECTIVE_METRIC, mode="max", points_to_evaluate=[first],
                                 sampler=TPESampler(seed=space.seed))
+        callbacks = [*tracker_callbacks(settings.tracker, reporting.local_results_dir(experiment_dir), settings.name),
+                     EpochProgress(space.max_epochs)]
         scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs, grace_period=space.grace_period,
                                   reduction_factor=space.reduction_factor)
         tuner = tune.Tuner(
@@ -309,7 +316,7 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings,
                 num_samples=settings.num_samples or space.num_samples, max_concurrent_trials=concurrency,
             ),
             run_config=tune.RunConfig(
-                name=settings.name, storage_path=settings.storage_path,
+                name=settings.name, storage_path=settings.storage_path, callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             ),
         )

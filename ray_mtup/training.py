@@ -213,7 +213,7 @@ def evaluate_epoch(
     raw = generate(
         model, tokenizer, prompts_for(template, [data.val[i].sentence for i in idx]),
         batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-        synced_gpus=(cfg.zero_stage == 3 and world > 1), cache=cfg.generation_cache,
+        synced_gpus=(cfg.zero_stage == 3 and world > 1), cache=cfg.generation_cache, progress=rank == 0,
     )
     gen_time = time.perf_counter() - t0
     new_tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in raw[:real])
@@ -222,7 +222,7 @@ def evaluate_epoch(
     raw_all = [by_index[i] for i in range(n_eval)]
     parsed = parse_outputs(template, raw_all)
     gold = data.val_gold[:n_eval]
-    t2 = scoring.score_corpus(gold, [p.task2_graph for p in parsed], mode=cfg.scoring_mode)
+    t2 = scoring.score_corpus(gold, [p.task2_graph for p in parsed], mode=cfg.scoring_mode, progress=rank == 0)
     t1 = scoring.score_corpus(gold, [p.task1_graph for p in parsed], mode=cfg.scoring_mode)
     # The shared task's convention too, so every epoch compares with the published leaderboard.
     t2_official = t2 if t2.mode == "official" else scoring.score_corpus(
