@@ -8,7 +8,10 @@
 * :class:`EpochProgress` prints one line per finished epoch in the driver:
   ``trial <id> epoch k/N task2_f1 x (best so far y)``.
 
-Open the MLflow store with ``mlflow ui --backend-store-uri file://<experiment dir>/mlruns``.
+Open the MLflow store with
+``MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri file://<experiment dir>/mlruns``
+(MLflow 3 keeps its file store in maintenance mode and refuses it without that opt-in; the
+file store is what keeps the tracking data inside the experiment directory, with no server).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ logger = logging.getLogger(__name__)
 TRACKERS = ("mlflow", "tensorboard", "wandb", "none")
 DEFAULT_TRACKER = "mlflow"
 MLFLOW_DIR = "mlruns"
+#: MLflow >= 3.7 refuses a file store unless this is set (its documented opt-in).
+MLFLOW_FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
 
 
 def mlflow_uri(results_dir: str | Path) -> str:
@@ -69,6 +74,7 @@ def tracker_callbacks(tracker: str, results_dir: str | Path, experiment_name: st
         raise ConfigError("tracker", f"mlflow is not installed ({exc}); pip install mlflow, "
                                      "or choose --tracker tensorboard/none") from exc
     Path(results_dir).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault(MLFLOW_FILE_STORE_ENV, "true")  # the driver logs; workers never touch MLflow
     return [MLflowLoggerCallback(tracking_uri=mlflow_uri(results_dir), experiment_name=experiment_name,
                                  tags={"project": "ray_mtup"})]
 
@@ -85,7 +91,7 @@ def _wandb_callback(experiment_name: str) -> Any:
 def tracker_location(tracker: str, results_dir: str | Path) -> str:
     """Where a person opens what ``tracker`` recorded (one line for the closing message)."""
     if tracker == "mlflow":
-        return f"mlflow ui --backend-store-uri {mlflow_uri(results_dir)}"
+        return f"{MLFLOW_FILE_STORE_ENV}=true mlflow ui --backend-store-uri {mlflow_uri(results_dir)}"
     if tracker == "tensorboard":
         return f"tensorboard --logdir {Path(results_dir).resolve()}"
     if tracker == "wandb":

@@ -105,12 +105,13 @@ def test_best_config_reproduces_its_result(smoke, tmp_path):
     assert math.isclose(again["val_loss"], summary["best_metrics"]["val_loss"], rel_tol=1e-2)
 
 
-def test_mlflow_store_has_one_run_per_trial_with_params_and_every_epoch(smoke):
+def test_mlflow_store_has_one_run_per_trial_with_params_and_every_epoch(smoke, monkeypatch):
     """The default tracker: MLflow's client reads the file store back from the experiment dir."""
     from mlflow.tracking import MlflowClient
 
-    from ray_mtup.tracking import mlflow_uri
+    from ray_mtup.tracking import MLFLOW_FILE_STORE_ENV, mlflow_uri
 
+    monkeypatch.setenv(MLFLOW_FILE_STORE_ENV, "true")
     exp, proc = smoke
     rows = {r["trial_id"]: r for r in _rows(exp)}
     client = MlflowClient(tracking_uri=mlflow_uri(exp))
