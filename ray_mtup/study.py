@@ -44,6 +44,7 @@ def rebuild_study(records: Sequence[Any], space: Any) -> Any:
     """
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     dists = distributions(space)
     study = optuna.create_study(direction="maximize", study_name=Path(space.path).stem)
     for r in records:
@@ -79,7 +80,6 @@ def write_study_plots(records: Sequence[Any], space: Any, out_dir: Path) -> list
              ("optuna_importances.png", ovm.plot_param_importances, n >= 2 and bool(varying)),
              ("optuna_slice.png", ovm.plot_slice, True)]
     paths = []
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     for name, draw, possible in plots:
         if not possible:
             logger.info("%s skipped: parameter importances need >= 2 complete trials whose "
@@ -87,6 +87,7 @@ def write_study_plots(records: Sequence[Any], space: Any, out_dir: Path) -> list
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            warnings.simplefilter("ignore", UserWarning)  # matplotlib on one-valued or categorical axes
             result = draw(study)
         fig = _figure_of(result)
         fig.set_size_inches(max(fig.get_size_inches()[0], 7), max(fig.get_size_inches()[1], 4.5))
