@@ -279,7 +279,8 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings,
     from ray.tune.search.optuna import OptunaSearch
 
     from . import reporting
-    from .tracking import EpochProgress, tracker_callbacks
+    from .progress import EpochProgress
+    from .tracking import tracker_callbacks
     from .trial import trial_function
 
     check_storage(settings.storage_path)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,11 @@ STUDY_PLOTS = ("optuna_history.png", "optuna_importances.png", "optuna_slice.png
 
 def distributions(space: Any) -> dict[str, Any]:
     """Optuna distributions of a :class:`~ray_mtup.search.SearchSpace`'s parameters."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
 
     out: dict[str, Any] = {}
     for name, spec in space.params.items():

@@ -5,8 +5,9 @@
   TensorBoard (``TBXLoggerCallback``), Weights & Biases (``WandbLoggerCallback``, needs
   ``WANDB_API_KEY``) or none. Each trial is one run; its sampled hyper-parameters are the
   run's parameters and every reported metric is logged at the trial's epoch.
-* :class:`EpochProgress` prints one line per finished epoch in the driver:
-  ``trial <id> epoch k/N task2_f1 x (best so far y)``.
+* :mod:`ray_mtup.progress` prints one line per finished epoch in the driver.
+
+Nothing here imports Ray at import time (the launcher reads :data:`TRACKERS` for its flags).
 
 Open the MLflow store with
 ``MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri file://<experiment dir>/mlruns``
@@ -17,7 +18,6 @@ file store is what keeps the tracking data inside the experiment directory, with
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -68,8 +68,8 @@ def tracker_callbacks(tracker: str, results_dir: str | Path, experiment_name: st
     if tracker == "wandb":
         return [_wandb_callback(experiment_name)]
     try:
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
         import mlflow  # noqa: F401  (MLflowLoggerCallback imports it only at setup)
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
     except ImportError as exc:
         raise ConfigError("tracker", f"mlflow is not installed ({exc}); pip install mlflow, "
                                      "or choose --tracker tensorboard/none") from exc
@@ -97,38 +97,3 @@ def tracker_location(tracker: str, results_dir: str | Path) -> str:
     if tracker == "wandb":
         return "the W&B project ray_mtup (group = the experiment name)"
     return "no tracker (--tracker none)"
-
-
-def _callback_base() -> type:
-    from ray.tune import Callback
-
-    return Callback
-
-
-class EpochProgress(_callback_base()):  # type: ignore[misc]
-    """One line per finished epoch of any trial, with the best F1 of the search so far."""
-
-    def __init__(self, planned_epochs: int, metric: str = "task2_f1"):
-        self.planned_epochs = planned_epochs
-        self.metric = metric
-        self.best = -math.inf
-        self.lines: list[str] = []
-
-    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
-        value = result.get(self.metric)
-        if not isinstance(value, (int, float)) or "epoch" not in result:
-            return
-        self.best = max(self.best, float(value))
-        planned = int((trial.config or {}).get("epochs", self.planned_epochs))
-        line = format_progress(trial.trial_id, int(result["epoch"]), planned, float(value), self.best, self.metric)
-        self.lines.append(line)
-        logger.info(line)
-
-
-def format_progress(trial_id: str, epoch: int, planned: int, value: float, best: float,
-                    metric: str = "task2_f1") -> str:
-    """
-    >>> format_progress("ab12", 2, 3, 0.41234, 0.5)
-    'trial ab12 epoch 2/3 task2_f1 0.4123 (best so far 0.5000)'
-    """
-    return f"trial {trial_id} epoch {epoch}/{planned} {metric} {value:.4f} (best so far {best:.4f})"

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from ray_mtup import corpus, reporting, sample_corpus, study, tracking
+from ray_mtup import corpus, progress, reporting, sample_corpus, study, tracking
 from ray_mtup.config import SAMPLE_DATA_DIR, TrainConfig
 from ray_mtup.errors import ConfigError
-from ray_mtup.search import SearchSettings, SearchSpace, ParamSpec
+from ray_mtup.search import ParamSpec, SearchSettings, SearchSpace
 
 
 def test_unknown_tracker_and_wandb_without_key_are_config_errors(monkeypatch):
@@ -38,12 +38,12 @@ class _Trial:
 
 
 def test_epoch_progress_one_line_per_epoch_with_best_so_far():
-    progress = tracking.EpochProgress(planned_epochs=3)
+    watcher = progress.EpochProgress(planned_epochs=3)
     a, b = _Trial("a1", 3), _Trial("b2", 2)
     for trial, epoch, f1 in [(a, 1, 0.2), (b, 1, 0.5), (a, 2, 0.3)]:
-        progress.on_trial_result(epoch, [a, b], trial, {"epoch": epoch, "task2_f1": f1})
-    progress.on_trial_result(3, [a, b], a, {"time_total_s": 1.0})  # not an epoch result: ignored
-    assert progress.lines == ["trial a1 epoch 1/3 task2_f1 0.2000 (best so far 0.2000)",
+        watcher.on_trial_result(epoch, [a, b], trial, {"epoch": epoch, "task2_f1": f1})
+    watcher.on_trial_result(3, [a, b], a, {"time_total_s": 1.0})  # not an epoch result: ignored
+    assert watcher.lines == ["trial a1 epoch 1/3 task2_f1 0.2000 (best so far 0.2000)",
                               "trial b2 epoch 1/2 task2_f1 0.5000 (best so far 0.5000)",
                               "trial a1 epoch 2/3 task2_f1 0.3000 (best so far 0.5000)"]
 
