@@ -114,15 +114,17 @@ def evaluate_epoch(engine: Any, tokenizer: Any, cfg: TrainConfig, data: RunData,
     by_index = {i: text for part in gathered for i, text in part}
     parsed = parse_outputs(template, [by_index[i] for i in range(n_eval)])
     new_tokens, hit_limit = all_reduce([sum(out.new_tokens[:real]), sum(out.hit_limit[:real])], device, world)
-    metrics = score_epoch(cfg, data.val_gold[:n_eval], parsed, val_loss)
+    metrics = score_epoch(cfg, data.val_gold[:n_eval], parsed, val_loss, progress=rank == 0)
     metrics.update(n_eval=n_eval, hit_token_limit=int(hit_limit), max_new_tokens=data.max_new_tokens,
                    gen_new_tokens_per_s=new_tokens / max(gen_time, 1e-9))
     return metrics, parsed
 
 
-def score_epoch(cfg: TrainConfig, gold: Sequence[str], parsed: Sequence[Parsed], val_loss: float) -> dict[str, Any]:
-    """Corpus SMATCH of both tasks in the run's mode, Task 2 in the official one too, and the objective."""
-    t2 = scoring.score_corpus(gold, [p.task2_graph for p in parsed], mode=cfg.scoring_mode)
+def score_epoch(cfg: TrainConfig, gold: Sequence[str], parsed: Sequence[Parsed], val_loss: float,
+                progress: bool = False) -> dict[str, Any]:
+    """Corpus SMATCH of both tasks in the run's mode, Task 2 in the official one too, and the
+    objective; ``progress`` shows a bar (rank 0 only)."""
+    t2 = scoring.score_corpus(gold, [p.task2_graph for p in parsed], mode=cfg.scoring_mode, progress=progress)
     t1 = scoring.score_corpus(gold, [p.task1_graph for p in parsed], mode=cfg.scoring_mode)
     # The shared task's convention too, so every epoch compares with the published leaderboard.
     t2_official = t2 if t2.mode == "official" else scoring.score_corpus(

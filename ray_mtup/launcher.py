@@ -30,6 +30,7 @@ from .config import (
 )
 from .errors import ConfigError, RayMtupError
 from .logs import setup_logging
+from .tracking import DEFAULT_TRACKER, TRACKERS
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="resume the interrupted experiment --name")
     p.add_argument("--max-failures", type=int, default=MAX_FAILURES,
                    help="retries of a failed trial or run (default: %(default)s)")
+    p.add_argument("--tracker", choices=TRACKERS, default=DEFAULT_TRACKER,
+                   help="experiment tracker of a search: an MLflow file store in the experiment directory, "
+                        "TensorBoard, Weights & Biases (needs WANDB_API_KEY) or none (default: %(default)s)")
     p.add_argument("--smoke-test", action="store_true",
                    help=f"a few tiny trials with short epochs, for CPU (the {SMOKE_SPACE} search space)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
@@ -238,7 +242,7 @@ def _main(args: argparse.Namespace) -> int:
     settings = search.SearchSettings(name=_name(args, cfg), storage_path=storage,
                                      workers_per_trial=cfg.num_workers, gpus_per_trial=args.gpus_per_trial,
                                      max_failures=args.max_failures, num_samples=args.num_samples,
-                                     resume=args.resume)
+                                     resume=args.resume, tracker=args.tracker)
     if args.resume and not args.name:
         raise ConfigError("name", "--resume needs the --name of the experiment to resume")
     search.check_storage(storage)
@@ -248,11 +252,13 @@ def _main(args: argparse.Namespace) -> int:
     summary = search.run_search(cfg, space, settings)
     best = summary.get("best_metrics") or {}
     noise = summary.get("noise", {})
-    print(f"search {settings.name}: {summary['n_trials']} trials in {time.time() - t0:.0f} s; best {summary.get('best_trial')} "
-          f"validation Task 2 F1 {best.get('task2_f1', float('nan')):.4f} (95% CI {noise.get('ci95')}); "
-          f"results in {summary['experiment_dir']}")
+    baseline = (summary.get("baseline") or {}).get("task2_f1", float("nan"))
+    print(f"search {settings.name}: {summary['n_trials']} trials in {time.time() - t0:.0f} s; best "
+          f"{summary.get('best_trial')} validation Task 2 F1 {best.get('task2_f1', float('nan')):.4f} "
+          f"(95% CI {noise.get('ci95')}); most-frequent-graph baseline {baseline:.4f}")
     if "test" in summary:
         print(format_test_line(best.get("task2_f1"), summary["test"]))
+    print(closing_note(summary, args.tracker))
     if summary["n_errors"]:
         print(f"error: {summary['n_errors']} of {summary['n_trials']} trials failed; see results.csv",
               file=sys.stderr)
@@ -266,6 +272,16 @@ def _main(args: argparse.Namespace) -> int:
 
 def _name(args: argparse.Namespace, cfg: TrainConfig) -> str:
     return args.name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+def closing_note(summary: Mapping[str, Any], tracker: str) -> str:
+    """Where a search's results, plots and tracker store are (the last lines a user sees)."""
+    from .reporting import local_results_dir
+    from .tracking import tracker_location
+
+    results = local_results_dir(summary["experiment_dir"])
+    plots = ", ".join(Path(p).name for p in summary.get("plots", [])) or "none"
+    return (f"results: {summary['experiment_dir']} (results.csv, summary.json, best_config.yaml)\n"
+            f"plots:   {plots} in {results}\n"
+            f"tracker: {tracker_location(tracker, results)}")
 
 
 def _cluster_resources() -> dict[str, float]:

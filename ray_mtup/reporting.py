@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from . import objective
+from . import objective, study
 from .checkpointing import PREDICTIONS_JSONL
 from .config import TrainConfig
 from .trial import SAMPLED_KEYS, apply_sampled
@@ -236,6 +236,24 @@ def noise_analysis(best: TrialRecord, first: TrialRecord | None) -> dict[str, An
     return out
 
 
+def most_frequent_graph_baseline(cfg: TrainConfig) -> dict[str, Any]:
+    """Task 2 F1 of always answering the most frequent training graph (ties: the first seen),
+    scored like the trials: against the same validation sentences (``eval_max_samples``).
+    """
+    from collections import Counter
+
+    from . import scoring
+    from .dataset import load_examples
+
+    train, val, gold = load_examples(cfg)
+    n = len(val) if cfg.eval_max_samples is None else min(cfg.eval_max_samples, len(val))
+    graph, count = Counter(ex.task2 for ex in train).most_common(1)[0]
+    score = scoring.score_corpus(gold[:n], [graph] * n, mode=cfg.scoring_mode)
+    return {"task2_f1": score.f1, "graph": graph, "train_count": count, "n_sentences": n,
+            "scoring_mode": score.mode, "method": "the most frequent training graph, answered for every "
+                                                  "validation sentence the trials are scored on"}
+
+
 def cost_summary(records: Sequence[TrialRecord]) -> dict[str, Any]:
     """Wall time and device-hours per trial and in total, and what ASHA saved."""
     unit = "gpu_hours" if any(r.config.use_gpu for r in records) else "cpu_hours"
@@ -255,7 +273,9 @@ def cost_summary(records: Sequence[TrialRecord]) -> dict[str, Any]:
     }
 
 
-def plot(records: Sequence[TrialRecord], out_dir: Path) -> list[str]:
+def plot(records: Sequence[TrialRecord], out_dir: Path, baseline_f1: float | None = None) -> list[str]:
+    """F1 per epoch (an x where ASHA stopped a trial; the baseline as a dashed line) and F1
+    against the learning rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,10 +283,17 @@ def plot(records: Sequence[TrialRecord], out_dir: Path) -> list[str]:
 
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    stopped_label = "stopped by ASHA"
     for r in records:
         if r.history:
-            ax.plot([m["epoch"] for m in r.history], [m.get("task2_f1") or 0.0 for m in r.history],
-                    marker="o", label=r.trial_id)
+            xs, ys = [m["epoch"] for m in r.history], [m.get("task2_f1") or 0.0 for m in r.history]
+            line, = ax.plot(xs, ys, marker="o", label=r.trial_id)
+            if r.stopped_early:
+                ax.plot(xs[-1], ys[-1], marker="x", markersize=12, mew=2.5, color=line.get_color(),
+                        linestyle="none", label=stopped_label)
+                stopped_label = "_nolegend_"
+    if baseline_f1 is not None:
+        ax.axhline(baseline_f1, color="grey", linestyle="--", label=f"baseline {baseline_f1:.3f}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation Task 2 SMATCH F1")
     ax.set_title("F1 per epoch (every trial)")
@@ -312,6 +339,10 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
         writer.writeheader()
         writer.writerows(rows)
     print(format_leaderboard(rows), flush=True)
+    baseline = most_frequent_graph_baseline(records[0].config) if records else None
+    if baseline is not None:
+        print(f"baseline (the most frequent training graph for every sentence): Task 2 F1 "
+              f"{baseline['task2_f1']:.4f} on {baseline['n_sentences']} validation sentences", flush=True)
     # A trial whose every epoch diverged (non-finite loss: val_loss NaN, no checkpoint) or stopped
     # the trial (a checkpoint that could not be written) cannot be the best one: it is listed with
     # its stop_reason, and the search may have no best at all.
@@ -321,7 +352,7 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
                                "n_trials": len(records), "n_errors": sum(r.status == "ERROR" for r in records),
                                "objective": "task2_f1 (validation, corpus SMATCH), ties by val_loss; "
                                             "the reported figure is 'test', scored once on held-out graphs",
-                               "cost": cost_summary(records)}
+                               "cost": cost_summary(records), "baseline": baseline}
     if scored:
         best = max(scored, key=lambda r: objective.score(r.best))
         first = records[0] if records else None
@@ -347,7 +378,8 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
             summary["test"] = score_on_test(dest, best.best.get("checkpoint_path"), best.config.use_gpu)
             print(f"best trial {best.trial_id}: " + format_test_line(best.best.get("task2_f1"), summary["test"]),
                   flush=True)
-        summary["plots"] = plot(records, out_dir)
+        summary["plots"] = plot(records, out_dir, baseline["task2_f1"] if baseline else None)
+        summary["plots"] += study.write_study_plots(records, space, out_dir)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str),
                                           encoding="utf-8")
     if "://" in experiment_dir:

@@ -364,15 +364,21 @@ def _pred_triples(pred: str | None, mode: str, index: int) -> _Triples | None:
         return None
 
 
-def _score_pairs(golds: Sequence[str], preds: Sequence[str | None], mode: str, restarts: int, seed: int) -> list[PairCounts]:
+def _score_pairs(golds: Sequence[str], preds: Sequence[str | None], mode: str, restarts: int, seed: int,
+                 progress: bool = False) -> list[PairCounts]:
     _check_mode(mode)
     if restarts < 1:
         raise ConfigError("restarts", f"must be >= 1, got {restarts}")
     if len(golds) != len(preds):
         raise ScoringError(f"{len(golds)} gold graphs but {len(preds)} predictions")
     out: list[PairCounts] = []
+    pairs: Any = enumerate(zip(golds, preds))
+    if progress:
+        from tqdm.auto import tqdm
+
+        pairs = tqdm(pairs, total=len(golds), desc="SMATCH", unit="graph")
     with _smatch_session():
-        for i, (gold, pred) in enumerate(zip(golds, preds)):
+        for i, (gold, pred) in pairs:
             g = _gold_triples(gold, mode, i)
             p = _pred_triples(pred, mode, i)
             if p is None:
@@ -420,14 +426,17 @@ def score_corpus(
     *,
     restarts: int = DEFAULT_RESTARTS,
     seed: int = DEFAULT_SEED,
+    progress: bool = False,
 ) -> Score:
     """Corpus SMATCH: summed matches over summed triples (not an average of per-pair F).
+
+    ``progress`` shows a progress bar (for long corpora a person watches).
 
     >>> s = score_corpus(["(c / chó)", "(m / mèo :mod (đ / đen))"], ["(c / chó)", None])
     >>> (s.precision, s.recall, s.n_valid)
     (1.0, 0.3333333333333333, 1)
     """
-    return Score.from_pairs(_score_pairs(golds, preds, mode, restarts, seed), mode)
+    return Score.from_pairs(_score_pairs(golds, preds, mode, restarts, seed, progress), mode)
 
 
 def evaluate_predictions(

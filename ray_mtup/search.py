@@ -223,6 +223,7 @@ class SearchSettings:
     keep_checkpoints: int = 2
     num_samples: int | None = None
     resume: bool = False
+    tracker: str = "mlflow"  # ray_mtup.tracking.TRACKERS
 
     def __post_init__(self) -> None:
         if self.workers_per_trial < 1:
@@ -232,6 +233,9 @@ class SearchSettings:
         check_gpu_split(self.gpus_per_trial, self.workers_per_trial)
         if self.num_samples is not None and self.num_samples < 1:
             raise ConfigError("num_samples", f"must be >= 1, got {self.num_samples}")
+        from .tracking import check_tracker
+
+        check_tracker(self.tracker)
 
 
 def check_gpu_split(gpus_per_trial: int, workers_per_trial: int) -> None:
@@ -318,6 +322,8 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) 
     from ray.tune.search.optuna import OptunaSearch
 
     from . import reporting
+    from .progress import EpochProgress
+    from .tracking import tracker_callbacks
     from .trial import trial_function
 
     check_storage(settings.storage_path)
@@ -344,6 +350,8 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) 
                                 sampler=TPESampler(seed=space.seed))
         # epochs not sampled: every trial runs the base config's epochs (overrides and flags included)
         max_t = space.max_epochs if "epochs" in space.params else base.epochs
+        callbacks = [*tracker_callbacks(settings.tracker, reporting.local_results_dir(experiment_dir), settings.name),
+                     EpochProgress(max_t)]
         scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=space.grace_period,
                                   reduction_factor=space.reduction_factor)
         tuner = tune.Tuner(
@@ -354,7 +362,7 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) 
                 num_samples=settings.num_samples or space.num_samples, max_concurrent_trials=concurrency,
             ),
             run_config=tune.RunConfig(
-                name=settings.name, storage_path=settings.storage_path,
+                name=settings.name, storage_path=settings.storage_path, callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             ),
         )

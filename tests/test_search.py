@@ -103,3 +103,44 @@ def test_best_config_reproduces_its_result(smoke, tmp_path):
     # Same seed, data and order: the rerun matches within noise (here: near-exactly on CPU).
     assert again["task2_f1"] == pytest.approx(summary["best_metrics"]["task2_f1"], abs=0.02)
     assert math.isclose(again["val_loss"], summary["best_metrics"]["val_loss"], rel_tol=1e-2)
+
+
+def test_mlflow_store_has_one_run_per_trial_with_params_and_every_epoch(smoke, monkeypatch):
+    """The default tracker: MLflow's client reads the file store back from the experiment dir."""
+    from mlflow.tracking import MlflowClient
+
+    from ray_mtup.tracking import MLFLOW_FILE_STORE_ENV, mlflow_uri
+
+    monkeypatch.setenv(MLFLOW_FILE_STORE_ENV, "true")
+    exp, proc = smoke
+    rows = {r["trial_id"]: r for r in _rows(exp)}
+    client = MlflowClient(tracking_uri=mlflow_uri(exp))
+    experiment = client.get_experiment_by_name("smoke")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == len(rows)
+    space = load_search_space(SEARCH_SPACES_DIR / "smoke.yaml")
+    for run in runs:
+        trial_id = next(t for t in rows if t in run.info.run_name)
+        row = rows[trial_id]
+        for key in space.params:  # the trial's sampled parameters
+            got, want = run.data.params[key], row[key]
+            assert float(got) == pytest.approx(float(want)) if key != "template" else got == want
+        history = client.get_metric_history(run.info.run_id, "task2_f1")
+        assert sorted(int(m.step) for m in history) == list(range(1, int(row["epochs_run"]) + 1))
+        assert max(m.value for m in history) == pytest.approx(float(row["best_task2_f1"]))
+    assert "mlflow ui --backend-store-uri" in proc.stdout
+
+
+def test_progress_lines_baseline_and_optuna_plots(smoke):
+    exp, proc = smoke
+    rows = _rows(exp)
+    summary = json.loads((exp / "summary.json").read_text(encoding="utf-8"))
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "(best so far" in ln]
+    assert len(lines) == sum(int(r["epochs_run"]) for r in rows)  # one line per finished epoch
+    baseline = summary["baseline"]
+    assert 0.0 <= baseline["task2_f1"] < 1.0 and f"{baseline['task2_f1']:.4f}" in proc.stdout
+    # the demo learns: its best trial is clearly above the most-frequent-graph baseline
+    assert summary["best_metrics"]["task2_f1"] > baseline["task2_f1"] + 0.05
+    for png in ("optuna_history.png", "optuna_importances.png", "optuna_slice.png"):
+        assert (exp / png).read_bytes()[:4] == b"\x89PNG"
