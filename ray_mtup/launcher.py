@@ -238,8 +238,6 @@ def _main(args: argparse.Namespace) -> int:
     print(f"search {name}: {summary['n_trials']} trials in {time.time() - t0:.0f} s; best {summary.get('best_trial')} "
           f"validation Task 2 F1 {best.get('task2_f1', float('nan')):.4f} (95% CI {noise.get('ci95')}); "
           f"results in {summary['experiment_dir']}")
-    if "test" in summary:
-        print(format_test_line(best.get("task2_f1"), summary["test"]))
     if summary["n_errors"]:
         print(f"error: {summary['n_errors']} of {summary['n_trials']} trials failed; see results.csv",
               file=sys.stderr)
