@@ -164,6 +164,13 @@ class TrainConfig:
     scoring_mode: str = field(default="normalised", metadata={
         "help": "SMATCH mode of the per-epoch objective: normalised (gold and predictions normalised the "
                 "same way; the default) or official (the shared task's convention)."})
+    # retrieval and constrained decoding
+    retrieval_k: int = field(default=0, metadata={
+        "help": "Training pairs (sentence + graph) retrieved by BM25 over the training sentences and shown "
+                "in every prompt; 0 is plain MTUP."})
+    constrained_decoding: bool = field(default=False, metadata={
+        "help": "Generate the step-2 graph under a PENMAN grammar (llguidance) with fresh variables, so "
+                "every output is well-formed before repair."})
 
     # testing
     inject_fault: str | None = field(default=None, metadata={
@@ -211,6 +218,7 @@ class TrainConfig:
                f"must be dynamic or static, got {self.generation_cache!r}")
         _check(self.scoring_mode in SCORING_MODES, "scoring_mode",
                f"unknown mode {self.scoring_mode!r}; choose from {list(SCORING_MODES)}")
+        _check(0 <= self.retrieval_k <= 8, "retrieval_k", f"must be in [0, 8], got {self.retrieval_k}")
 
     @property
     def spec(self) -> ModelSpec:

@@ -41,6 +41,8 @@ class MtupExample:
     source: str
     task1: str
     task2: str
+    #: Retrieved training pairs (sentence, task-2 graph) shown in the prompt (ray_mtup.retrieval).
+    context: tuple[tuple[str, str], ...] = ()
 
 
 def _stratified_sample(examples: Sequence[Example], n: int, rng: random.Random) -> list[Example]:
@@ -140,7 +142,7 @@ class Encoded:
 
 def encode(tokenizer: Any, template: Template, ex: MtupExample) -> Encoded:
     """Token ids of prompt + completion + EOS; labels are IGNORE_INDEX over the prompt."""
-    rendered = render_training(template, ex.sentence, ex.task1, ex.task2)
+    rendered = render_training(template, ex.sentence, ex.task1, ex.task2, ex.context)
     prompt_ids = tokenizer(rendered.prompt, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(rendered.completion, add_special_tokens=False)["input_ids"]
     completion_ids = list(completion_ids) + [tokenizer.eos_token_id]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import amr
 from .prompts import Template, parse_generation, render_inference
@@ -37,18 +37,40 @@ def generate(
     synced_gpus: bool = False,
     progress: bool = False,
     cache: str = "dynamic",
+    template: Template | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (in input order), decoded without special tokens.
 
     ``cache="static"`` pre-allocates the KV cache, which lets transformers compile the decode
-    step (worth it on a GPU; on CPU it is not, see docs/benchmarks.md).
+    step (worth it on a GPU; on CPU it is not, see docs/benchmarks.md). A ``template`` turns on
+    constrained decoding (:mod:`ray_mtup.grammar`): step 1 free, then ``template``'s step-2
+    marker and a well-formed PENMAN graph with fresh variables.
+    """
+    if not prompts:
+        return []
+    if template is not None:
+        from .grammar import generate_constrained
+
+        return generate_constrained(model, tokenizer, prompts, template, batch_size, max_new_tokens,
+                                    synced_gpus=synced_gpus, progress=progress)
+    return _generate_batches(model, tokenizer, prompts, batch_size, max_new_tokens, synced_gpus, progress,
+                             cache)
+
+
+def _generate_batches(model: Any, tokenizer: Any, prompts: Sequence[str] | Sequence[list[int]], batch_size: int,
+                      max_new_tokens: int, synced_gpus: bool = False, progress: bool = False,
+                      cache: str = "dynamic", processor_factory: Callable[[int, int], Any] | None = None,
+                      stop_strings: Sequence[str] = ()) -> list[str]:
+    """Greedy, length-sorted batches of ``model.generate`` over prompts (texts or token ids).
+
+    ``processor_factory(prompt_width, rows)`` makes each batch's ``logits_processor``; a row
+    also stops after any of ``stop_strings``.
     """
     import torch
 
-    if not prompts:
-        return []
     device = next(model.parameters()).device
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = [p if not isinstance(p, str) else tokenizer(p, add_special_tokens=False)["input_ids"]
+               for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -80,6 +102,8 @@ def generate(
                     eos_token_id=tokenizer.eos_token_id,
                     synced_gpus=synced_gpus,
                     **({"cache_implementation": "static"} if cache == "static" else {}),
+                    **({"logits_processor": processor_factory(width, len(batch))} if processor_factory else {}),
+                    **({"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}),
                 )
             new = out[:, width:].cpu()
             for row, i in enumerate(batch):
@@ -101,5 +125,9 @@ def parse_outputs(template: Template, raw_outputs: Sequence[str]) -> list[Parsed
     return parsed
 
 
-def prompts_for(template: Template, sentences: Sequence[str]) -> list[str]:
-    return [render_inference(template, s) for s in sentences]
+def prompts_for(template: Template, sentences: Sequence[str],
+                contexts: Sequence[Sequence[tuple[str, str]]] | None = None) -> list[str]:
+    """Inference prompts; ``contexts`` (one per sentence) are retrieved training pairs."""
+    if contexts is None:
+        return [render_inference(template, s) for s in sentences]
+    return [render_inference(template, s, c) for s, c in zip(sentences, contexts, strict=True)]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import corpus, dataset, scoring
+from . import corpus, dataset, retrieval, scoring
 from .config import SAMPLE_DATA_DIR, TrainConfig
 from .errors import TrainingError
 from .generation import Parsed, generate, parse_outputs, prompts_for
@@ -126,7 +126,8 @@ def load_examples(cfg: TrainConfig) -> tuple[list[dataset.MtupExample], list[dat
     data_dir = Path(cfg.data_dir) if cfg.data_dir else SAMPLE_DATA_DIR
     examples = corpus.load_corpus(data_dir)
     train_ex, val_ex = dataset.select_and_split(examples, cfg.val_split, cfg.seed, cfg.max_samples)
-    return dataset.to_mtup(train_ex), dataset.to_mtup(val_ex), [e.amr or "" for e in val_ex]
+    train, val = retrieval.attach(cfg.retrieval_k, dataset.to_mtup(train_ex), dataset.to_mtup(val_ex))
+    return train, val, [e.amr or "" for e in val_ex]
 
 
 def tokenizer_texts(train: Sequence[dataset.MtupExample]) -> list[str]:
@@ -211,9 +212,11 @@ def evaluate_epoch(
     idx, real = _shard(n_eval, rank, world)
     t0 = time.perf_counter()
     raw = generate(
-        model, tokenizer, prompts_for(template, [data.val[i].sentence for i in idx]),
+        model, tokenizer,
+        prompts_for(template, [data.val[i].sentence for i in idx], [data.val[i].context for i in idx]),
         batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
         synced_gpus=(cfg.zero_stage == 3 and world > 1), cache=cfg.generation_cache,
+        template=template if cfg.constrained_decoding else None,
     )
     gen_time = time.perf_counter() - t0
     new_tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in raw[:real])
