@@ -115,6 +115,10 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="generation batch (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, help="generation budget per sentence (default: the run's)")
     p.add_argument("--model-path", help="local base weights, when the run used a hub id")
+    p.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="grammar-constrained step-2 decoding: every graph well-formed PENMAN with fresh "
+                        "variables (default: the run's constrained_decoding)")
+    p.add_argument("--data-dir", help="corpus of a retrieval run's training split (default: the run's)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(handler=_run_predict)
 
@@ -123,7 +127,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     from ray_mtup.predict import predict_file
 
     report = predict_file(args.run or args.adapter, args.input, args.output, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, model_path=args.model_path)
+                          max_new_tokens=args.max_new_tokens, model_path=args.model_path,
+                          constrained=args.constrained, data_dir=args.data_dir)
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
     else:

@@ -312,3 +312,22 @@ def generate_constrained(model: Any, tokenizer: Any, prompts: Sequence[str], tem
         logger.info("constrained decoding: %d of %d graphs closed at the budget", stats.forced_closures,
                     stats.rows)
     return [s + marker + g for s, g in zip(step1, graphs)]
+
+
+def well_formed(text: str) -> bool:
+    """Whether a raw step-2 output is a graph ``penman`` decodes as it is, with no variable
+    introduced twice: "valid before repair".
+
+    >>> well_formed("(a / b :ARG0 (c / d))"), well_formed("(a / b :ARG0 (a / d))"), well_formed("(a / b")
+    (True, False, False)
+    """
+    import penman
+
+    if not text.strip().startswith("("):
+        return False
+    try:
+        graph = penman.decode(text)
+    except (penman.DecodeError, ValueError, TypeError):
+        return False
+    variables = [src for src, _, _ in graph.instances()]
+    return bool(variables) and len(variables) == len(set(variables))

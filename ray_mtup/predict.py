@@ -20,7 +20,7 @@ from typing import Any
 
 from . import corpus
 from .config import TrainConfig
-from .errors import ModelError
+from .errors import ModelError, RayMtupError
 from .generation import generate, parse_outputs, prompts_for
 from .modeling import base_fingerprint, build_model, load_adapter, load_base_weights, load_tokenizer
 from .prompts import get_template
@@ -78,16 +78,45 @@ def load_for_inference(adapter_dir: Path, model_path: str | None = None) -> tupl
     return model, tokenizer, cfg
 
 
+def retrieved_contexts(cfg: TrainConfig, sentences: list[str]) -> list[tuple[tuple[str, str], ...]] | None:
+    """The run's retrieved training pairs for ``sentences`` (None for plain MTUP).
+
+    The BM25 index is rebuilt from the run's own training split (same corpus, seed and split),
+    so the corpus directory the run trained on must be readable.
+    """
+    if cfg.retrieval_k == 0:
+        return None
+    from . import retrieval
+    from .training import load_examples
+
+    try:
+        train, _, _ = load_examples(cfg.replace(retrieval_k=0))
+    except (OSError, RayMtupError) as exc:
+        raise ModelError(f"retrieval_k={cfg.retrieval_k}: the run's training split is needed to retrieve "
+                         f"examples, and it cannot be read from data_dir={cfg.data_dir!r}: {exc}") from exc
+    index = retrieval.PairIndex(train)
+    return [tuple((p.sentence, p.task2) for p in index.neighbours(s, cfg.retrieval_k)) for s in sentences]
+
+
 def predict_file(adapter: str | Path, input_path: str | Path, output_path: str | Path,
                  batch_size: int = 32, max_new_tokens: int | None = None,
-                 model_path: str | None = None) -> PredictReport:
-    """Parse every line of ``input_path`` into ``output_path`` (``#::snt`` + PENMAN blocks)."""
+                 model_path: str | None = None, constrained: bool | None = None,
+                 data_dir: str | None = None) -> PredictReport:
+    """Parse every line of ``input_path`` into ``output_path`` (``#::snt`` + PENMAN blocks).
+
+    ``constrained`` (default: the run's ``constrained_decoding``) generates step 2 under the
+    PENMAN grammar; ``data_dir`` overrides where a retrieval run's training corpus is read.
+    """
     adapter_dir = find_adapter(adapter)
     sentences = [ex.sentence for ex in corpus.read_sentences(input_path)]
     model, tokenizer, cfg = load_for_inference(adapter_dir, model_path)
+    if data_dir is not None:
+        cfg = cfg.replace(data_dir=data_dir)
     template = get_template(cfg.template)
-    raw = generate(model, tokenizer, prompts_for(template, sentences), batch_size=batch_size,
-                   max_new_tokens=max_new_tokens or cfg.max_new_tokens, progress=True)
+    constrained = cfg.constrained_decoding if constrained is None else constrained
+    raw = generate(model, tokenizer, prompts_for(template, sentences, retrieved_contexts(cfg, sentences)),
+                   batch_size=batch_size, max_new_tokens=max_new_tokens or cfg.max_new_tokens, progress=True,
+                   template=template if constrained else None)
     parsed = parse_outputs(template, raw)
     n_task2 = n_repaired = n_task1 = n_min = 0
     blocks = []
