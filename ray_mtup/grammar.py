@@ -35,6 +35,8 @@ from .prompts import Template
 
 logger = logging.getLogger(__name__)
 
+#: Longest variable the grammar allows (corpus variables have at most 4 characters).
+MAX_VAR_LEN = 8
 #: The step-2 graph, in the layout of the normalised corpus graphs (``amr.normalise``):
 #: ``(v / concept`` then roles, each on a new indented line or after one space.
 PENMAN_LARK = r"""
@@ -43,10 +45,10 @@ node: "(" VAR " / " SYMBOL (SEP ROLE " " value)* ")"
 value: node | SYMBOL | STRING
 SEP: /\n {0,48}/ | " "
 ROLE: /:[^\s()\/:"~]{1,40}/
-VAR: /[^\s()\/:"~]{1,8}/
+VAR: /[^\s()\/:"~]{1,%d}/
 SYMBOL: /[^\s()\/:"~]{1,60}/
 STRING: /"[^"\n()]{0,80}"/
-"""
+""" % MAX_VAR_LEN
 
 _OPEN_VAR = re.compile(rb"\(([^\s()/:\"~]*)$")
 _DONE_VAR = re.compile(rb"\(([^\s()/:\"~]+) ")
@@ -72,15 +74,20 @@ class FreshVariables:
 
     A variable is complete when a space follows it (the grammar writes ``(var / concept``), so
     a token completes variable ``u`` from the partial variable ``p`` when its bytes start with
-    ``u[len(p):] + b" "``. Tokens are grouped once by the bytes before their first space.
+    ``u[len(p):] + b" "``. Tokens are grouped once by the bytes before their first space. A used
+    variable of the grammar's maximum length cannot be extended, so the token that would spell
+    it (``u[len(p):]`` exactly) is banned too: it would leave no fresh way on.
     """
 
-    def __init__(self, token_bytes: Sequence[bytes]):
+    def __init__(self, token_bytes: Sequence[bytes], max_len: int = MAX_VAR_LEN):
+        self.max_len = max_len
         self.by_head: dict[bytes, list[int]] = {}
+        self.exact: dict[bytes, list[int]] = {}
         for tid, b in enumerate(token_bytes):
             cut = b.find(b" ")
             if cut >= 0:
                 self.by_head.setdefault(b[:cut], []).append(tid)
+            self.exact.setdefault(b, []).append(tid)
 
     @staticmethod
     def state(text: bytes) -> tuple[bytes | None, set[bytes]]:
@@ -96,6 +103,8 @@ class FreshVariables:
         for u in used:
             if u.startswith(partial):
                 out += self.by_head.get(u[len(partial):], [])
+                if len(u) >= self.max_len and len(u) > len(partial):
+                    out += self.exact.get(u[len(partial):], [])
         return out
 
 

@@ -53,6 +53,9 @@ def test_fresh_variables_bans_completing_a_used_variable():
     assert sorted(fresh.banned(b"(a / b :ARG0 (a")) == [5]          # " /" completes "a"
     assert sorted(fresh.banned(b"(a / b :ARG0 (ab / c) :ARG1 (a")) == [4, 5]  # "b " would complete "ab"
     assert fresh.banned(b"(a / b :ARG0 (c / d)") == []              # not in variable position
+    short = grammar.FreshVariables([b"ab", b"b", b"abc", b" "], max_len=2)
+    assert sorted(short.banned(b"(ab / c :ARG0 (a")) == [1]        # "b" would reach "ab" and a dead end
+    assert sorted(short.banned(b"(ab / c :ARG0 (")) == [0]
 
 
 def test_constrained_generation_of_random_model_is_always_valid(tiny):
