@@ -12,7 +12,7 @@ its split and its retrieved examples, and generates for the validation sentences
 and/or with constrained decoding. Each arm prints Task 2 F in both SMATCH modes with a
 bootstrap interval, validity before repair (:func:`ray_mtup.grammar.well_formed` on the raw
 step-2 text), generation new tokens/s and the run's mean training tokens/s (from its
-``summary.json``).
+``summary.json``, or the trainer state of a checkpoint directory).
 """
 
 from __future__ import annotations
@@ -66,6 +66,15 @@ def baselines(data_dir: str, bootstrap: int) -> None:
           **score(gold, nearest, bootstrap)})
 
 
+def _history(run: Path, adapter: Path) -> list[dict[str, Any]]:
+    """Per-epoch metrics up to the evaluated adapter: the run's summary.json, else the checkpoint's state."""
+    from ray_mtup.training import STATE_FILE
+
+    if (run / "summary.json").is_file():
+        return json.loads((run / "summary.json").read_text(encoding="utf-8"))["history"]
+    return json.loads((adapter / STATE_FILE).read_text(encoding="utf-8"))["history"]
+
+
 def evaluate_run(run: Path, data_dir: str, constrained: bool, args: argparse.Namespace) -> dict[str, Any]:
     from ray_mtup.generation import generate, prompts_for
     from ray_mtup.grammar import ConstrainedStats, well_formed
@@ -91,9 +100,8 @@ def evaluate_run(run: Path, data_dir: str, constrained: bool, args: argparse.Nam
     gen_s = time.perf_counter() - t0
     new_tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in raw)
     task2 = [parse_generation(template, r)[1] for r in raw]
-    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-    history = summary["history"]
-    record = {"bench": "retrieval_arm", "run": run.name, "retrieval_k": cfg.retrieval_k,
+    history = _history(run, adapter)
+    record = {"bench": "retrieval_arm", "run": str(run), "retrieval_k": cfg.retrieval_k,
               "constrained": constrained, "n": n, "epochs": len(history),
               **score(gold, task2, args.bootstrap),
               "validity_before_repair": round(sum(map(well_formed, task2)) / max(1, n), 4),
@@ -102,7 +110,8 @@ def evaluate_run(run: Path, data_dir: str, constrained: bool, args: argparse.Nam
               "train_tokens_per_s": round(sum(m["tokens_per_s"] for m in history) / len(history), 1),
               "train_s": round(sum(m["epoch_time_s"] for m in history), 1)}
     if args.save:
-        preds = Path(args.save) / f"{run.name}{'_constrained' if constrained else ''}.jsonl"
+        name = f"k{cfg.retrieval_k}_epoch{len(history)}{'_constrained' if constrained else ''}"
+        preds = Path(args.save) / f"{name}.jsonl"
         preds.parent.mkdir(parents=True, exist_ok=True)
         preds.write_text("".join(json.dumps({"id": ex.id, "raw": r}, ensure_ascii=False) + "\n"
                                  for ex, r in zip(val, raw)), encoding="utf-8")
@@ -113,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=default_data_dir())
     p.add_argument("--baselines", action="store_true", help="score the lookup baselines")
-    p.add_argument("--run", action="append", default=[], help="a --no-search run directory (repeatable)")
+    p.add_argument("--run", action="append", default=[],
+                   help="a --no-search run directory or one of its checkpoint directories (repeatable)")
     p.add_argument("--constrained", choices=("off", "on", "both"), default="both")
     p.add_argument("--max-new-tokens", type=int, help="default: the run's max_new_tokens")
     p.add_argument("--batch-size", type=int, default=16)
