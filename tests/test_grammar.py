@@ -103,3 +103,12 @@ def test_run_tune_with_retrieval_and_constrained_decoding(tmp_path):
     assert summary["config"]["retrieval_k"] == 1 and summary["config"]["constrained_decoding"] is True
     assert summary["final"]["validity"] == 1.0
     assert summary["final"]["n_eval"] == 4
+    # predict: retrieval from the run's own training split, constrained step 2
+    from ray_mtup.predict import predict_file
+
+    sentences = tmp_path / "in.txt"
+    sentences.write_text("tôi đi học .\nanh ấy đọc sách ở thư viện .\n", encoding="utf-8")
+    report = predict_file(tmp_path / "rc", sentences, tmp_path / "out.txt", max_new_tokens=48)
+    assert (report.n_sentences, report.n_task2, report.n_minimal) == (2, 2, 0)
+    for block in (tmp_path / "out.txt").read_text(encoding="utf-8").strip().split("\n\n"):
+        assert grammar.well_formed(block.split("\n", 1)[1])
