@@ -123,6 +123,10 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--concept-style", choices=("space", "_"), default="space",
                    help="multi-word concepts as 'chủ tịch' (space: the shared task's test gold) or 'chủ_tịch' "
                         "(_: canonical PENMAN) (default: %(default)s)")
+    p.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=None,
+                   help="grammar-constrained step-2 decoding: every graph well-formed PENMAN with fresh "
+                        "variables (default: the run's constrained_decoding)")
+    p.add_argument("--data-dir", help="corpus of a retrieval run's training split (default: the run's)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(handler=_run_predict)
 
@@ -132,7 +136,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     report = predict_file(args.run or args.adapter, args.input, args.output, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens, model_path=args.model_path,
-                          concept_style=args.concept_style)
+                          concept_style=args.concept_style, constrained=args.constrained, data_dir=args.data_dir)
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
     else:

@@ -244,6 +244,13 @@ class TrainConfig(Settings):
         "Length of the cosine learning-rate schedule in epochs (None: epochs). A search sets it to "
         "its space's maximum epochs, so every trial has the same LR at the same epoch and `epochs` "
         "is only where a trial stops."))
+    # retrieval and constrained decoding
+    retrieval_k: int = Field(0, description=(
+        "Training pairs (sentence + graph) retrieved by BM25 over the training sentences and shown "
+        "in every prompt; 0 is plain MTUP."))
+    constrained_decoding: bool = Field(False, description=(
+        "Generate the step-2 graph under a PENMAN grammar (llguidance) with fresh variables, so "
+        "every output is well-formed before repair."))
 
     # testing
     inject_fault: str | None = Field(None, description=(
@@ -289,6 +296,7 @@ class TrainConfig(Settings):
         if self.schedule_epochs is not None:
             _check(self.schedule_epochs >= self.epochs, "schedule_epochs",
                    f"must be >= epochs ({self.epochs}) or null, got {self.schedule_epochs}")
+        _check(0 <= self.retrieval_k <= 8, "retrieval_k", f"must be in [0, 8], got {self.retrieval_k}")
         return self
 
     @property

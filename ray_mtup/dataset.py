@@ -44,6 +44,8 @@ class MtupExample:
     source: str
     task1: str
     task2: str
+    #: Retrieved training pairs (sentence, task-2 graph) shown in the prompt (ray_mtup.retrieval).
+    context: tuple[tuple[str, str], ...] = ()
 
 
 def _quotas(counts: dict[str, int], n: int) -> dict[str, int]:
@@ -235,8 +237,11 @@ def load_examples(cfg: Any) -> tuple[list[MtupExample], list[MtupExample], list[
     The test split is left out (:func:`corpus_splits`); validation starts with the fixed
     evaluation subset that per-epoch generation takes.
     """
+    from . import retrieval
+
     train_ex, val_ex, _ = corpus_splits(cfg)
-    return to_mtup(train_ex), to_mtup(val_ex), [e.amr or "" for e in val_ex]
+    train, val = retrieval.attach(cfg.retrieval_k, to_mtup(train_ex), to_mtup(val_ex))
+    return train, val, [e.amr or "" for e in val_ex]
 
 
 def tokenizer_texts(train: Sequence[MtupExample]) -> list[str]:
@@ -265,7 +270,7 @@ class Encoded:
 
 def encode(tokenizer: Any, template: Template, ex: MtupExample) -> Encoded:
     """Token ids of prompt + completion + EOS; labels are IGNORE_INDEX over the prompt."""
-    rendered = render_training(template, ex.sentence, ex.task1, ex.task2)
+    rendered = render_training(template, ex.sentence, ex.task1, ex.task2, ex.context)
     prompt_ids = tokenizer(rendered.prompt, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(rendered.completion, add_special_tokens=False)["input_ids"]
     completion_ids = list(completion_ids) + [tokenizer.eos_token_id]

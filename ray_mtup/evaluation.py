@@ -105,10 +105,10 @@ def evaluate_epoch(engine: Any, tokenizer: Any, cfg: TrainConfig, data: RunData,
     template = get_template(cfg.template)
     idx, real = shard(n_eval, rank, world)
     t0 = time.perf_counter()
-    out = generate(model, tokenizer, prompts_for(template, [data.val[i].sentence for i in idx]),
-                   batch_size=cfg.eval_batch_size, max_new_tokens=data.max_new_tokens,
+    prompts = prompts_for(template, [data.val[i].sentence for i in idx], [data.val[i].context for i in idx])
+    out = generate(model, tokenizer, prompts, batch_size=cfg.eval_batch_size, max_new_tokens=data.max_new_tokens,
                    synced_gpus=(cfg.zero_stage == 3 and world > 1), cache=cfg.generation_cache,
-                   progress=rank == 0, stop_template=template)
+                   progress=rank == 0, stop_template=template, constrained=cfg.constrained_decoding)
     gen_time = time.perf_counter() - t0
     gathered = gather(list(zip(idx[:real], out.texts[:real])), world)
     by_index = {i: text for part in gathered for i, text in part}

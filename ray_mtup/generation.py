@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import amr
 from .prompts import Template, marker_pattern, parse_generation, render_inference
@@ -122,16 +122,41 @@ def generate(
     progress: bool = False,
     cache: str = "dynamic",
     stop_template: Template | None = None,
+    constrained: bool = False,
 ) -> Generated:
     """Greedy continuations of ``prompts`` (in input order), decoded without special tokens.
 
     ``stop_template`` ends a row as soon as its step-2 graph has closed (:class:`Step2Closed`).
-    ``cache="static"`` pre-allocates the KV cache, which lets transformers compile the decode
-    step (worth it on a GPU; on CPU it is not, see docs/benchmarks.md).
+    ``constrained`` (needs ``stop_template``) generates step 2 under the PENMAN grammar
+    (:func:`ray_mtup.grammar.generate_constrained`). ``cache="static"`` pre-allocates the KV
+    cache, which lets transformers compile the decode step (worth it on a GPU; on CPU it is
+    not, see docs/benchmarks.md).
+    """
+    if constrained:
+        if stop_template is None:
+            raise ValueError("constrained decoding needs the template whose step-2 marker it follows")
+        from .grammar import generate_constrained
+
+        texts = generate_constrained(model, tokenizer, prompts, stop_template, batch_size, max_new_tokens,
+                                     synced_gpus=synced_gpus, progress=progress)
+        lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        return Generated(texts, lengths, [False] * len(texts))  # the grammar closes every graph itself
+    return _generate_batches(model, tokenizer, prompts, batch_size, max_new_tokens, synced_gpus, progress,
+                             cache, stop_template=stop_template)
+
+
+def _generate_batches(model: Any, tokenizer: Any, prompts: Sequence[str] | Sequence[list[int]], batch_size: int,
+                      max_new_tokens: int, synced_gpus: bool = False, progress: bool = False,
+                      cache: str = "dynamic", processor_factory: Callable[[int, int], Any] | None = None,
+                      stop_strings: Sequence[str] = (), stop_template: Template | None = None) -> Generated:
+    """Greedy, length-sorted batches of ``model.generate`` over prompts (texts or token ids).
+
+    ``processor_factory(prompt_width, rows)`` makes each batch's ``logits_processor``; a row
+    also stops after any of ``stop_strings``, or once its step-2 graph closed (``stop_template``).
     """
     if not prompts:
         return Generated([], [], [])
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = [p if not isinstance(p, str) else tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if progress:
@@ -141,10 +166,10 @@ def generate(
     texts, new_tokens, hit = [""] * len(prompts), [0] * len(prompts), [False] * len(prompts)
     was_training = model.training
     model.eval()
+    options = BatchOptions(max_new_tokens, synced_gpus, cache, stop_template, processor_factory, tuple(stop_strings))
     try:
         for batch in batches:
-            rows = _generate_batch(model, tokenizer, [encoded[i] for i in batch], max_new_tokens,
-                                   synced_gpus, cache, stop_template)
+            rows = _generate_batch(model, tokenizer, [encoded[i] for i in batch], options)
             for i, (text, n, at_limit) in zip(batch, rows):
                 texts[i], new_tokens[i], hit[i] = text, n, at_limit
     finally:
@@ -152,8 +177,20 @@ def generate(
     return Generated(texts, new_tokens, hit)
 
 
-def _generate_batch(model: Any, tokenizer: Any, encoded: Sequence[Sequence[int]], max_new_tokens: int,
-                    synced_gpus: bool, cache: str, stop_template: Template | None) -> list[tuple[str, int, bool]]:
+@dataclass(frozen=True)
+class BatchOptions:
+    """How every batch of one :func:`_generate_batches` call is generated."""
+
+    max_new_tokens: int
+    synced_gpus: bool
+    cache: str
+    stop_template: Template | None
+    processor_factory: Callable[[int, int], Any] | None
+    stop_strings: tuple[str, ...]
+
+
+def _generate_batch(model: Any, tokenizer: Any, encoded: Sequence[Sequence[int]],
+                    o: BatchOptions) -> list[tuple[str, int, bool]]:
     """One left-padded batch: (text, new tokens, stopped only by the budget) per row."""
     import torch
     from transformers import StoppingCriteriaList
@@ -166,22 +203,24 @@ def _generate_batch(model: Any, tokenizer: Any, encoded: Sequence[Sequence[int]]
     for row, e in enumerate(encoded):  # left padding: generation continues at the right edge
         ids[row, width - len(e):] = torch.tensor(list(e))
         mask[row, width - len(e):] = 1
-    stopping = StoppingCriteriaList([Step2Closed(tokenizer, stop_template, width)] if stop_template else [])
-    config = decoding_config(tokenizer, max_new_tokens)
+    stopping = StoppingCriteriaList([Step2Closed(tokenizer, o.stop_template, width)] if o.stop_template else [])
+    config = decoding_config(tokenizer, o.max_new_tokens)
     config.compile_config = getattr(model.generation_config, "compile_config", None)  # bench --compile
+    extra: dict[str, Any] = {"cache_implementation": "static"} if o.cache == "static" else {}
+    if o.processor_factory is not None:
+        extra["logits_processor"] = o.processor_factory(width, len(encoded))
+    if o.stop_strings:
+        extra.update(stop_strings=list(o.stop_strings), tokenizer=tokenizer)
     with torch.no_grad():
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device),
-            generation_config=config, stopping_criteria=stopping,
-            synced_gpus=synced_gpus, **({"cache_implementation": "static"} if cache == "static" else {}),
-        )
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                             stopping_criteria=stopping, synced_gpus=o.synced_gpus, **extra)
     rows = []
     for row in out[:, width:].cpu().tolist():
         ended = [k for k, t in enumerate(row) if t in (eos_id, pad_id)]
         n = ended[0] + 1 if ended else len(row)
         text = tokenizer.decode(row[:n], skip_special_tokens=True)
-        closed = stop_template is not None and step2_closed(text, stop_template)
-        rows.append((text, n, not ended and n >= max_new_tokens and not closed))
+        closed = o.stop_template is not None and step2_closed(text, o.stop_template)
+        rows.append((text, n, not ended and n >= o.max_new_tokens and not closed))
     return rows
 
 
@@ -197,5 +236,9 @@ def parse_outputs(template: Template, raw_outputs: Sequence[str]) -> list[Parsed
     return parsed
 
 
-def prompts_for(template: Template, sentences: Sequence[str]) -> list[str]:
-    return [render_inference(template, s) for s in sentences]
+def prompts_for(template: Template, sentences: Sequence[str],
+                contexts: Sequence[Sequence[tuple[str, str]]] | None = None) -> list[str]:
+    """Inference prompts; ``contexts`` (one per sentence) are retrieved training pairs."""
+    if contexts is None:
+        return [render_inference(template, s) for s in sentences]
+    return [render_inference(template, s, c) for s, c in zip(sentences, contexts, strict=True)]

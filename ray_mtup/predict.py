@@ -22,7 +22,7 @@ from . import corpus
 from .checkpointing import STATE_FILE
 from .config import TrainConfig
 from .amr import CONCEPT_STYLES, concept_style
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, RayMtupError
 from .generation import generate, parse_outputs, prompts_for
 from .checkpointing import STATE_FILE
 from .modeling import WeightsSource, base_source, build_model, load_adapter, load_base_weights, load_tokenizer
@@ -101,8 +101,9 @@ def parse_sentences(model: Any, tokenizer: Any, cfg: TrainConfig, sentences: Seq
     """One canonical graph per sentence (Task 2, else Task 1, else :data:`FALLBACK_GRAPH`),
     and how many took each path; the path of ``predict`` and of the test figure."""
     template = get_template(cfg.template)
-    out = generate(model, tokenizer, prompts_for(template, sentences), batch_size=batch_size,
-                   max_new_tokens=max_new_tokens or cfg.max_new_tokens, progress=progress, stop_template=template)
+    out = generate(model, tokenizer, prompts_for(template, sentences, retrieved_contexts(cfg, sentences)),
+                   batch_size=batch_size, max_new_tokens=max_new_tokens or cfg.max_new_tokens, progress=progress,
+                   stop_template=template, constrained=cfg.constrained_decoding)
     counts = {"n_task2": 0, "n_task2_repaired": 0, "n_task1_fallback": 0, "n_minimal": 0}
     graphs = []
     for i, p in enumerate(parse_outputs(template, out.texts)):
@@ -129,19 +130,46 @@ def write_parses(path: str | Path, sentences: Sequence[str], graphs: Sequence[st
     return path
 
 
+def retrieved_contexts(cfg: TrainConfig, sentences: list[str]) -> list[tuple[tuple[str, str], ...]] | None:
+    """The run's retrieved training pairs for ``sentences`` (None for plain MTUP).
+
+    The BM25 index is rebuilt from the run's own training split (same corpus, seed and split),
+    so the corpus directory the run trained on must be readable.
+    """
+    if cfg.retrieval_k == 0:
+        return None
+    from . import retrieval
+    from .dataset import load_examples
+
+    try:
+        train, _, _ = load_examples(cfg.replace(retrieval_k=0))
+    except (OSError, RayMtupError) as exc:
+        raise ModelError(f"retrieval_k={cfg.retrieval_k}: the run's training split is needed to retrieve "
+                         f"examples, and it cannot be read from data_dir={cfg.data_dir!r}: {exc}") from exc
+    index = retrieval.PairIndex(train)
+    return [tuple((p.sentence, p.task2) for p in index.neighbours(s, cfg.retrieval_k)) for s in sentences]
+
+
 def predict_file(adapter: str | Path, input_path: str | Path, output_path: str | Path,
                  batch_size: int = 32, max_new_tokens: int | None = None,
-                 model_path: str | None = None, concept_style: str = "space") -> PredictReport:
+                 model_path: str | None = None, concept_style: str = "space", constrained: bool | None = None,
+                 data_dir: str | None = None) -> PredictReport:
     """Parse every line of ``input_path`` into ``output_path`` (``#::snt`` + PENMAN blocks).
 
     Multi-word concepts are written with spaces by default, as the shared task's test gold
-    writes them (``concept_style="_"`` keeps canonical PENMAN's ``chủ_tịch``).
+    writes them (``concept_style="_"`` keeps canonical PENMAN's ``chủ_tịch``). ``constrained``
+    (default: the run's ``constrained_decoding``) generates step 2 under the PENMAN grammar;
+    ``data_dir`` overrides where a retrieval run's training corpus is read.
     """
     if concept_style not in CONCEPT_STYLES:
         raise ConfigError("concept_style", f"must be one of {list(CONCEPT_STYLES)}, got {concept_style!r}")
     adapter_dir = find_adapter(adapter)
     sentences = [ex.sentence for ex in corpus.read_sentences(input_path)]
     model, tokenizer, cfg = load_for_inference(adapter_dir, model_path)
+    if data_dir is not None:
+        cfg = cfg.replace(data_dir=data_dir)
+    if constrained is not None:
+        cfg = cfg.replace(constrained_decoding=constrained)
     graphs, counts = parse_sentences(model, tokenizer, cfg, sentences, batch_size, max_new_tokens)
     out = write_parses(output_path, sentences, graphs, concept_style)
     return PredictReport(len(sentences), counts["n_task2"], counts["n_task2_repaired"],

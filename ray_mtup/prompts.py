@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Sequence
 
 from .errors import ConfigError
 
@@ -109,15 +110,33 @@ def _clean_sentence(sentence: str) -> str:
     return " ".join(sentence.split())
 
 
-def render_inference(template: Template, sentence: str) -> str:
-    """The prompt up to (and including) the step-1 marker."""
-    return template.instruction.format(sentence=_clean_sentence(sentence)) + template.step1_marker
+#: Retrieved training pairs (:mod:`ray_mtup.retrieval`) precede the instruction, one block each.
+CONTEXT_BLOCK = "Ví dụ: {sentence}\nAMR: {graph}\n\n"
+
+Context = Sequence[tuple[str, str]]
 
 
-def render_training(template: Template, sentence: str, task1: str, task2: str) -> Rendered:
+def render_context(context: Context) -> str:
+    """The retrieved (sentence, task-2 graph) pairs as prompt text; empty for plain MTUP.
+
+    >>> render_context([("tôi  đi", "(đ / đi)")])
+    'Ví dụ: tôi đi\\nAMR: (đ / đi)\\n\\n'
+    """
+    return "".join(CONTEXT_BLOCK.format(sentence=_clean_sentence(s), graph=" ".join(g.split()))
+                   for s, g in context)
+
+
+def render_inference(template: Template, sentence: str, context: Context = ()) -> str:
+    """The prompt up to (and including) the step-1 marker, after any retrieved pairs."""
+    return (render_context(context) + template.instruction.format(sentence=_clean_sentence(sentence))
+            + template.step1_marker)
+
+
+def render_training(template: Template, sentence: str, task1: str, task2: str,
+                    context: Context = ()) -> Rendered:
     """Prompt plus completion (task-1 graph, step-2 marker, task-2 graph)."""
     return Rendered(
-        prompt=render_inference(template, sentence),
+        prompt=render_inference(template, sentence, context),
         completion=task1.strip() + template.step2_marker + task2.strip(),
     )
 

@@ -193,6 +193,8 @@ def documented_optimum(space: SearchSpace, base: TrainConfig) -> dict[str, Any]:
         "weight_decay": base.weight_decay,
         "warmup_ratio": base.warmup_ratio,
         "lora_dropout": base.lora.dropout,
+        "retrieval_k": base.retrieval_k,
+        "constrained_decoding": base.constrained_decoding,
     }
     point = {k: v for k, v in point.items() if k in space.params}
     for k, v in list(point.items()):

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 #: Hyper-parameters a search space may sample, and how each maps onto TrainConfig.
 SAMPLED_KEYS = ("learning_rate", "epochs", "lora_r", "lora_alpha_ratio", "template",
-                "weight_decay", "warmup_ratio", "lora_dropout")
+                "weight_decay", "warmup_ratio", "lora_dropout", "retrieval_k", "constrained_decoding")
 COLLECTIVE_TIMEOUT_S = 3 * 3600  # generation of a whole validation split can take a while
 
 
@@ -58,6 +58,10 @@ def apply_sampled(base: Mapping[str, Any], sampled: Mapping[str, Any]) -> TrainC
         overrides["warmup_ratio"] = float(sampled["warmup_ratio"])
     if "lora_dropout" in sampled:
         overrides["lora.dropout"] = float(sampled["lora_dropout"])
+    if "retrieval_k" in sampled:
+        overrides["retrieval_k"] = int(sampled["retrieval_k"])
+    if "constrained_decoding" in sampled:
+        overrides["constrained_decoding"] = bool(sampled["constrained_decoding"])
     r = int(sampled.get("lora_r", base["lora"]["r"]))
     overrides["lora.r"] = r
     if "lora_alpha_ratio" in sampled:
