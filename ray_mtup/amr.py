@@ -123,7 +123,7 @@ def _var_prefix(concept: str) -> str:
     return first.lower() if first.isalpha() else "x"
 
 
-class _Namer:
+class VariableNamer:
     """Hands out fresh variables ``n``, ``n1``, ``n2``... avoiding names already in use."""
 
     def __init__(self, used: set[str]):
@@ -205,7 +205,7 @@ def _fill_missing_variables(tokens: list[_Tok]) -> list[_Tok]:
         tokens[i].kind == "LPAREN" and tokens[i + 1].kind == "SLASH" for i in range(len(tokens) - 1)
     ):
         return tokens
-    namer = _Namer({t.text for t in tokens if t.kind == "SYMBOL"})
+    namer = VariableNamer({t.text for t in tokens if t.kind == "SYMBOL"})
     out: list[_Tok] = []
     for i, tok in enumerate(tokens):
         out.append(tok)
@@ -489,7 +489,7 @@ def _assign_variables(root: _TNode) -> dict[str, str]:
         for _, target in n.edges:
             if isinstance(target, _Tok) and target.kind == "SYMBOL":
                 constants.add(target.text)
-    namer = _Namer(constants)
+    namer = VariableNamer(constants)
     refs: dict[str, str] = {}
     for n in _walk(root):
         n.var = namer.fresh(n.concept)
@@ -697,7 +697,7 @@ def _fix_variables(root: _TNode, notes: list[str]) -> None:
         for _, target in n.edges:
             if isinstance(target, _Tok) and target.kind == "SYMBOL":
                 used.add(target.text)
-    namer = _Namer(used)
+    namer = VariableNamer(used)
     defined: set[str] = set()
     for n in _walk(root):
         if n.var is None:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from . import amr
 from .config import SAMPLE_DATA_DIR
+from .amr import VariableNamer
 from .corpus import read_amr_file
 
 HANDWRITTEN_BLOCKS = 30
@@ -55,16 +56,10 @@ class _Graph:
     """Builds one PENMAN graph with variables from first letters (``n``, ``n1``, ...)."""
 
     def __init__(self) -> None:
-        self.used: set[str] = set()
+        self.namer = VariableNamer(set())
 
     def var(self, concept: str) -> str:
-        prefix = concept[0]
-        name, k = prefix, 0
-        while name in self.used:
-            k += 1
-            name = f"{prefix}{k}"
-        self.used.add(name)
-        return name
+        return self.namer.fresh(concept)
 
     def node(self, word: str, *edges: str) -> str:
         concept = word.replace(" ", "_")
