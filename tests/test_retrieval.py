@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ray_mtup import dataset, retrieval
-from ray_mtup.config import SEARCH_SPACES_DIR, TrainConfig
+from ray_mtup.config import SEARCH_SPACES, TrainConfig, packaged_yaml
 from ray_mtup.dataset import MtupExample
 from ray_mtup.errors import ConfigError
 from ray_mtup.prompts import get_template, render_inference
@@ -102,7 +102,7 @@ def test_config_and_search_space():
         retrieval.attach(-1, [_pair(0, "a")])
     cfg = apply_sampled(TrainConfig().to_dict(), {"retrieval_k": 2, "constrained_decoding": True})
     assert (cfg.retrieval_k, cfg.constrained_decoding) == (2, True)
-    space = load_search_space(SEARCH_SPACES_DIR / "default.yaml")
+    space = load_search_space(packaged_yaml(SEARCH_SPACES, "default"))
     assert set(space.params["retrieval_k"].values) == {0, 1, 2}
     first = documented_optimum(space, TrainConfig(model="qwen2.5-7b"))
     assert first["retrieval_k"] == 0 and first["constrained_decoding"] is False
