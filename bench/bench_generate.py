@@ -147,13 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg, prompts, source, train = load_prompts(args)
     batch_size = args.batch_size or cfg.eval_batch_size
     if args.model == "tiny" or args.model_path is not None:
-        source = base_source(cfg, tokenizer_texts(train))
+        weights = base_source(cfg, tokenizer_texts(train))
     else:  # random-init Qwen2.5 shape: the tiny BPE only supplies ids below the vocabulary size
         from ray_mtup.config import TrainConfig
 
-        source = base_source(TrainConfig(), tokenizer_texts(train))
-    tokenizer = build_tokenizer(source)
-    model = build_base_model(args.model, cfg, tokenizer, device, source)
+        weights = base_source(TrainConfig(), tokenizer_texts(train))
+    tokenizer = build_tokenizer(weights)
+    model = build_base_model(args.model, cfg, tokenizer, device, weights)
     if not args.no_lora:
         model = apply_lora(model, cfg.lora)
     model.eval()

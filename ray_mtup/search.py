@@ -139,8 +139,10 @@ def load_search_space(path: str | Path) -> SearchSpace:
     return space
 
 
-#: Sampled hyper-parameters that take integers (the others but ``template`` take any number).
-INT_PARAMS = ("epochs", "lora_r")
+#: Sampled hyper-parameters that take integers, and the one that takes booleans (the others
+#: but ``template`` take any number).
+INT_PARAMS = ("epochs", "lora_r", "retrieval_k")
+BOOL_PARAMS = ("constrained_decoding",)
 
 
 def _check_param_values(spec: ParamSpec) -> None:
@@ -152,7 +154,10 @@ def _check_param_values(spec: ParamSpec) -> None:
     points = ([(f"params.{spec.name}.values", v) for v in spec.values] if spec.type == "choice"
               else [(f"params.{spec.name}.low", spec.low), (f"params.{spec.name}.high", spec.high)])
     for key, value in points:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if spec.name in BOOL_PARAMS:
+            if not isinstance(value, bool):
+                raise ConfigError(key, f"expected true or false, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(key, f"expected a finite number, got {value!r}")
         if spec.name in INT_PARAMS and (not float(value).is_integer() or abs(value) > 2**31):
             raise ConfigError(key, f"expected an integer below 2**31, got {value!r}")

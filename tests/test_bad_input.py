@@ -21,7 +21,7 @@ import pytest
 from conftest import MALFORMED_CORPORA
 
 from ray_mtup import launcher, search
-from ray_mtup.config import TrainConfig
+from ray_mtup.config import SEARCH_SPACES, TrainConfig, packaged_yaml
 from ray_mtup.corpus import find_duplicate_sentences, load_corpus, read_amr_file
 from ray_mtup.corpus import normalise_sentence
 from ray_mtup.dataset import select_and_split
@@ -185,7 +185,7 @@ CONFIG_ERRORS = [  # (flags, the field the message must name)
     (["--set", "max_new_tokens"], "max_new_tokens"),  # no '='
     (["--set", "lora.target_modules=q_prj"], "lora.target_modules: unknown module 'q_prj'"),
     (["--set", "lora.target_modules=[]"], "lora.target_modules: must not be empty"),
-    (["--set", "global_batch_size=12"], "global_batch_size: 12 is not a multiple"),  # smoke: 8 per device
+    (["--set", "global_batch_size=10"], "global_batch_size: 10 is not a multiple"),  # smoke: 4 per device
     (["--set", "epochs=many"], "epochs: expected an integer, got 'many'"),
     (["--preset", "no_such_preset"], "preset: unknown name 'no_such_preset'"),
     (["--cpus-per-worker", "0"], "cpus_per_worker"),
@@ -314,7 +314,7 @@ def test_flags_win_over_search_space_overrides(tmp_path, monkeypatch, no_ray):
                        "--set", "max_new_tokens=16", "--set", "tiny.hidden_size=32"])
     cfg = seen["cfg"]
     assert (cfg.max_new_tokens, cfg.cpus_per_worker, cfg.tiny.hidden_size) == (16, 0.5, 32)
-    fixed = search.load_search_space(launcher.SMOKE_SPACE).overrides
+    fixed = search.load_search_space(packaged_yaml(SEARCH_SPACES, launcher.SMOKE_SPACE)).overrides
     # the space's other overrides stay
     assert (cfg.eval_max_samples, cfg.tiny.num_layers) == (fixed["eval_max_samples"], fixed["tiny"]["num_layers"])
 

@@ -26,6 +26,7 @@ from ray_mtup.trial import apply_sampled
 
 SEARCH_SPACES_DIR = PACKAGE_DIR / SEARCH_SPACES
 SPACES = sorted(SEARCH_SPACES_DIR.glob("*.yaml"))
+SMOKE_TRIALS = yaml.safe_load((SEARCH_SPACES_DIR / "smoke.yaml").read_text(encoding="utf-8"))["num_samples"]
 
 
 def test_presets_match_the_documented_method():
@@ -135,7 +136,7 @@ def test_config_round_trips_through_a_plain_dict():
 
 def test_presets_and_spaces_are_package_data_or_paths(tmp_path: Path):
     assert set(packaged_names(SEARCH_SPACES)) == {"default", "smoke", "tiny_cpu"}
-    assert load_search_space(packaged_yaml(SEARCH_SPACES, "smoke")).num_samples == 6
+    assert load_search_space(packaged_yaml(SEARCH_SPACES, "smoke")).num_samples == SMOKE_TRIALS
     own = tmp_path / "mine.yaml"
     own.write_text("epochs: 2\n", encoding="utf-8")
     assert resolve_config("tiny", preset=str(own)).epochs == 2  # a path works as well as a name
@@ -220,7 +221,7 @@ def test_a_non_editable_install_finds_presets_and_search_spaces(tmp_path: Path):
             "s.load_search_space(c.packaged_yaml(c.SEARCH_SPACES, 'smoke')).num_samples)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site")},
                          capture_output=True, text=True, check=True, timeout=120).stdout.split()
-    assert out[0].startswith(str(tmp_path / "site")) and out[-2:] == ["100", "6"], out
+    assert out[0].startswith(str(tmp_path / "site")) and out[-2:] == ["100", str(SMOKE_TRIALS)], out
     assert "'quick_test']" in out
 
 
