@@ -37,6 +37,7 @@ EOS_TOKEN = "<|im_end|>"  # Qwen2.5-Instruct's end of turn, its eos_token
 PAD_TOKEN = "<|endoftext|>"  # Qwen2.5's pad_token
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CACHE_DIR = Path(os.environ.get("RAY_MTUP_CACHE", Path.home() / ".cache" / "ray_mtup"))
+COMPLETE_MARK = ".complete"  # written last into a tiny checkpoint directory
 #: Qwen2.5-Instruct's chat template, shortened (no tool calls): the tiny checkpoint carries one
 #: so that it looks like the real thing to every loader.
 CHAT_TEMPLATE = (
@@ -91,23 +92,27 @@ def write_tiny_checkpoint(settings: TinyModelSettings, seed: int, texts: Iterabl
                           cache_dir: Path | None = None) -> Path:
     """A random-init Qwen2 checkpoint directory, written once and cached by a hash of its settings.
 
-    Deterministic (seeded init, BPE trained on ``texts``); written into a temporary directory
-    and renamed, so concurrent workers never see half a checkpoint.
+    Deterministic (seeded init, BPE trained on ``texts``). Workers that need the same directory
+    at once take turns under a file lock; it is written into a temporary directory, marked
+    complete and renamed, so nobody reads half a checkpoint, and a directory without the mark
+    (left by a crash) is written again.
     """
+    from filelock import FileLock
+
     texts = list(texts)
-    recipe = json.dumps([settings.model_dump() if hasattr(settings, "model_dump") else vars(settings),
-                         seed, texts], ensure_ascii=False, sort_keys=True, default=str)
+    recipe = json.dumps([settings.model_dump(), seed, texts], ensure_ascii=False, sort_keys=True, default=str)
     digest = hashlib.sha256(recipe.encode()).hexdigest()[:16]
     target = (cache_dir or CACHE_DIR) / "tiny-qwen2" / digest
-    if (target / "config.json").is_file():
-        return target
-    tmp = target.with_name(f"{digest}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _save_tiny(tmp, settings, seed, texts)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another worker renamed its identical copy first
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / COMPLETE_MARK).is_file():
+            return target
+        tmp = target.with_name(f"{digest}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        _save_tiny(tmp, settings, seed, texts)
+        (tmp / COMPLETE_MARK).write_text(recipe[:200] + "\n", encoding="utf-8")
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete one, if any
+        os.replace(tmp, target)
     logger.info("tiny Qwen2 checkpoint at %s", target)
     return target
 
