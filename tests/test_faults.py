@@ -35,6 +35,7 @@ from types import SimpleNamespace
 import pytest
 
 from ray_mtup.checkpointing import validate_checkpoint
+from ray_mtup.search import SearchSpace
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900  # generous: other jobs share the 2 cores
@@ -286,7 +287,7 @@ def test_all_diverged_search_has_no_best(tmp_path):
     from ray_mtup.reporting import write_search_results
 
     grid = [_fake_result("aaaa1111", 1, [NAN_EPOCH]), _fake_result("bbbb2222", 2, [NAN_EPOCH])]
-    summary = write_search_results(grid, TrainConfig(), str(tmp_path), SimpleNamespace(path="space.yaml"))
+    summary = write_search_results(grid, TrainConfig(), str(tmp_path), SearchSpace("space.yaml", {}))
     assert (summary["n_trials"], summary["n_errors"], summary.get("best_trial")) == (2, 0, None)
     rows = read_results(tmp_path)
     assert [r["stop_reason"] for r in rows] == ["non-finite loss at epoch 1, step 1"] * 2
@@ -300,7 +301,7 @@ def test_diverged_trial_is_not_the_best(tmp_path):
 
     ok = {**NAN_EPOCH, "train_loss": 6.9, "val_loss": 7.0, "objective": -0.0007, "stop_reason": ""}
     grid = [_fake_result("aaaa1111", 1, [NAN_EPOCH]), _fake_result("bbbb2222", 2, [ok, {**NAN_EPOCH, "epoch": 2}])]
-    summary = write_search_results(grid, TrainConfig(), str(tmp_path), SimpleNamespace(path="space.yaml"))
+    summary = write_search_results(grid, TrainConfig(), str(tmp_path), SearchSpace("space.yaml", {}))
     # the second trial diverged in epoch 2, but its epoch 1 is usable
     assert summary["best_trial"] == "bbbb2222" and summary["best_metrics"]["epoch"] == 1
 
@@ -315,7 +316,7 @@ def test_leaderboard_uses_tunes_trial_ids_creation_order_and_the_objective(tmp_p
     grid = [_fake_result("first111", 1, [first]), _fake_result("second22", 2, [second])]
     for result in grid:
         result.path = "/x/a_directory_name_tune_may_change"
-    summary = write_search_results(grid, TrainConfig(), str(tmp_path), SimpleNamespace(path="space.yaml"))
+    summary = write_search_results(grid, TrainConfig(), str(tmp_path), SearchSpace("space.yaml", {}))
     rows = read_results(tmp_path)
     assert [(r["trial_id"], r["trial_index"]) for r in rows] == [("first111", "1"), ("second22", "2")]
     assert summary["best_trial"] == "second22" and summary["documented_optimum_trial"] == "first111"
