@@ -265,9 +265,9 @@ def grammar_for(tokenizer: Any, n_vocab: int | None = None) -> Grammar:
 
 def _step1_texts(raw: Sequence[str], template: Template) -> tuple[list[str], int]:
     """Step-1 text of each phase-1 output (before the marker); how many had no marker."""
-    from .prompts import _marker_pattern
+    from .prompts import marker_pattern
 
-    pattern = _marker_pattern(template.step2_marker)
+    pattern = marker_pattern(template.step2_marker)
     out, missing = [], 0
     for text in raw:
         m = pattern.search(text)

@@ -68,11 +68,14 @@ def test_prompt_carries_the_neighbours_before_the_instruction(split):
     assert " ".join(val[0].context[0][1].split()) in prompt
 
 
-def test_training_encoding_masks_the_neighbours(split):
-    from ray_mtup.modeling import train_tiny_tokenizer
+def test_training_encoding_masks_the_neighbours(split, tmp_path):
+    from ray_mtup.config import TinyModelSettings
+    from ray_mtup.modeling import WeightsSource, build_tokenizer, write_tiny_checkpoint
 
     train, _, _ = split
-    tok = train_tiny_tokenizer([e.sentence for e in train] + [e.task2 for e in train], 400)
+    settings = TinyModelSettings(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=400)
+    texts = [e.sentence for e in train] + [e.task2 for e in train]
+    tok = build_tokenizer(WeightsSource(str(write_tiny_checkpoint(settings, 0, texts, cache_dir=tmp_path))))
     t = get_template("v2_natural")
     with_ctx = dataset.encode(tok, t, train[0])
     plain = dataset.encode(tok, t, MtupExample(*[getattr(train[0], f) for f in ("id", "sentence", "source",
