@@ -137,7 +137,15 @@ def _save_tiny(directory: Path, settings: TinyModelSettings, seed: int, texts: l
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<|endoftext|>"], pad_token_id=ids[PAD_TOKEN],
         eos_token_id=[ids[EOS_TOKEN], ids["<|endoftext|>"]], **QWEN_SAMPLING_DEFAULTS)
-    model.save_pretrained(str(directory), safe_serialization=True)
+    # Written file by file: transformers' save_pretrained writes weights on rank 0 only, and any
+    # rank of any node may be the one that builds this directory.
+    from safetensors.torch import save_model
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(str(directory))
+    model.generation_config.save_pretrained(str(directory))
+    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(directory))
 
 
