@@ -55,10 +55,10 @@ def test_evaluation_subset_is_stratified_and_the_same_for_every_trial():
     sources = ["lit.txt"] * 126 + ["news.txt"] * 24
     idx = stratified_indices(sources, 60, seed=42)
     assert Counter(sources[i] for i in idx) == {"lit.txt": 50, "news.txt": 10}
-    base = TrainConfig(eval_max_samples=4, test_split=0.1)
+    base = TrainConfig(eval_max_samples=40, test_split=0.1)  # the sample corpus: 20 news graphs in 470
     a = apply_sampled(base.to_dict(), {"learning_rate": 1e-3, "epochs": 2})
     b = apply_sampled(base.to_dict(), {"learning_rate": 5e-4, "epochs": 3, "lora_r": 16})
-    first_a, first_b = corpus_splits(a)[1][:4], corpus_splits(b)[1][:4]
+    first_a, first_b = corpus_splits(a)[1][:40], corpus_splits(b)[1][:40]
     assert first_a == first_b and len({e.source for e in first_a}) == 2
 
 
