@@ -119,7 +119,7 @@ def test_mlflow_store_has_one_run_per_trial_with_params_and_every_epoch(smoke, m
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == len(rows)
-    space = load_search_space(SEARCH_SPACES_DIR / "smoke.yaml")
+    space = load_search_space(PACKAGE_DIR / SEARCH_SPACES / "smoke.yaml")
     for run in runs:
         trial_id = next(t for t in rows if t in run.info.run_name)
         row = rows[trial_id]
