@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import objective
+from .tracking import MLFLOW_FILE_STORE_ENV
 from .config import MAX_FAILURES, MODELS, TEMPLATE_NAMES, TrainConfig, load_yaml
 from .errors import ConfigError
 
@@ -349,6 +350,8 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) 
         if not tune.Tuner.can_restore(experiment_dir):
             raise ConfigError("resume", f"no experiment to resume at {experiment_dir}")
         logger.info("resuming %s", experiment_dir)
+        # the restored Tuner brings back its MLflow callback, which needs the file store allowed
+        os.environ.setdefault(MLFLOW_FILE_STORE_ENV, "true")
         tuner = tune.Tuner.restore(experiment_dir, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
