@@ -227,9 +227,6 @@ def test_full_disk_ends_the_trial_and_keeps_the_previous_checkpoint(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(reason="failed at the last stop in its --resume half, most likely the MLflow file store refused "
-                          "on resume (fixed in search.run_search, not re-run yet); the out-of-memory stop itself was "
-                          "right in results.csv", strict=False)
 def test_out_of_memory_ends_the_trial_and_resume_does_not_retry_it(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(TWO_EPOCH_SPACE, encoding="utf-8")
