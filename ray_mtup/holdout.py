@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from . import scoring
 from .amr import CONCEPT_STYLES, concept_style
@@ -121,6 +121,15 @@ def score_on_test(adapter_dir: str | Path, checkpoint_path: str | None = None, u
         return {"error": str(exc)}
 
 
+def format_interval(ci: Sequence[float] | None) -> str:
+    """A 95% interval as ``lo-hi`` to 4 decimals, or "n/a".
+
+    >>> format_interval([0.359811179058041, 0.5507425299695831]), format_interval(None)
+    ('0.3598-0.5507', 'n/a')
+    """
+    return f"{ci[0]:.4f}-{ci[1]:.4f}" if ci else "n/a"
+
+
 def format_test_line(validation_f1: float | None, test: dict[str, Any]) -> str:
     """One line for the leaderboard's footer and the single run's report.
 
@@ -131,6 +140,5 @@ def format_test_line(validation_f1: float | None, test: dict[str, Any]) -> str:
     if "task2_f1" not in test:
         return f"test: {test.get('error') or test.get('note')}"
     val = "-" if validation_f1 is None else f"{validation_f1:.4f}"
-    lo, hi = test["ci95"]
     return (f"chosen on validation Task 2 F1 {val}; test Task 2 F1 {test['task2_f1']:.4f} "
-            f"(95% CI {lo:.4f}-{hi:.4f}, {test['n_graphs']} graphs of the {test['test_set']}, {test['scoring_mode']})")
+            f"(95% CI {format_interval(test['ci95'])}, {test['n_graphs']} graphs of the {test['test_set']}, {test['scoring_mode']})")

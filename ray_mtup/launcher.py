@@ -211,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     from . import search, trial
-    from .holdout import format_test_line
+    from .holdout import format_interval, format_test_line
     from .outputs import format_epoch_table
     from .reporting import local_results_dir
 
@@ -255,7 +255,7 @@ def _main(args: argparse.Namespace) -> int:
     baseline = (summary.get("baseline") or {}).get("task2_f1", float("nan"))
     print(f"search {settings.name}: {summary['n_trials']} trials in {time.time() - t0:.0f} s; best "
           f"{summary.get('best_trial')} validation Task 2 F1 {best.get('task2_f1', float('nan')):.4f} "
-          f"(95% CI {noise.get('ci95')}); most-frequent-graph baseline {baseline:.4f}")
+          f"(95% CI {format_interval(noise.get('ci95'))}); most-frequent-graph baseline {baseline:.4f}")
     if "test" in summary:
         print(format_test_line(best.get("task2_f1"), summary["test"]))
     print(closing_note(summary, args.tracker))
