@@ -35,6 +35,7 @@ bench: setup
 	$(PY) bench/bench_smatch.py
 	$(PY) bench/bench_batching.py
 	$(VENV)/bin/torchrun --nproc_per_node 2 bench/bench_train.py --model tiny --steps 5 --rounds 2
+	$(VENV)/bin/torchrun --nproc_per_node 2 bench/bench_eval_replica.py --model tiny --n-prompts 16 --max-new-tokens 48 --rounds 2
 	$(PY) bench/bench_generate.py --model tiny --max-new-tokens 128
 	$(PY) bench/bench_smoke_search.py
 

@@ -31,7 +31,7 @@ import os
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import (
@@ -231,6 +231,11 @@ class TrainConfig(Settings):
     generation_cache: str = Field("dynamic", description=(
         "KV cache of evaluation generation: dynamic, or static (lets transformers compile the "
         "decode step; for GPUs)."))
+    eval_generation: Literal["auto", "replica", "synced"] = Field("auto", description=(
+        "How evaluation generates under ZeRO-3 with several workers: replica (each rank gathers the "
+        "LoRA-merged weights once into a plain model on its device, generates its shard alone, then "
+        "frees it), synced (the partitioned model in lockstep, synced_gpus), or auto (replica when it "
+        "fits in the memory every device reports, else synced). ZeRO-2 or one worker: no effect."))
     scoring_mode: str = Field("normalised", description=(
         "SMATCH mode of the per-epoch objective: normalised (gold and predictions normalised the "
         "same way; the default) or official (the shared task's convention)."))

@@ -4,10 +4,16 @@ repair, corpus SMATCH for Task 1 and Task 2, and the search objective.
 Each rank takes a shard of the validation graphs, padded with repeats to the same length on
 every rank (ZeRO-3 needs the same number of forward passes everywhere); the padded rows are
 computed and discarded. Generations are gathered and scored once, identically on every rank.
+
+Generation takes the path of :func:`ray_mtup.replica.plan_generation` (``eval_generation``):
+under ZeRO-3 on several workers either a LoRA-merged replica on each rank, generating its
+shard alone, or the partitioned model in lockstep (``synced_gpus``); otherwise the engine's
+model, which is whole. The path is in the epoch's metrics as ``eval_generation``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -17,6 +23,7 @@ from . import dataset, objective, scoring
 from .config import TrainConfig
 from .generation import Parsed, generate, parse_outputs, prompts_for
 from .prompts import get_template
+from .replica import merged_replica, plan_generation
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +102,12 @@ def validation_loss(model: Any, tokenizer: Any, cfg: TrainConfig, data: RunData,
     return loss_sum / max(tokens, 1.0)
 
 
+def zero_stage(engine: Any) -> int:
+    """The ZeRO stage the engine runs (0 for anything that is not a DeepSpeed engine)."""
+    stage = getattr(engine, "zero_optimization_stage", None)
+    return int(stage()) if callable(stage) else 0
+
+
 def evaluate_epoch(engine: Any, tokenizer: Any, cfg: TrainConfig, data: RunData, rank: int, world: int,
                    device: Any) -> tuple[dict[str, Any], list[Parsed]]:
     """Validation loss, then generation on the validation subset, repair and corpus SMATCH."""
@@ -106,17 +119,22 @@ def evaluate_epoch(engine: Any, tokenizer: Any, cfg: TrainConfig, data: RunData,
     idx, real = shard(n_eval, rank, world)
     t0 = time.perf_counter()
     prompts = prompts_for(template, [data.val[i].sentence for i in idx], [data.val[i].context for i in idx])
-    out = generate(model, tokenizer, prompts, batch_size=cfg.eval_batch_size, max_new_tokens=data.max_new_tokens,
-                   synced_gpus=(cfg.zero_stage == 3 and world > 1), cache=cfg.generation_cache,
-                   progress=rank == 0, stop_template=template, constrained=cfg.constrained_decoding)
-    gen_time = time.perf_counter() - t0
+    seq_len = max((len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=0)
+    plan = plan_generation(model, cfg, zero_stage(engine) == 3, world, device, seq_len + data.max_new_tokens)
+    if rank == 0:
+        logger.info("evaluation generation: %s: %s", plan.path, plan.reason)
+    with merged_replica(model, device) if plan.path == "replica" else contextlib.nullcontext(model) as gen_model:
+        out = generate(gen_model, tokenizer, prompts, batch_size=cfg.eval_batch_size,
+                       max_new_tokens=data.max_new_tokens, synced_gpus=plan.synced_gpus, cache=cfg.generation_cache,
+                       progress=rank == 0, stop_template=template, constrained=cfg.constrained_decoding)
+    gen_time = time.perf_counter() - t0  # with the replica's gathering and merging
     gathered = gather(list(zip(idx[:real], out.texts[:real])), world)
     by_index = {i: text for part in gathered for i, text in part}
     parsed = parse_outputs(template, [by_index[i] for i in range(n_eval)])
     new_tokens, hit_limit = all_reduce([sum(out.new_tokens[:real]), sum(out.hit_limit[:real])], device, world)
     metrics = score_epoch(cfg, data.val_gold[:n_eval], parsed, val_loss, progress=rank == 0)
     metrics.update(n_eval=n_eval, hit_token_limit=int(hit_limit), max_new_tokens=data.max_new_tokens,
-                   gen_new_tokens_per_s=new_tokens / max(gen_time, 1e-9))
+                   gen_new_tokens_per_s=new_tokens / max(gen_time, 1e-9), eval_generation=plan.path)
     return metrics, parsed
 
 
