@@ -460,7 +460,9 @@ def plan_for_config(cfg: TrainConfig, shape: ModelShape, *, world: int, free_byt
 
 
 def resolved(cfg: TrainConfig, plan: MemoryPlan) -> TrainConfig:
-    """``cfg`` with the plan's integers in place of ``auto`` (explicit values are the plan's too).
+    """``cfg`` with the plan's integers in place of ``auto`` (explicit values are the plan's too)
+    and ``num_workers`` the world the plan is for (torchrun's may differ from the config's), so
+    the result validates as written to checkpoints.
 
     >>> plan = plan_for_config(TrainConfig(), KNOWN_SHAPES["qwen2.5-1.5b"], world=1, free_bytes=141e9,
     ...                        total_bytes=141e9, on_gpu=True, seq_len=512)
@@ -468,7 +470,8 @@ def resolved(cfg: TrainConfig, plan: MemoryPlan) -> TrainConfig:
     >>> (cfg.zero_stage, cfg.per_device_batch_size, cfg.grad_accum)
     (2, 4, 4)
     """
-    return cfg.model_copy(update={"zero_stage": plan.zero_stage, "per_device_batch_size": plan.micro_batch_size})
+    return cfg.model_copy(update={"zero_stage": plan.zero_stage, "per_device_batch_size": plan.micro_batch_size,
+                                  "num_workers": plan.world_size})
 
 
 # --------------------------------------------------------------------------- on the workers
