@@ -21,6 +21,18 @@ object per variant (rank 0) and a ``train_ratio`` line: each ZeRO variant's toke
 the plain loop's, from the median step (``*_over_plain``) and from the fastest step
 (``*_over_plain_best``: the steadier figure on a machine shared with other jobs; use
 ``--rounds`` there too, which interleaves the variants). Without torchrun it runs as a single process (world size 1).
+
+Micro-batch at a fixed global batch (issue 13): ``--global-batch 16 --micro-batches 2,auto``
+replaces the variants above with one DeepSpeed variant per micro-batch, each an optimizer step
+of ``global / (micro x world)`` accumulated micro-steps over ``micro x --seq-len`` random
+tokens; ``auto`` is the micro-batch (and each variant's ZeRO stage) that
+:mod:`ray_mtup.memory` plans for this device (or for ``--device-memory`` bytes), as
+``zero_stage: auto`` / ``per_device_batch_size: auto`` runs get. Prints one JSON object per
+variant with its plan, and a ``micro_batch_ratio`` line: the planned variant's tokens/s over
+the first one's, from the median step (``planned_over_micro2``) and the fastest
+(``planned_over_micro2_best``; ``--rounds`` interleaves the variants)::
+
+    python bench/bench_train.py --model tiny --seq-len 256 --global-batch 16 --micro-batches 2,auto --steps 3
 """
 
 from __future__ import annotations
@@ -57,12 +69,16 @@ def _standalone_env() -> None:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
 
 
-def train_config(args: argparse.Namespace, zero_stage: int, on_gpu: bool, world: int = 1) -> Any:
-    """The TrainConfig whose DeepSpeed config and model settings the bench uses."""
+def train_config(args: argparse.Namespace, zero_stage: int | str, on_gpu: bool, world: int = 1,
+                 micro: int | str | None = None, global_batch: int | None = None) -> Any:
+    """The TrainConfig whose DeepSpeed config and model settings the bench uses (by default one
+    micro-batch of ``--batch`` per optimizer step)."""
     from ray_mtup.config import LoraSettings, TrainConfig
 
+    micro = args.batch if micro is None else micro
     return TrainConfig(
-        model=args.model, model_path=args.model_path, per_device_batch_size=args.batch, global_batch_size=args.batch * world, num_workers=world,
+        model=args.model, model_path=args.model_path, per_device_batch_size=micro,
+        global_batch_size=global_batch or micro * world, num_workers=world,
         zero_stage=zero_stage, lora=LoraSettings(r=args.lora_r, alpha=2 * args.lora_r),
         gradient_checkpointing=args.gradient_checkpointing, use_gpu=on_gpu,
         max_seq_len=max(32, args.seq_len), seed=args.seed,
@@ -120,9 +136,35 @@ def time_steps(step: Callable[[], float], steps: int, warmup: int,
     return times, cpu, losses
 
 
+def planned_setting(args: argparse.Namespace, micro: str, source: Any, device: Any, world: int,
+                    on_gpu: bool) -> dict[str, Any]:
+    """The ZeRO stage and micro-batch :mod:`ray_mtup.memory` plans for ``micro`` (``auto`` or an
+    integer) at ``--global-batch``, from this device's free memory (or ``--device-memory``)."""
+    from ray_mtup import memory
+
+    cfg = train_config(args, "auto", on_gpu, world, micro if micro == "auto" else int(micro), args.global_batch)
+    if args.device_memory:
+        free = total = args.device_memory
+    else:
+        free, total = memory.device_memory(device)
+        if not on_gpu:
+            free, total = free // world, total // world
+    path = source.path if source is not None else None
+    shape = memory.model_shape(args.model, path, source.kwargs.get("gguf_file") if source is not None else None)
+    plan = memory.plan_for_config(cfg, shape, world=world, free_bytes=free, total_bytes=total, on_gpu=on_gpu,
+                                  seq_len=args.seq_len)
+    return {"zero_stage": plan.zero_stage, "micro": plan.micro_batch_size, "accum": plan.grad_accum,
+            "requested_micro": micro, "plan_needed_gb": round(plan.chosen.needed / 1e9, 2),
+            "plan_free_gb": round(free / 1e9, 2), "plan_fits": plan.fits}
+
+
 def run_variant(variant: str, args: argparse.Namespace, tokenizer: Any, source: Any, device: Any, world: int,
-                rank: int, local_rank: int, on_gpu: bool, total_steps: int) -> dict[str, Any]:
-    """Build a fresh model + LoRA, run one variant's steps, free everything; returns timings."""
+                rank: int, local_rank: int, on_gpu: bool, total_steps: int,
+                setting: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build a fresh model + LoRA, run one variant's steps, free everything; returns timings.
+
+    ``setting`` (:func:`planned_setting`): a DeepSpeed variant at that stage and micro-batch,
+    each step accumulating ``accum`` micro-steps."""
     import deepspeed
     import torch
 
@@ -131,11 +173,15 @@ def run_variant(variant: str, args: argparse.Namespace, tokenizer: Any, source: 
 
     from ray_mtup.engine import deepspeed_config
 
-    stage = int(variant[-1]) if variant.startswith("deepspeed") else 2
-    cfg = train_config(args, stage, on_gpu, world)
+    if setting is not None:
+        cfg = train_config(args, setting["zero_stage"], on_gpu, world, setting["micro"], args.global_batch)
+    else:
+        stage = int(variant[-1]) if variant.startswith("deepspeed") else 2
+        cfg = train_config(args, stage, on_gpu, world)
+    accum = cfg.grad_accum
     model = apply_lora(build_base_model(args.model, cfg, tokenizer, device, source), cfg.lora)
     vocab = model.get_input_embeddings().weight.shape[0]
-    batch = make_batch(vocab, args.batch, args.seq_len, args.seed + rank, device)
+    batch = make_batch(vocab, cfg.per_device_batch_size, args.seq_len, args.seed + rank, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
@@ -168,10 +214,11 @@ def run_variant(variant: str, args: argparse.Namespace, tokenizer: Any, source: 
         )
         engine.train()
 
-        def step() -> float:  # the training loop's micro-step (grad_accum = 1)
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
+        def step() -> float:  # the training loop's micro-steps of one optimizer step
+            for _ in range(accum):
+                loss = engine(**batch).loss
+                engine.backward(loss)
+                engine.step()
             return float(loss.detach())
 
         holder = engine
@@ -206,6 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat the sequence of variants; timings of all rounds are pooled")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--global-batch", type=int, default=0,
+                        help="compare micro-batches at this global batch (see --micro-batches); 0: off")
+    parser.add_argument("--micro-batches", default="2,auto",
+                        help="with --global-batch: comma-separated micro-batches, 'auto' = the memory plan's")
+    parser.add_argument("--device-memory", type=float, default=0.0,
+                        help="with --global-batch: plan 'auto' for this many free bytes per device "
+                             "(default: what the device reports)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -226,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
 
     tokenizer, source = build_tokenizer_for(args)
+    if args.global_batch:
+        return compare_micro_batches(args, tokenizer, source, device, world, rank, local_rank, on_gpu)
     stages = [int(s) for s in args.zero_stages.split(",") if s.strip()]
     variants = ([] if args.no_plain else ["plain_peft"]) + [f"deepspeed_zero{s}" for s in stages]
     total_steps = args.steps + args.warmup_steps
@@ -263,6 +319,54 @@ def main(argv: list[str] | None = None) -> int:
         emit({"bench": "train_ratio", **common,
               **{f"{v}_over_plain": round(results[v] / results["plain_peft"], 3) for v in results if v != "plain_peft"},
               **{f"{v}_over_plain_best": round(best[v] / best["plain_peft"], 3) for v in best if v != "plain_peft"}})
+    dist.destroy_process_group()
+    return 0
+
+
+def compare_micro_batches(args: argparse.Namespace, tokenizer: Any, source: Any, device: Any, world: int,
+                          rank: int, local_rank: int, on_gpu: bool) -> int:
+    """``--global-batch``: tokens/s of each ``--micro-batches`` setting at the same global batch."""
+    import torch
+    import torch.distributed as dist
+
+    from bench.common import emit, summarise
+
+    settings = {f"micro_{m.strip()}": planned_setting(args, m.strip(), source, device, world, on_gpu)
+                for m in args.micro_batches.split(",") if m.strip()}
+    total_steps = args.steps + args.warmup_steps
+    runs: dict[str, dict[str, Any]] = {}
+    for _ in range(args.rounds):
+        for variant, setting in settings.items():
+            out = run_variant(variant, args, tokenizer, source, device, world, rank, local_rank, on_gpu,
+                              total_steps, setting)
+            run = runs.setdefault(variant, {**out, "times": [], "cpu": []})
+            run["times"] += out["times"]
+            run["cpu"] += out["cpu"]
+            dist.barrier()
+    tokens_per_step = args.global_batch * args.seq_len
+    rates: dict[str, float] = {}
+    best: dict[str, float] = {}
+    for variant, run in runs.items():
+        stats = summarise(run["times"])
+        rates[variant] = tokens_per_step / stats["median_s"]
+        best[variant] = tokens_per_step / stats["min_s"]
+        if rank == 0:
+            emit({"bench": "train_micro_batch", "variant": variant, "model": args.model,
+                  "device": torch.cuda.get_device_name(device) if on_gpu else "cpu", "world_size": world,
+                  "global_batch": args.global_batch, "seq_len": args.seq_len, **settings[variant],
+                  "steps": args.steps, "rounds": args.rounds, "tokens_per_s": round(rates[variant], 1),
+                  "tokens_per_s_best": round(tokens_per_step / stats["min_s"], 1),
+                  "step_median_s": round(stats["median_s"], 4), "loss_last": round(run["losses"][-1], 5),
+                  "peak_mem_gib": run["peak_mem_gib"], "loadavg_1m": round(os.getloadavg()[0], 2)})
+    names = list(rates)
+    if rank == 0 and len(names) > 1:
+        first = names[0]
+        emit({"bench": "micro_batch_ratio", "model": args.model, "global_batch": args.global_batch,
+              "seq_len": args.seq_len, **{f"{v}_over_{first}": round(rates[v] / rates[first], 3) for v in names[1:]},
+              **{f"{v}_over_{first}_best": round(best[v] / best[first], 3) for v in names[1:]},
+              **({"planned_over_micro2": round(rates["micro_auto"] / rates["micro_2"], 3),
+                  "planned_over_micro2_best": round(best["micro_auto"] / best["micro_2"], 3)}
+                 if {"micro_auto", "micro_2"} <= set(rates) else {})})
     dist.destroy_process_group()
     return 0
 

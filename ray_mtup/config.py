@@ -12,8 +12,8 @@ defaults -> the model's documented optimum (:data:`MODELS`) -> a preset (shipped
 ``overrides:`` -> explicit overrides (``--set`` and the flags).
 
 >>> cfg = resolve_config(model="qwen2.5-7b", preset="full_training")
->>> (cfg.learning_rate, cfg.epochs, cfg.per_device_batch_size, cfg.global_batch_size, cfg.grad_accum)
-(0.0001, 15, 2, 16, 8)
+>>> (cfg.learning_rate, cfg.epochs, cfg.per_device_batch_size, cfg.global_batch_size, cfg.zero_stage)
+(0.0001, 15, 'auto', 16, 'auto')
 >>> resolve_config(model="qwen2.5-3b", preset="quick_test").max_samples
 100
 >>> TrainConfig(learning_rate=-1.0)
@@ -68,20 +68,22 @@ class ModelSpec(BaseModel):
     hub_id: str | None
     learning_rate: float
     epochs: int
-    per_device_batch_size: int
+    per_device_batch_size: int | Literal["auto"]
     global_batch_size: int = 16  # the method's recipe: a global batch of 16
     train_base: bool = False
 
 
-def _spec(name: str, hub_id: str | None, lr: float, epochs: int, micro: int, **kw: Any) -> ModelSpec:
+def _spec(name: str, hub_id: str | None, lr: float, epochs: int, micro: int | str, **kw: Any) -> ModelSpec:
     return ModelSpec(name=name, hub_id=hub_id, learning_rate=lr, epochs=epochs, per_device_batch_size=micro, **kw)
 
 
-#: The model registry. ``tiny`` is a random-init Qwen2 built locally (tests, CPU demo).
+#: The model registry. ``tiny`` is a random-init Qwen2 built locally (tests, CPU demo). The
+#: real models plan their micro-batch from the device's memory (``auto``: ray_mtup.memory) at
+#: the documented global batch of 16 (the method's recipe: 4 x 4 for 1.5B/3B, 2 x 8 for 7B).
 MODELS: dict[str, ModelSpec] = {
-    "qwen2.5-1.5b": _spec("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", 2e-4, 10, 4),
-    "qwen2.5-3b": _spec("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct", 2e-4, 10, 4),
-    "qwen2.5-7b": _spec("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", 1e-4, 15, 2),
+    "qwen2.5-1.5b": _spec("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", 2e-4, 10, "auto"),
+    "qwen2.5-3b": _spec("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct", 2e-4, 10, "auto"),
+    "qwen2.5-7b": _spec("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", 1e-4, 15, "auto"),
     # A random-init base holds nothing worth freezing: tiny trains it too (lora.train_base).
     "tiny": _spec("tiny", None, 1e-3, 10, 8, train_base=True),
 }
@@ -206,7 +208,9 @@ class TrainConfig(Settings):
     # optimisation
     epochs: int = Field(10, ge=1, description="Training epochs.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
-    per_device_batch_size: int = Field(4, ge=1, description="Micro-batch per worker.")
+    per_device_batch_size: int | Literal["auto"] = Field(4, description=(
+        "Micro-batch per worker, or auto: the largest divisor of global_batch_size / workers whose "
+        "estimated memory fits the device (ray_mtup.memory), resolved by the training loop."))
     global_batch_size: int = Field(16, ge=1, description=(
         "Examples per optimiser step over all workers; gradient accumulation is derived from it "
         "(global_batch_size / (per_device_batch_size x num_workers)), so it must divide evenly."))
@@ -218,7 +222,10 @@ class TrainConfig(Settings):
     num_workers: int = Field(1, ge=1, description="Ray Train workers for this run.")
     use_gpu: bool = Field(False, description="One GPU per worker; bf16.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
-    zero_stage: int = Field(2, description="DeepSpeed ZeRO stage: 2 or 3.")
+    zero_stage: int | Literal["auto"] = Field("auto", description=(
+        "DeepSpeed ZeRO stage: 2, 3, or auto (2 when the base weights, the adapter's optimizer state "
+        "and the micro-batch's activations fit in one device's memory with a margin, else 3; "
+        "ray_mtup.memory), resolved by the training loop."))
     offload: bool = Field(False, description="ZeRO CPU offload of optimizer state.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations.")
     # evaluation
@@ -265,6 +272,26 @@ class TrainConfig(Settings):
         "epoch-E checkpoint write with ENOSPC; 'corrupt_adapter@E' / 'drop_state@E' damage the "
         "newest stored checkpoint in epoch E, then kill the worker (see ray_mtup/faults.py)."))
 
+    @field_validator("zero_stage", mode="before")
+    @classmethod
+    def _stage_or_auto(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        stage = _as_int(value)
+        if stage not in (2, 3):
+            raise ValueError(f"must be 2, 3 or auto, got {value!r}")
+        return stage
+
+    @field_validator("per_device_batch_size", mode="before")
+    @classmethod
+    def _micro_or_auto(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        micro = _as_int(value)
+        if micro is None or micro < 1:
+            raise ValueError(f"must be an integer >= 1 or auto, got {value!r}")
+        return micro
+
     @model_validator(mode="before")
     @classmethod
     def _upgrade_grad_accum(cls, data: Any) -> Any:
@@ -280,7 +307,6 @@ class TrainConfig(Settings):
             _check(Path(self.model_path).exists(), "model_path", f"{self.model_path} does not exist")
         _check(self.template in TEMPLATE_NAMES, "template",
                f"unknown template {self.template!r}; choose from {list(TEMPLATE_NAMES)}")
-        _check(self.zero_stage in (2, 3), "zero_stage", f"must be 2 or 3, got {self.zero_stage}")
         if self.inject_fault is not None:
             from .faults import parse_fault
 
@@ -289,10 +315,14 @@ class TrainConfig(Settings):
                f"must be dynamic or static, got {self.generation_cache!r}")
         _check(self.scoring_mode in SCORING_MODES, "scoring_mode",
                f"unknown mode {self.scoring_mode!r}; choose from {list(SCORING_MODES)}")
-        per_step = self.per_device_batch_size * self.num_workers
-        _check(self.global_batch_size % per_step == 0, "global_batch_size",
-               f"{self.global_batch_size} is not a multiple of per_device_batch_size x num_workers "
-               f"({self.per_device_batch_size} x {self.num_workers} = {per_step})")
+        if self.per_device_batch_size == "auto":
+            _check(self.global_batch_size % self.num_workers == 0, "global_batch_size",
+                   f"{self.global_batch_size} is not a multiple of num_workers ({self.num_workers})")
+        else:
+            per_step = self.per_device_batch_size * self.num_workers
+            _check(self.global_batch_size % per_step == 0, "global_batch_size",
+                   f"{self.global_batch_size} is not a multiple of per_device_batch_size x num_workers "
+                   f"({self.per_device_batch_size} x {self.num_workers} = {per_step})")
         _check(0.0 <= self.test_split < 1.0, "test_split", f"must be in [0, 1), got {self.test_split}")
         _check(self.val_split + self.test_split < 1.0, "test_split",
                f"val_split + test_split must be < 1, got {self.val_split} + {self.test_split}")
@@ -311,7 +341,21 @@ class TrainConfig(Settings):
         >>> TrainConfig(per_device_batch_size=2, num_workers=2, global_batch_size=16).grad_accum
         4
         """
-        return self.global_batch_size // (self.per_device_batch_size * self.num_workers)
+        return self.global_batch_size // (self.micro_batch() * self.num_workers)
+
+    def micro_batch(self) -> int:
+        """``per_device_batch_size`` as resolved; ``auto`` is an error here (resolve it first)."""
+        if self.per_device_batch_size == "auto":
+            raise ConfigError("per_device_batch_size", "auto is resolved by the training loop from the "
+                                                       "device's memory (ray_mtup.memory.resolve_auto)")
+        return self.per_device_batch_size
+
+    def stage(self) -> int:
+        """``zero_stage`` as resolved; ``auto`` is an error here (resolve it first)."""
+        if self.zero_stage == "auto":
+            raise ConfigError("zero_stage", "auto is resolved by the training loop from the device's memory "
+                                            "(ray_mtup.memory.resolve_auto)")
+        return self.zero_stage
 
     @property
     def spec(self) -> ModelSpec:
@@ -343,7 +387,22 @@ class TrainConfig(Settings):
         return TrainConfig.from_dict(merge(self.to_dict(), overrides))
 
 
-def upgrade_grad_accum(data: Mapping[str, Any], per_device_default: int) -> dict[str, Any]:
+def _as_int(value: Any) -> int | None:
+    """``value`` as an int when it is one (``3``, ``"3"``, ``3.0``), else None.
+
+    >>> _as_int("3"), _as_int(2.0), _as_int(2.5), _as_int(True), _as_int("x")
+    (3, 2, None, None, None)
+    """
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if number.is_integer() else None
+
+
+def upgrade_grad_accum(data: Mapping[str, Any], per_device_default: int | str) -> dict[str, Any]:
     """``data`` (a config of an older version) with ``grad_accum`` turned into ``global_batch_size``.
 
     >>> upgrade_grad_accum({"grad_accum": 4, "per_device_batch_size": 2, "num_workers": 2}, 4)
@@ -353,6 +412,9 @@ def upgrade_grad_accum(data: Mapping[str, Any], per_device_default: int) -> dict
         raise ConfigError("grad_accum", "no longer a field: set global_batch_size (gradient accumulation "
                                         "is derived from it)")
     out = {k: v for k, v in data.items() if k != "grad_accum"}
+    if data.get("per_device_batch_size", per_device_default) == "auto":
+        raise ConfigError("grad_accum", "no longer a field, and per_device_batch_size is auto: set "
+                                        "global_batch_size instead")
     try:
         out["global_batch_size"] = (int(data["grad_accum"]) * int(data.get("per_device_batch_size", per_device_default))
                                     * int(data.get("num_workers", 1)))

@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
     """The DeepSpeed config derived from the training config (the one place it is built).
 
-    The global batch is the config's, whatever the world size: accumulation is derived.
+    The global batch is the config's, whatever the world size: accumulation is derived. The
+    config must be resolved (no ``auto``: see :func:`ray_mtup.memory.resolve_auto`).
 
     >>> ds = deepspeed_config(TrainConfig(zero_stage=3, per_device_batch_size=2, num_workers=4), 4, True)
     >>> ds["train_batch_size"], ds["gradient_accumulation_steps"], ds["zero_optimization"]["stage"]
@@ -32,16 +33,17 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[st
     >>> ds["bf16"]["enabled"], ds["optimizer"]["params"]["torch_adam"]
     (True, True)
     """
-    zero: dict[str, Any] = {"stage": cfg.zero_stage, "contiguous_gradients": True, "overlap_comm": on_gpu}
+    stage = cfg.stage()
+    zero: dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": on_gpu}
     if cfg.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
-    if cfg.zero_stage == 3:
+    if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     accum = grad_accum(cfg, world_size)
     return {
-        "train_micro_batch_size_per_gpu": cfg.per_device_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch(),
         "gradient_accumulation_steps": accum,
-        "train_batch_size": cfg.per_device_batch_size * accum * world_size,
+        "train_batch_size": cfg.micro_batch() * accum * world_size,
         "gradient_clipping": cfg.max_grad_norm,
         "optimizer": {
             "type": "AdamW",
@@ -70,7 +72,7 @@ def grad_accum(cfg: TrainConfig, world_size: int) -> int:
     >>> grad_accum(TrainConfig(model="qwen2.5-7b", per_device_batch_size=2, num_workers=4), 4)
     2
     """
-    micro = cfg.per_device_batch_size * world_size
+    micro = cfg.micro_batch() * world_size
     if cfg.global_batch_size % micro:
         raise ConfigError("global_batch_size", f"{cfg.global_batch_size} is not a multiple of micro-batch "
                                                f"{cfg.per_device_batch_size} x {world_size} worker(s)")

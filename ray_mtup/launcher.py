@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers-per-trial", type=int,
                    help="Ray Train workers per trial (default: --gpus-per-trial, or 1)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (fractions allowed)")
-    p.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage, 2 or 3 (3 spreads 7B over GPUs)")
+    p.add_argument("--zero-stage", type=_stage_flag,
+                   help="DeepSpeed ZeRO stage: 2, 3 (spreads 7B over GPUs) or auto (2 when the model, its "
+                        "optimizer state and the micro-batch fit one device, else 3; the default)")
     p.add_argument("--storage-path", default=os.environ.get("RAY_MTUP_STORAGE", "runs"),
                    help="where trials keep checkpoints and results: a local path, NFS, or s3:// "
                         "(multi-node clusters need shared storage; default: %(default)s)")
@@ -85,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any TrainConfig field, e.g. --set eval_max_samples=50 --set lora.r=16")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+def _stage_flag(value: str) -> int | str:
+    """``--zero-stage``: an integer, or the word as given (the config names a bad one).
+
+    >>> _stage_flag("3"), _stage_flag("auto")
+    (3, 'auto')
+    """
+    return int(value) if value.strip().lstrip("-").isdigit() else value
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """What a finished run leaves behind, however it was launched (Ray or torchrun):
-``config.yaml``, ``metrics.csv``, ``adapter/`` (the best epoch's checkpoint) and ``summary.json``."""
+``config.yaml``, ``metrics.csv``, ``adapter/`` (the best epoch's checkpoint) and ``summary.json``
+(which holds the run's memory plan: the ZeRO stage and micro-batch its workers resolved, and
+the arithmetic behind them, :class:`ray_mtup.memory.MemoryPlan`)."""
 
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ from . import objective
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "val_loss", "task1_f1", "task2_f1", "validity", "tokens_per_s",
                  "useful_token_fraction", "epoch_time_s", "eval_time_s")
-#: How a run's batch was formed (every epoch's metrics carry these).
-BATCH_KEYS = ("global_batch_size", "micro_batch_size", "grad_accum", "world_size")
+#: How a run's batch was formed and sharded (every epoch's metrics carry these).
+BATCH_KEYS = ("global_batch_size", "micro_batch_size", "grad_accum", "world_size", "zero_stage")
 
 
 @dataclass(frozen=True)
@@ -30,11 +32,13 @@ class RunSummary:
     final: dict[str, Any]
     adapter_dir: str | None
     test: dict[str, Any] = field(default_factory=dict)  # the chosen adapter on the held-out test set
+    memory_plan: dict[str, Any] | None = None  # MemoryPlan.to_dict() of the workers (None: not recorded)
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_dir": self.run_dir, "best_epoch": self.best_epoch, "best": self.best,
                 "final": self.final, "adapter_dir": self.adapter_dir, "epochs_run": len(self.history),
-                "batch": {k: self.final.get(k) for k in BATCH_KEYS}, "test": self.test}
+                "batch": {k: self.final.get(k) for k in BATCH_KEYS}, "memory_plan": self.memory_plan,
+                "test": self.test}
 
 
 def best_epoch(history: Sequence[Mapping[str, Any]], among: Collection[int] | None = None) -> int:
@@ -63,8 +67,11 @@ def format_epoch_table(history: Sequence[Mapping[str, Any]]) -> str:
 
 
 def write_run_outputs(out_dir: Path, cfg: TrainConfig, history: Sequence[Mapping[str, Any]],
-                      best_dir: Path | None) -> RunSummary:
-    """config.yaml, metrics.csv, adapter/ (a copy of ``best_dir``) and summary.json in ``out_dir``."""
+                      best_dir: Path | None, memory_plan: Mapping[str, Any] | None = None) -> RunSummary:
+    """config.yaml, metrics.csv, adapter/ (a copy of ``best_dir``) and summary.json in ``out_dir``.
+
+    ``cfg`` is the run's config as given (``auto`` stays ``auto`` in config.yaml, so a rerun
+    plans again on its own devices); ``memory_plan`` is what the workers resolved it to."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.write_yaml(out_dir / "config.yaml",
                    f"resolved config; rerun with: python run_tune.py --no-search --config {out_dir / 'config.yaml'}")
@@ -81,7 +88,8 @@ def write_run_outputs(out_dir: Path, cfg: TrainConfig, history: Sequence[Mapping
         adapter_dir = str(adapter)
     chosen = best_epoch(history)
     best = dict(next(m for m in history if int(m["epoch"]) == chosen))
-    summary = RunSummary(str(out_dir), list(history), chosen, best, dict(history[-1]), adapter_dir)
+    summary = RunSummary(str(out_dir), list(history), chosen, best, dict(history[-1]), adapter_dir,
+                         memory_plan=dict(memory_plan) if memory_plan is not None else None)
     _write_summary(summary, cfg)
     return summary
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import dataset, objective
+from . import dataset, memory, objective
 from .checkpointing import save_checkpoint, save_stop_state, trainable_state, weights_digest, write_failure
 from .config import TrainConfig
-from .engine import Schedule, build_engine, grad_accum
+from .engine import Schedule, build_engine, grad_accum, init_distributed
 from .errors import TrainingError
 from .evaluation import RunData, all_reduce, evaluate_epoch
 from .faults import FaultInjector
@@ -75,6 +75,18 @@ def plan_schedule(cfg: TrainConfig, micro_batches: int, world: int) -> Schedule:
     return Schedule(steps, total, int(cfg.warmup_ratio * total))
 
 
+def resolve_memory_plan(cfg: TrainConfig, data: RunData, source: WeightsSource, session: Session, device: Any,
+                        on_gpu: bool) -> tuple[TrainConfig, memory.MemoryPlan]:
+    """The memory plan of this run and ``cfg`` with its ZeRO stage and micro-batch resolved,
+    identical on every rank (planned with the least free memory over ranks); logged on rank 0."""
+    init_distributed(on_gpu)  # the all-reduce of the free memory needs the process group (torchrun)
+    resolved, plan = memory.resolve_auto(cfg, [len(e) for e in data.train_encoded], source.path, source.kwargs,
+                                         session.world_size, device, on_gpu)
+    if session.rank == 0:
+        (logger.info if plan.fits else logger.warning)("%s", plan.explain())
+    return resolved, plan
+
+
 @dataclass
 class Worker:
     """What one rank holds while it trains."""
@@ -87,16 +99,22 @@ class Worker:
     source: WeightsSource
     device: Any
     on_gpu: bool
+    plan: memory.MemoryPlan | None = None
 
 
 def train_loop(cfg: TrainConfig, session: Session) -> None:
-    """Train ``cfg`` on this rank: the epochs after the latest checkpoint, each evaluated and reported."""
+    """Train ``cfg`` on this rank: the epochs after the latest checkpoint, each evaluated and reported.
+
+    ``zero_stage`` / ``per_device_batch_size`` ``auto`` are resolved first, the same on every
+    rank (:func:`resolve_memory_plan`); everything after sees the resolved integers.
+    """
     import torch
 
     device, on_gpu = _device(cfg, session)
     data, source, tokenizer = prepare_data(cfg)
-    torch.manual_seed(cfg.seed)  # LoRA's init and dropout: the same on every launcher
     world = session.world_size
+    cfg, plan = resolve_memory_plan(cfg, data, source, session, device, on_gpu)
+    torch.manual_seed(cfg.seed)  # LoRA's init and dropout: the same on every launcher
     sampler = dataset.LengthGroupedBatches([len(e) for e in data.train_encoded], cfg.per_device_batch_size,
                                            session.rank, world, cfg.seed)
     schedule = plan_schedule(cfg, len(sampler), world)
@@ -105,7 +123,7 @@ def train_loop(cfg: TrainConfig, session: Session) -> None:
     if resume and resume.get("stop_reason"):  # the run already ended (NaN loss, out of memory)
         logger.error("not resuming: the run stopped after epoch %d: %s", resume["epoch"], resume["stop_reason"])
         return
-    w = Worker(cfg, session, engine, tokenizer, data, source, device, on_gpu)
+    w = Worker(cfg, session, engine, tokenizer, data, source, device, on_gpu, plan)
     history: list[dict[str, Any]] = resume["history"] if resume else []
     step = resume["global_step"] if resume else 0
     _log_start(w, schedule, resume)
@@ -179,9 +197,10 @@ def train_epoch(w: Worker, batches: list[list[int]], schedule: Schedule, epoch: 
 
 
 def batch_metrics(cfg: TrainConfig, world: int) -> dict[str, int]:
-    """The batch arithmetic of a run, logged every epoch: global = micro x accumulation x world."""
-    return {"global_batch_size": cfg.global_batch_size, "micro_batch_size": cfg.per_device_batch_size,
-            "grad_accum": grad_accum(cfg, world), "world_size": world}
+    """The batch arithmetic of a run, logged every epoch: global = micro x accumulation x world,
+    and the ZeRO stage (``cfg`` resolved: see :func:`resolve_memory_plan`)."""
+    return {"global_batch_size": cfg.global_batch_size, "micro_batch_size": cfg.micro_batch(),
+            "grad_accum": grad_accum(cfg, world), "world_size": world, "zero_stage": cfg.stage()}
 
 
 def _report(w: Worker, history: list[dict[str, Any]], resume: dict[str, Any] | None, parsed: Any,
@@ -200,7 +219,8 @@ def _report(w: Worker, history: list[dict[str, Any]], resume: dict[str, Any] | N
              "stop_reason": metrics["stop_reason"],
              "adapter_digest": weights_digest(weights) if weights is not None else None,
              "resumed_from_epoch": resume["epoch"] if resume else 0,
-             "resumed_adapter_digest": resume.get("loaded_adapter_digest") if resume else None}
+             "resumed_adapter_digest": resume.get("loaded_adapter_digest") if resume else None,
+             "memory_plan": w.plan.to_dict() if w.plan is not None else None}
     with tempfile.TemporaryDirectory() as tmp:
         directory, write_error = Path(tmp) / "checkpoint", ""
         if w.session.rank == 0:
@@ -253,10 +273,10 @@ def _log_start(w: Worker, schedule: Schedule, resume: dict[str, Any] | None) -> 
         return
     b = batch_metrics(w.cfg, w.session.world_size)
     logger.info("run: %d train / %d val graphs, %d skipped as too long, %d trainable of %d params; "
-                "global batch %d = micro %d x accumulation %d x %d worker(s); %d steps/epoch, epochs %d..%d; "
+                "ZeRO-%d, global batch %d = micro %d x accumulation %d x %d worker(s); %d steps/epoch, epochs %d..%d; "
                 "generation budget %d new tokens", len(w.data.train_encoded), len(w.data.val),
                 len(w.data.skipped_long), count_parameters(w.engine.module, trainable_only=True),
-                count_parameters(w.engine.module), b["global_batch_size"], b["micro_batch_size"],
+                count_parameters(w.engine.module), b["zero_stage"], b["global_batch_size"], b["micro_batch_size"],
                 b["grad_accum"], b["world_size"], schedule.steps_per_epoch,
                 (resume["epoch"] + 1) if resume else 1, w.cfg.epochs, w.data.max_new_tokens)
 

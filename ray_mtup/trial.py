@@ -154,7 +154,7 @@ def run_single(cfg: TrainConfig, name: str, storage_path: str, output_dir: str |
         logger.error("run %s stopped early: %s; outputs use its best earlier epoch", name, reason)
     best = with_adapter[best_epoch(history, with_adapter)]
     with best.as_directory() as best_dir:
-        summary = write_run_outputs(Path(output_dir), cfg, history, Path(best_dir))
+        summary = write_run_outputs(Path(output_dir), cfg, history, Path(best_dir), state.get("memory_plan"))
     # the figure to report: the chosen epoch's adapter, scored once on the held-out test set
     return with_test_score(summary, cfg, score_on_test(summary.adapter_dir, best.path, cfg.use_gpu))
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .checkpointing import ADAPTER_FILE
+from .checkpointing import ADAPTER_FILE, STATE_FILE
 from .config import TrainConfig, load_yaml
 from .errors import RayMtupError
 from .logs import setup_logging
@@ -45,7 +45,9 @@ def run(cfg: TrainConfig, out_dir: Path) -> None:
     with_adapter = {int(p.name.rsplit("_", 1)[1]): p for p in session.checkpoints()
                     if (p / ADAPTER_FILE).is_file()}
     best = with_adapter[best_epoch(history, with_adapter)] if with_adapter else None
-    summary = write_run_outputs(out_dir, cfg, history, best)
+    latest = session.checkpoints()[-1] / STATE_FILE if session.checkpoints() else None
+    plan = json.loads(latest.read_text(encoding="utf-8")).get("memory_plan") if latest and latest.is_file() else None
+    summary = write_run_outputs(out_dir, cfg, history, best, plan)
     if summary.adapter_dir is not None:
         with_test_score(summary, cfg, score_on_test(summary.adapter_dir))
 

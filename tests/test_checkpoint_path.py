@@ -101,8 +101,8 @@ def test_generation_budget_comes_from_the_training_data(qwen_like_checkpoint):
 def test_global_batch_is_the_documented_one_at_any_world_size():
     """7B's recipe is a global batch of 16 (2 x 8): on 4 workers accumulation drops to 2, so the
     number of optimizer steps per epoch stays the same."""
-    one = resolve_config("qwen2.5-7b", overrides={"num_workers": 1})
-    four = resolve_config("qwen2.5-7b", overrides={"num_workers": 4})
+    one = resolve_config("qwen2.5-7b", overrides={"num_workers": 1, "per_device_batch_size": 2, "zero_stage": 3})
+    four = resolve_config("qwen2.5-7b", overrides={"num_workers": 4, "per_device_batch_size": 2, "zero_stage": 3})
     assert (grad_accum(one, 1), grad_accum(four, 4)) == (8, 2)
     micro_batches = 1658 // 2  # the VLSP training split at micro-batch 2 on one worker
     steps_1 = plan_schedule(one, micro_batches, 1).steps_per_epoch

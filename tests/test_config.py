@@ -37,9 +37,11 @@ def test_presets_match_the_documented_method():
     assert (f.max_samples, f.epochs) == (500, 3)
     full3 = resolve_config("qwen2.5-3b", preset="full_training")
     assert (full3.max_samples, full3.epochs, full3.learning_rate) == (None, 10, 2e-4)
-    assert (full3.per_device_batch_size, full3.global_batch_size, full3.grad_accum) == (4, 16, 4)
+    # real models: the micro-batch and the ZeRO stage are planned from the device's memory
+    assert (full3.per_device_batch_size, full3.global_batch_size, full3.zero_stage) == ("auto", 16, "auto")
     full7 = resolve_config("qwen2.5-7b", preset="full_training")
-    assert (full7.epochs, full7.learning_rate, full7.per_device_batch_size, full7.grad_accum) == (15, 1e-4, 2, 8)
+    assert (full7.epochs, full7.learning_rate, full7.per_device_batch_size, full7.global_batch_size) == (
+        15, 1e-4, "auto", 16)
     assert all(spec.global_batch_size == 16 for spec in MODELS.values())  # the method's global batch
     d = TrainConfig()
     assert (d.val_split, d.weight_decay, d.lora.r, d.lora.alpha, d.lora.dropout) == (0.1, 0.01, 64, 128, 0.05)
@@ -182,10 +184,12 @@ def test_values_are_coerced_by_type():
 
 
 def test_grad_accum_is_derived_from_the_global_batch():
-    assert resolve_config("qwen2.5-3b").grad_accum == 4
-    assert resolve_config("qwen2.5-7b").grad_accum == 8
+    assert resolve_config("qwen2.5-3b", overrides={"per_device_batch_size": 4}).grad_accum == 4
+    assert resolve_config("qwen2.5-7b", overrides={"per_device_batch_size": 2}).grad_accum == 8
     assert resolve_config("tiny").grad_accum == 2
-    assert resolve_config("qwen2.5-7b", overrides={"num_workers": 4}).grad_accum == 2
+    assert resolve_config("qwen2.5-7b", overrides={"num_workers": 4, "per_device_batch_size": 2}).grad_accum == 2
+    with pytest.raises(ConfigError, match="^per_device_batch_size: auto is resolved"):
+        resolve_config("qwen2.5-7b").grad_accum  # noqa: B018 -- planned on the workers, not here
     with pytest.raises(ConfigError, match="^global_batch_size: "):
         resolve_config("qwen2.5-7b", overrides={"num_workers": 3})
 
@@ -228,7 +232,7 @@ def test_a_non_editable_install_finds_presets_and_search_spaces(tmp_path: Path):
 def test_a_config_of_the_grad_accum_era_still_loads(tmp_path: Path):
     old = resolve_config("qwen2.5-7b").to_dict()
     del old["global_batch_size"]
-    old.update(grad_accum=8, num_workers=1)
+    old.update(grad_accum=8, num_workers=1, per_device_batch_size=2)  # that era's configs held an int
     assert TrainConfig.from_dict(old).global_batch_size == 16  # 8 x 2 per device x 1 worker
     path = tmp_path / "best_config.yaml"
     path.write_text(yaml.safe_dump(old), encoding="utf-8")

@@ -32,7 +32,7 @@ def test_bf16_step_through_the_deepspeed_engine(qwen_like_checkpoint, single_pro
     from ray_mtup.modeling import WeightsSource, build_tokenizer
 
     cfg = TrainConfig(model="qwen2.5-1.5b", model_path=str(qwen_like_checkpoint), use_gpu=True,
-                      per_device_batch_size=2, global_batch_size=2)
+                      per_device_batch_size=2, global_batch_size=2, zero_stage=2)
     source = WeightsSource(str(qwen_like_checkpoint))
     tok = build_tokenizer(source)
     engine, _keep, _ = build_engine(cfg, source, tok, 1, True, Schedule(4, 4, 0))

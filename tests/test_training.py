@@ -92,7 +92,10 @@ def test_zero_stage_trains_and_reports_every_epoch(stage, trained):
         assert m["useful_token_fraction"] > 0.5  # dynamic padding, not pad-to-2048
     written = json.loads((run_dir / "summary.json").read_text())
     assert written["epochs_run"] == 3
-    assert written["batch"] == {"global_batch_size": 16, "micro_batch_size": 8, "grad_accum": 1, "world_size": 2}
+    assert written["batch"] == {"global_batch_size": 16, "micro_batch_size": 8, "grad_accum": 1, "world_size": 2,
+                                "zero_stage": stage}
+    plan = written["memory_plan"]  # an explicit stage and micro-batch are kept, and the plan says so
+    assert (plan["requested_zero_stage"], plan["zero_stage"], plan["micro_batch_size"]) == (stage, stage, 8)
     # the chosen adapter scored once on the held-out test split (10% of 120 graphs, both files)
     test = written["test"]
     assert test == summary.test and test["n_graphs"] == 12 and test["scoring_mode"] == "normalised"

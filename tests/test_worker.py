@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _cfg(checkpoint: Path):
     return resolve_config("qwen2.5-1.5b", overrides={
         "model_path": str(checkpoint), "epochs": 1, "max_samples": 40, "num_workers": 2,
-        "per_device_batch_size": 4, "global_batch_size": 8, "learning_rate": 2e-3, "eval_max_samples": 2,
-        "max_new_tokens": 16, "zero_stage": 2, "cpus_per_worker": 1.0})
+        "per_device_batch_size": "auto", "global_batch_size": 8, "learning_rate": 2e-3, "eval_max_samples": 2,
+        "max_new_tokens": 16, "zero_stage": "auto", "cpus_per_worker": 1.0})
 
 
 def test_torchrun_runs_the_loop_of_ray_train_with_equal_losses(qwen_like_checkpoint, tmp_path):
@@ -50,5 +50,12 @@ def test_torchrun_runs_the_loop_of_ray_train_with_equal_losses(qwen_like_checkpo
         run = tmp_path / name
         assert {"config.yaml", "metrics.csv", "summary.json"} <= {p.name for p in run.iterdir()}
         assert (run / "adapter" / "adapter_model.safetensors").is_file()
+        # "auto" resolved on the workers from this host's memory: the tiny shape fits at the largest
+        # micro-batch (8 / 2 workers) under ZeRO-2
         assert by_launcher[name]["batch"] == {"global_batch_size": 8, "micro_batch_size": 4, "grad_accum": 1,
-                                              "world_size": 2}
+                                              "world_size": 2, "zero_stage": 2}
+        plan = by_launcher[name]["memory_plan"]
+        assert (plan["requested_zero_stage"], plan["requested_micro_batch"]) == ("auto", "auto")
+        assert (plan["zero_stage"], plan["micro_batch_size"], plan["grad_accum"], plan["fits"]) == (2, 4, 1, True)
+        assert plan["world_size"] == 2 and plan["model_shape"]["hidden_size"] == 64  # the checkpoint's config.json
+        assert by_launcher[name]["config"]["zero_stage"] == "auto"  # config.yaml reruns plan again
