@@ -99,9 +99,12 @@ install_wheels() {
     local wheels
     wheels=$("$PY" bench/gpu_check.py wheels bench/wheels) || return 1
     if [ -z "$wheels" ]; then echo '{"bench": "install", "installed": []}'; return 0; fi
-    # --no-deps: nothing may try to touch torch/transformers, which the image has
+    # --no-deps: nothing may try to touch torch/transformers, which the image has. A system
+    # Python (PEP 668) is allowed; where site-packages is not writable, the user site is used.
     # shellcheck disable=SC2086
-    "$PY" -m pip install --no-index --no-deps --find-links bench/wheels $wheels >&2 || return 1
+    PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --no-index --no-deps --find-links bench/wheels $wheels >&2 \
+        || PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --user --no-index --no-deps --find-links bench/wheels $wheels >&2 \
+        || return 1
     "$PY" - "$wheels" <<'EOF'
 import json, sys
 print(json.dumps({"bench": "install", "installed": [w.rsplit("/", 1)[-1] for w in sys.argv[1].split()]}))
