@@ -18,6 +18,7 @@ caller arranges), LoRA through peft (:func:`apply_lora`), the DeepSpeed engine, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -118,22 +119,42 @@ def write_tiny_checkpoint(settings: TinyModelSettings, seed: int, texts: Iterabl
 
 
 def _save_tiny(directory: Path, settings: TinyModelSettings, seed: int, texts: list[str]) -> None:
+    write_random_checkpoint(directory, texts, settings.vocab_size, seed, dict(
+        hidden_size=settings.hidden_size, intermediate_size=settings.intermediate_size,
+        num_hidden_layers=settings.num_layers, num_attention_heads=settings.num_heads,
+        num_key_value_heads=max(1, settings.num_heads // 2), max_position_embeddings=4096,
+        tie_word_embeddings=True))
+
+
+def write_random_checkpoint(directory: Path, texts: list[str], bpe_vocab_size: int, seed: int,
+                            shape: dict[str, Any], device: str = "cpu", dtype: Any = None) -> None:
+    """Write a random-init Qwen2 checkpoint directory laid out like a Qwen2.5-Instruct one.
+
+    The tokenizer is a byte-level BPE of at most ``bpe_vocab_size`` entries trained on
+    ``texts``. ``shape`` holds ``Qwen2Config`` fields; without ``vocab_size`` the embedding has
+    one row per token, with it (at least the tokenizer's size) a real model's shape takes the
+    small tokenizer (the GPU check's Qwen2.5-1.5B-shaped checkpoint). The weights are
+    initialised on ``device`` in ``dtype`` (default: torch's) and written from the CPU.
+    """
     import torch
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_train_bpe(texts, settings.vocab_size),
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_train_bpe(texts, bpe_vocab_size),
                                         eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
     tokenizer.chat_template = CHAT_TEMPLATE
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=settings.hidden_size,
-        intermediate_size=settings.intermediate_size, num_hidden_layers=settings.num_layers,
-        num_attention_heads=settings.num_heads, num_key_value_heads=max(1, settings.num_heads // 2),
-        max_position_embeddings=4096, tie_word_embeddings=True,
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids[EOS_TOKEN],
-    )
+    shape = {"vocab_size": len(tokenizer), **shape}
+    if shape["vocab_size"] < len(tokenizer):
+        raise ModelError(f"vocab_size {shape['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})")
+    config = Qwen2Config(**shape, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids[EOS_TOKEN])
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        with torch.device(device) if device != "cpu" else contextlib.nullcontext():
+            model = Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<|endoftext|>"], pad_token_id=ids[PAD_TOKEN],
         eos_token_id=[ids[EOS_TOKEN], ids["<|endoftext|>"]], **QWEN_SAMPLING_DEFAULTS)
@@ -145,7 +166,7 @@ def _save_tiny(directory: Path, settings: TinyModelSettings, seed: int, texts: l
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(str(directory))
     model.generation_config.save_pretrained(str(directory))
-    save_model(model, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_model(model.to("cpu"), str(directory / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(directory))
 
 
