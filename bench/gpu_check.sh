@@ -54,9 +54,9 @@ fi
 # ---- Options of issue 13's other parts: switch these on once their branches land ------------
 # (names as the issue gives them; check them against config.py / the bench scripts' --help)
 LOOP_SET=(
-    # "eval_generation=auto"          # (1) replica: evaluation generation without the ZeRO-3 lockstep
-    # "zero_stage=auto"               # (2) memplan: stage 2 when it fits, else 3
-    # "per_device_batch_size=auto"    # (3) memplan: micro-batch chosen for throughput
+    "eval_generation=auto"            # (1) replica: evaluation generation without the ZeRO-3 lockstep
+    "zero_stage=auto"                 # (2) memplan: stage 2 when it fits, else 3
+    "per_device_batch_size=auto"      # (3) memplan: micro-batch chosen for throughput
     # "packing=true"                  # (4) packing: padding-free packing
     # "liger_kernel=true"             # (4) packing: Liger fused linear cross-entropy
 )
