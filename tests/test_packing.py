@@ -135,3 +135,48 @@ def test_liger_without_cuda_warns_and_builds_the_plain_model(tiny_run, caplog):
     assert "forward" not in vars(model) and type(model).forward is before  # nothing patched
     items = _micro_batches(cfg, data, 1)[0]
     assert torch.isfinite(forward_loss(model, micro_batch(items, tok.pad_token_id, False, False), "cpu"))
+
+
+def _torchrun(cfg, out: Path) -> dict:
+    cfg.write_yaml(out.with_suffix(".yaml"), "packing test run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "ray_mtup.worker", "--config", str(out.with_suffix(".yaml")), "--output", str(out)]
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.integration
+def test_the_loop_trains_packed_with_the_first_step_loss_of_padded(qwen_like_checkpoint, tmp_path):
+    """torchrun, 2 processes, ZeRO-2: one optimizer step per run, so train_loss is the first step's."""
+    cfg = resolve_config("qwen2.5-1.5b", overrides={
+        "model_path": str(qwen_like_checkpoint), "epochs": 1, "max_steps_per_epoch": 1, "max_samples": 40,
+        "num_workers": 2, "per_device_batch_size": 4, "global_batch_size": 8, "learning_rate": 2e-3,
+        "eval_max_samples": 2, "max_new_tokens": 8, "zero_stage": 2, "cpus_per_worker": 1.0, "lora.dropout": 0.0})
+    padded = _torchrun(cfg, tmp_path / "padded")["history"][0]
+    packed = _torchrun(cfg.replace(packing=True, liger_kernel=True), tmp_path / "packed")["history"][0]
+    assert (padded["packing"], packed["packing"], packed["liger_kernel"]) == (False, True, False)  # no CUDA here
+    assert abs(packed["train_loss"] - padded["train_loss"]) <= LOSS_TOL, (packed["train_loss"], padded["train_loss"])
+    assert packed["useful_token_fraction"] == 1.0 > padded["useful_token_fraction"]
+    assert packed["global_step"] == 1 and (tmp_path / "packed" / "adapter" / "adapter_model.safetensors").is_file()
+    # the step trained the same adapter: the validation loss after it agrees too (padded in both)
+    assert abs(packed["val_loss"] - padded["val_loss"]) <= 1e-3, (packed["val_loss"], padded["val_loss"])
+
+
+@pytest.mark.integration
+def test_bench_packing_prints_both_variants_with_equal_first_losses():
+    from ray_mtup.config import SAMPLE_DATA_DIR
+
+    cmd = [sys.executable, str(REPO / "bench" / "bench_packing.py"), "--model", "tiny", "--data-dir",
+           str(SAMPLE_DATA_DIR), "--max-samples", "40", "--batches", "2", "--rounds", "1", "--lora-r", "8", "--liger"]
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
+    rows = {r["variant"]: r for r in lines if "variant" in r}
+    assert set(rows) == {"padded", "packed"} and any("--liger skipped: no CUDA" in r.get("note", "") for r in lines)
+    assert rows["packed"]["useful_token_fraction"] == 1.0 and rows["packed"]["real_tokens"] == rows["padded"]["real_tokens"]
+    assert abs(rows["packed"]["first_loss"] - rows["padded"]["first_loss"]) <= LOSS_TOL
+    ratio = next(r for r in lines if r["bench"] == "packing_ratio")
+    assert ratio["packed_over_padded"] > 0
