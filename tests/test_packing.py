@@ -68,7 +68,7 @@ def _loss_and_grads(model, items, pad_id, packing):
     model.zero_grad()
     loss = forward_loss(model, micro_batch(items, pad_id, packing, on_gpu=False), torch.device("cpu"))
     loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
