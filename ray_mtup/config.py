@@ -228,6 +228,18 @@ class TrainConfig(Settings):
         "ray_mtup.memory), resolved by the training loop."))
     offload: bool = Field(False, description="ZeRO CPU offload of optimizer state.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations.")
+    # speed-ups (each measured against "off" by bench/bench_packing.py)
+    packing: bool = Field(False, description=(
+        "Padding-free training: each micro-batch (the examples the length-grouped sampler picks) "
+        "becomes one row of concatenated sequences with position ids restarting at 0 and no "
+        "attention mask (transformers' DataCollatorWithFlattening); the loss is the same mean over "
+        "the same label tokens as padded. Needs an attention implementation that reads packed "
+        "position ids (sdpa, eager, flash_attention_2/3); with any other the run warns and pads. "
+        "Validation loss and generation stay padded."))
+    liger_kernel: bool = Field(False, description=(
+        "Liger's Triton kernels for Qwen2 (fused linear cross-entropy, RoPE, RMSNorm, SwiGLU). "
+        "Ignored, with a warning, without CUDA or without the liger-kernel package (extra `gpu`); "
+        "under ZeRO-3 the fused cross-entropy is left off (it reads the sharded lm_head weight)."))
     # evaluation
     eval_batch_size: int = Field(32, ge=1, description="Generation batch per worker.")
     max_new_tokens: int | None = Field(None, ge=8, description=(

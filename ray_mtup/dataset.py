@@ -11,7 +11,8 @@
   identical to inference, where the prompt is tokenised alone), appends EOS, and masks the
   prompt out of the labels.
 * :class:`LengthGroupedBatches` forms length-grouped micro-batches, the same number on
-  every rank, and :func:`collate` pads each only to its own longest member.
+  every rank, and :func:`collate` pads each only to its own longest member
+  (:func:`collate_packed`: one padding-free row instead, for ``packing``).
 
 Pure Python apart from :func:`collate`, which imports torch lazily.
 """
@@ -363,6 +364,27 @@ def collate(items: Sequence[Encoded], pad_id: int, pad_to_multiple_of: int = 1) 
         labels[row, :n] = torch.tensor(x.labels)
         mask[row, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_packed(items: Sequence[Encoded]) -> dict[str, Any]:
+    """A micro-batch as one padding-free row (``packing``): the sequences concatenated, position
+    ids restarting at 0 for each, no attention mask, and IGNORE_INDEX as each sequence's first
+    label, so no sequence is trained to predict the start of the next.
+
+    This is transformers' ``DataCollatorWithFlattening``, used as is. The label tokens are those
+    of :func:`collate` (a first label never counts: the loss shifts labels left by one), so the
+    model's mean loss is the same. The model needs an attention implementation that honours
+    packed position ids, and ``use_cache=False`` in its forward (transformers detects packing
+    only without a cache).
+
+    >>> b = collate_packed([Encoded([5, 6, 7], [-100, 6, 7]), Encoded([8, 9], [-100, 9])])
+    >>> b["input_ids"].tolist(), b["position_ids"].tolist(), b["labels"].tolist()
+    ([[5, 6, 7, 8, 9]], [[0, 1, 2, 0, 1]], [[-100, 6, 7, -100, 9]])
+    """
+    from transformers import DataCollatorWithFlattening
+
+    flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    return dict(flatten([{"input_ids": x.input_ids, "labels": x.labels} for x in items], return_tensors="pt"))
 
 
 def useful_token_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:

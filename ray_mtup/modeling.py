@@ -191,7 +191,8 @@ def load_tokenizer(directory: str | Path) -> Any:
 
 
 def build_model(source: WeightsSource, cfg: TrainConfig, tokenizer: Any, device_type: str = "cpu") -> Any:
-    """The base causal LM from ``source``: bf16 on GPU, fp32 on CPU.
+    """The base causal LM from ``source``: bf16 on GPU, fp32 on CPU, with Liger's kernels when
+    ``cfg.liger_kernel`` and CUDA and the package allow (:func:`apply_liger`).
 
     Under ZeRO-3 the caller keeps a ``HfDeepSpeedConfig`` alive, so ``from_pretrained``
     partitions the weights as it loads them (``zero.Init``).
@@ -204,7 +205,94 @@ def build_model(source: WeightsSource, cfg: TrainConfig, tokenizer: Any, device_
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **source.kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model weights from {source.path}: {exc}") from exc
+    apply_liger(model, cfg, device_type)
     return finish_model(model, tokenizer, cfg)
+
+
+#: Attention implementations that keep packed sequences apart given only their position ids:
+#: flash-attention turns them into varlen boundaries, and sdpa/eager get a block-diagonal causal
+#: mask from transformers' masking_utils (``find_packed_sequence_indices``, used when the forward
+#: has no attention mask and no cache; tests/test_packing.py checks sdpa and eager).
+PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+def packing_supported(model: Any) -> bool:
+    """Whether ``model`` (a base model or its peft wrapper) can train on packed rows."""
+    return getattr(model.config, "_attn_implementation", None) in PACKING_ATTENTION
+
+
+def effective_packing(cfg: TrainConfig, model: Any) -> bool:
+    """``cfg.packing`` where the model's attention supports it; otherwise False, with a warning."""
+    if not cfg.packing:
+        return False
+    if packing_supported(model):
+        return True
+    logger.warning("packing: attention implementation %r does not separate packed sequences (supported: %s); "
+                   "training on padded batches", getattr(model.config, "_attn_implementation", None),
+                   ", ".join(PACKING_ATTENTION))
+    return False
+
+
+def liger_status(cfg: TrainConfig, device_type: str) -> tuple[bool, str]:
+    """(whether Liger's kernels are applied, why not): they need ``cfg.liger_kernel``, CUDA
+    and the ``liger_kernel`` package (the ``gpu`` extra).
+
+    >>> liger_status(TrainConfig(), "cuda")
+    (False, 'liger_kernel is off')
+    >>> liger_status(TrainConfig(liger_kernel=True), "cpu")
+    (False, 'no CUDA device')
+    """
+    if not cfg.liger_kernel:
+        return False, "liger_kernel is off"
+    if device_type != "cuda":
+        return False, "no CUDA device"
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        return False, "the liger-kernel package is not installed (pip install 'ray_mtup[gpu]')"
+    return True, ""
+
+
+def apply_liger(model: Any, cfg: TrainConfig, device_type: str) -> bool:
+    """Patch ``model`` (a Qwen2 causal LM, before LoRA) with Liger's kernels; False, with one
+    warning, where :func:`liger_status` says they cannot run.
+
+    Fused linear cross-entropy replaces the model's forward: in training mode, with labels, the
+    loss is computed from the hidden states chunk by chunk and the logits are never
+    materialised (the training loop passes labels, so it takes this path; generation and the
+    validation loss, without labels, get logits as before). Under ZeRO-3 it stays off: it reads
+    ``lm_head.weight`` outside the head's forward, where the weight is only a shard. RoPE,
+    RMSNorm and SwiGLU are patched too: they keep the modules' parameters (RMSNorm) and call
+    the same projections (SwiGLU), so LoRA and ZeRO's hooks see the same modules.
+    """
+    ok, why = liger_status(cfg, device_type)
+    if cfg.liger_kernel and not ok:
+        logger.warning("liger_kernel: %s; running without Liger's kernels", why)
+    if not ok:
+        return False
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        logger.warning("liger_kernel: Liger has no kernels for model type %r; running without them", model_type)
+        return False
+    fused = cfg.zero_stage != 3
+    if not fused:
+        logger.warning("liger_kernel: fused linear cross-entropy is off under ZeRO-3 (sharded lm_head weight)")
+    # The instance variant (apply_liger_kernel_to_qwen2 for Qwen2, by model type): the forward and
+    # the existing modules of this model are patched, and, as Liger does, modeling_qwen2's RoPE
+    # function and module classes for models built after it in this process.
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=fused)
+    model.ray_mtup_liger = True  # read by liger_applied (the training loop's metrics)
+    return True
+
+
+def liger_applied(model: Any) -> bool:
+    """Whether :func:`apply_liger` patched ``model`` (or the base model of its peft wrapper)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "ray_mtup_liger", False))
 
 
 def finish_model(model: Any, tokenizer: Any, cfg: TrainConfig) -> Any:

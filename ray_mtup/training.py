@@ -2,7 +2,8 @@
 
 :func:`train_loop` takes a :class:`~ray_mtup.session.Session` (rank, world size, report,
 the checkpoint to resume from) and runs the epochs: DeepSpeed ZeRO steps over
-length-grouped, dynamically padded MTUP batches (:func:`train_epoch`), then per-epoch
+length-grouped, dynamically padded MTUP batches, or padding-free packed rows with ``packing``
+(:func:`train_epoch`), then per-epoch
 evaluation (:mod:`ray_mtup.evaluation`), then one report on every rank with the adapter as
 the checkpoint (:mod:`ray_mtup.checkpointing`). :func:`train_loop_per_worker` is Ray Train's
 entry; ``python -m ray_mtup.worker`` is torchrun's.
@@ -29,7 +30,7 @@ from .evaluation import RunData, all_reduce, evaluate_epoch
 from .faults import FaultInjector
 from .generation import derived_max_new_tokens
 from .logs import setup_logging
-from .modeling import WeightsSource, base_source, build_tokenizer, count_parameters
+from .modeling import WeightsSource, base_source, build_tokenizer, count_parameters, effective_packing, liger_applied
 from .prompts import get_template
 from .session import Session
 
@@ -100,6 +101,7 @@ class Worker:
     device: Any
     on_gpu: bool
     plan: memory.MemoryPlan | None = None
+    packing: bool = False  # cfg.packing where the attention implementation supports it
 
 
 def train_loop(cfg: TrainConfig, session: Session) -> None:
@@ -123,7 +125,8 @@ def train_loop(cfg: TrainConfig, session: Session) -> None:
     if resume and resume.get("stop_reason"):  # the run already ended (NaN loss, out of memory)
         logger.error("not resuming: the run stopped after epoch %d: %s", resume["epoch"], resume["stop_reason"])
         return
-    w = Worker(cfg, session, engine, tokenizer, data, source, device, on_gpu, plan)
+    w = Worker(cfg, session, engine, tokenizer, data, source, device, on_gpu, plan,
+               effective_packing(cfg, engine.module))
     history: list[dict[str, Any]] = resume["history"] if resume else []
     step = resume["global_step"] if resume else 0
     _log_start(w, schedule, resume)
@@ -164,12 +167,12 @@ def train_epoch(w: Worker, batches: list[list[int]], schedule: Schedule, epoch: 
     loss_sum, real_tokens, padded_tokens, nonfinite, oom = 0.0, 0, 0, 0.0, ""
     for micro, idx in enumerate(batches):
         items = [w.data.train_encoded[i] for i in idx]
-        batch = dataset.collate(items, w.tokenizer.pad_token_id, pad_to_multiple_of=8 if w.on_gpu else 1)
+        batch = micro_batch(items, w.tokenizer.pad_token_id, w.packing, w.on_gpu)
         real_tokens += sum(len(x) for x in items)
         padded_tokens += batch["input_ids"].numel()
         try:
             faults.before_micro_step(epoch, micro)
-            loss = faults.loss(engine(**{k: v.to(w.device) for k, v in batch.items()}).loss, epoch)
+            loss = faults.loss(forward_loss(engine, batch, w.device), epoch)
             nonfinite = max(nonfinite, 0.0 if torch.isfinite(loss.detach()) else 1.0)
             engine.backward(loss)
             engine.step()
@@ -190,10 +193,30 @@ def train_epoch(w: Worker, batches: list[list[int]], schedule: Schedule, epoch: 
                "lr": engine.get_lr()[0], "tokens_per_s": real_tokens / max(seconds, 1e-9),
                "useful_token_fraction": real_tokens / max(padded_tokens, 1), "epoch_time_s": seconds,
                "skipped_long": len(w.data.skipped_long), **batch_metrics(cfg, world),
+               "packing": w.packing, "liger_kernel": liger_applied(engine.module),
                "stop_reason": oom or (f"non-finite loss at epoch {epoch}, step {step}" if nonfinite else "")}
     if metrics["stop_reason"]:
         metrics.update(task1_f1=0.0, task2_f1=0.0, validity=0.0, val_loss=float("nan"), **{objective.METRIC: -1.0})
     return metrics, step
+
+
+def micro_batch(items: list[dataset.Encoded], pad_id: int, packing: bool, on_gpu: bool) -> dict[str, Any]:
+    """One micro-batch's tensors: a padding-free row with ``packing``, else dynamically padded
+    (to a multiple of 8 on GPU)."""
+    if packing:
+        return dataset.collate_packed(items)
+    return dataset.collate(items, pad_id, pad_to_multiple_of=8 if on_gpu else 1)
+
+
+def forward_loss(model: Any, batch: dict[str, Any], device: Any) -> Any:
+    """The model's own loss on ``batch`` (labels passed in: the mean over its label tokens).
+
+    The model computes it, so that Liger's fused linear cross-entropy, when applied
+    (:func:`~ray_mtup.modeling.apply_liger`), replaces the logits and the loss. No cache:
+    training needs none, and transformers only detects packed sequences without one (with a
+    cache, a packed row would attend across its sequences under sdpa/eager).
+    """
+    return model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss
 
 
 def batch_metrics(cfg: TrainConfig, world: int) -> dict[str, int]:

@@ -74,3 +74,33 @@ def test_the_loop_over_nccl_with_two_processes(qwen_like_checkpoint, tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_liger_kernel_gives_the_loss_without_it(qwen_like_checkpoint):
+    """Liger's fused linear cross-entropy and kernels (bf16) against the plain model on the same batch.
+
+    The plain model runs first: Liger patches transformers' Qwen2 module for the whole process.
+    """
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (extra `gpu`)")
+    from ray_mtup.config import TrainConfig
+    from ray_mtup.modeling import WeightsSource, build_model, build_tokenizer, liger_applied
+    from ray_mtup.training import forward_loss, micro_batch
+    from ray_mtup.dataset import Encoded
+
+    source = WeightsSource(str(qwen_like_checkpoint))
+    tok = build_tokenizer(source)
+    g = torch.Generator().manual_seed(0)
+    items = [Encoded(ids, [-100] * 8 + ids[8:]) for ids in
+             (torch.randint(3, len(tok), (n,), generator=g).tolist() for n in (40, 64, 23, 57))]
+    losses = {}
+    for liger in (False, True):
+        cfg = TrainConfig(model="qwen2.5-1.5b", model_path=str(qwen_like_checkpoint), use_gpu=True,
+                          liger_kernel=liger)
+        model = build_model(source, cfg, tok, "cuda").cuda().train()
+        assert liger_applied(model) == liger
+        for packing in (False, True):
+            losses[liger, packing] = float(forward_loss(model, micro_batch(items, tok.pad_token_id, packing, True),
+                                                        "cuda"))
+    # bf16 activations, logits chunked and reduced in another order: a few 1e-3 of a loss near ln(vocab)
+    for packing in (False, True):
+        assert abs(losses[True, packing] - losses[False, packing]) <= 2e-2 * losses[False, packing], losses
