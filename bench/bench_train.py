@@ -171,14 +171,14 @@ def run_variant(variant: str, args: argparse.Namespace, tokenizer: Any, source: 
     from ray_mtup.modeling import apply_lora
     from transformers import get_cosine_schedule_with_warmup
 
-    from ray_mtup.engine import deepspeed_config
+    from ray_mtup.engine import deepspeed_config, grad_accum
 
     if setting is not None:
         cfg = train_config(args, setting["zero_stage"], on_gpu, world, setting["micro"], args.global_batch)
     else:
         stage = int(variant[-1]) if variant.startswith("deepspeed") else 2
         cfg = train_config(args, stage, on_gpu, world)
-    accum = cfg.grad_accum
+    accum = grad_accum(cfg, cfg.num_workers)
     model = apply_lora(build_base_model(args.model, cfg, tokenizer, device, source), cfg.lora)
     vocab = model.get_input_embeddings().weight.shape[0]
     batch = make_batch(vocab, cfg.per_device_batch_size, args.seq_len, args.seed + rank, device)

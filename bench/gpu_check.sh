@@ -14,6 +14,8 @@
 #             184 prompts x 128 new tokens, as one evaluation of the VLSP split)
 #   loop      (c) one short epoch of the real loop in bf16 through
 #             torchrun -m ray_mtup.worker on a random-init Qwen2.5-1.5B-shaped checkpoint
+#   speedups  bench_packing.py: padding-free packing and Liger's kernels, each against "off"
+#             (Qwen2.5-1.5B shape, bf16; what is left of the budget, at most 70 s)
 #   projection  7B full_training (10 epochs) minutes from (a) and (b), and the targets
 #
 # Environment:
@@ -42,12 +44,14 @@ if [ "$SHAPE" = tiny ]; then  # the CPU test: the same steps in a minute or two
     TRAIN_ARGS=(--model tiny --seq-len 64 --batch 2 --steps 2 --warmup-steps 1 --lora-r 8)
     GENERATE_ARGS=(--model tiny --n-prompts 8 --max-new-tokens 16 --batch-size 8 --hf-batch 8 --repeats 1)
     LOOP_SHAPE=tiny
-    CAPS=(install=60 imports=60 train=120 generate=90 loop=150)
+    SPEEDUP_ARGS=(--model tiny --max-samples 32 --batch 4 --batches 2 --warmup 1 --rounds 1)
+    CAPS=(install=60 imports=60 train=120 generate=90 loop=150 speedups=60)
 else
     TRAIN_ARGS=(--model qwen2.5-7b --seq-len 370 --batch 2 --gradient-checkpointing --steps 8 --warmup-steps 2)
     GENERATE_ARGS=(--model qwen2.5-7b --n-prompts 184 --max-new-tokens 128 --batch-size 64 --hf-batch 64 --repeats 1)
     LOOP_SHAPE=qwen2.5-1.5b
-    CAPS=(install=45 imports=45 train=150 generate=110 loop=130)
+    SPEEDUP_ARGS=(--model qwen2.5-1.5b --max-samples 256 --batch 8 --batches 6 --warmup 2 --rounds 1 --liger)
+    CAPS=(install=45 imports=45 train=150 generate=110 loop=130 speedups=70)
 fi
 [ "$DEVICE" = cpu ] && GENERATE_ARGS+=(--device cpu --threads "$(nproc)")
 
@@ -57,8 +61,8 @@ LOOP_SET=(
     "eval_generation=auto"            # (1) replica: evaluation generation without the ZeRO-3 lockstep
     "zero_stage=auto"                 # (2) memplan: stage 2 when it fits, else 3
     "per_device_batch_size=auto"      # (3) memplan: micro-batch chosen for throughput
-    # "packing=true"                  # (4) packing: padding-free packing
-    # "liger_kernel=true"             # (4) packing: Liger fused linear cross-entropy
+    "packing=true"                    # (4) packing: padding-free packing
+    "liger_kernel=true"               # (4) packing: Liger fused linear cross-entropy
 )
 TRAIN_EXTRA=(
     # --packing --liger-kernel        # (4) if bench_train.py grows these switches
@@ -140,5 +144,6 @@ step train "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 bench/
     "${TRAIN_ARGS[@]}" ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}
 step generate "$PY" bench/bench_generate.py "${GENERATE_ARGS[@]}" ${GENERATE_EXTRA[@]+"${GENERATE_EXTRA[@]}"}
 step loop bash "$REPO/bench/gpu_check.sh" __loop
+step speedups "$PY" bench/bench_packing.py "${SPEEDUP_ARGS[@]}"
 "$PY" bench/gpu_check.py project --results "$RESULTS" || stamp "projection: failed"
 stamp "finished; results in $RESULTS"

@@ -80,6 +80,18 @@ def assign_weights(model: Any, weights: dict[str, Any], source: Path) -> None:
             params[name].copy_(tensor.to(params[name].dtype))
 
 
+def load_trained_base(model: Any, directory: Path) -> bool:
+    """Load ``base_model.safetensors`` (``lora.train_base``) of ``directory`` into ``model``
+    (ZeRO-3-aware, see :func:`assign_weights`); False when the checkpoint has none."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / BASE_FILE
+    if not path.is_file():
+        return False
+    assign_weights(model, load_file(str(path)), path)
+    return True
+
+
 def weights_digest(weights: dict[str, Any]) -> str:
     """A short hash of named tensors (key order independent); proves which adapter is loaded."""
     h = hashlib.sha256()
@@ -243,8 +255,7 @@ def load_checkpoint_into(model: Any, directory: str | Path) -> dict[str, Any]:
     result = set_peft_model_state_dict(model, weights)  # LoRA tensors: not partitioned before the engine
     if getattr(result, "unexpected_keys", None):
         raise TrainingError(f"checkpoint adapter does not fit the model: {result.unexpected_keys[:3]}")
-    if (directory / BASE_FILE).is_file():  # lora.train_base; partitioned under ZeRO-3
-        assign_weights(model, load_file(str(directory / BASE_FILE)), directory / BASE_FILE)
+    load_trained_base(model, directory)  # lora.train_base; partitioned under ZeRO-3
     state["loaded_adapter_digest"] = weights_digest(trainable_state(model))
     return state
 

@@ -346,15 +346,6 @@ class TrainConfig(Settings):
         _check(0 <= self.retrieval_k <= 8, "retrieval_k", f"must be in [0, 8], got {self.retrieval_k}")
         return self
 
-    @property
-    def grad_accum(self) -> int:
-        """Gradient accumulation steps: ``global_batch_size / (per_device_batch_size x num_workers)``.
-
-        >>> TrainConfig(per_device_batch_size=2, num_workers=2, global_batch_size=16).grad_accum
-        4
-        """
-        return self.global_batch_size // (self.micro_batch() * self.num_workers)
-
     def micro_batch(self) -> int:
         """``per_device_batch_size`` as resolved; ``auto`` is an error here (resolve it first)."""
         if self.per_device_batch_size == "auto":

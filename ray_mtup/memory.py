@@ -469,8 +469,8 @@ def resolved(cfg: TrainConfig, plan: MemoryPlan) -> TrainConfig:
     >>> plan = plan_for_config(TrainConfig(), KNOWN_SHAPES["qwen2.5-1.5b"], world=1, free_bytes=141e9,
     ...                        total_bytes=141e9, on_gpu=True, seq_len=512)
     >>> cfg = resolved(TrainConfig(), plan)
-    >>> (cfg.zero_stage, cfg.per_device_batch_size, cfg.grad_accum)
-    (2, 4, 4)
+    >>> (cfg.zero_stage, cfg.per_device_batch_size, cfg.num_workers)
+    (2, 4, 1)
     """
     return cfg.model_copy(update={"zero_stage": plan.zero_stage, "per_device_batch_size": plan.micro_batch_size,
                                   "num_workers": plan.world_size})

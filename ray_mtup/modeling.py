@@ -348,22 +348,3 @@ def load_adapter(model: Any, adapter_dir: str | Path) -> Any:
         raise ModelError(f"{adapter_dir} holds no adapter (adapter_config.json missing)")
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
 
-
-def load_base_weights(model: Any, directory: Path) -> bool:
-    """Load ``base_model.safetensors`` (lora.train_base) into a PeftModel; False when absent."""
-    path = directory / BASE_FILE
-    if not path.is_file():
-        return False
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path))
-    params = dict(model.named_parameters())
-    missing = [n for n in weights if n not in params]
-    if missing:
-        raise ModelError(f"{path} does not fit the model: {missing[:3]}")
-    import torch
-
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor.to(params[name].dtype))
-    return True

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import corpus
-from .checkpointing import STATE_FILE
+from .checkpointing import STATE_FILE, load_trained_base
 from .config import TrainConfig
 from .amr import CONCEPT_STYLES, concept_style
 from .errors import ConfigError, ModelError, RayMtupError
 from .generation import generate, parse_outputs, prompts_for
-from .checkpointing import STATE_FILE
-from .modeling import WeightsSource, base_source, build_model, load_adapter, load_base_weights, load_tokenizer
+from .modeling import WeightsSource, base_source, build_model, load_adapter, load_tokenizer
 from .prompts import get_template
 
 logger = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ def load_for_inference(adapter_dir: Path, model_path: str | None = None) -> tupl
     model = build_model(inference_source(state, cfg), cfg, tokenizer, device)
     # Merged weights generate about 30% faster than an unmerged adapter (docs/benchmarks.md).
     model = load_adapter(model, adapter_dir)
-    load_base_weights(model, adapter_dir)  # a trained base (lora.train_base), when there is one
+    load_trained_base(model, adapter_dir)  # a trained base (lora.train_base), when there is one
     model = model.merge_and_unload().to(device)
     model.eval()
     budget = cfg.max_new_tokens or state.get("max_new_tokens")

@@ -35,7 +35,7 @@ def test_helpers_doctests():
 def test_a_step_past_the_budget_is_recorded_as_an_error_and_the_check_goes_on(tmp_path):
     done, results = _run_check(tmp_path, GPU_CHECK_BUDGET_S="3")
     assert done.returncode == 0, done.stderr[-2000:]
-    for step in ("imports", "train", "generate", "loop"):
+    for step in ("imports", "train", "generate", "loop", "speedups"):
         assert results[step]["rc"] == 124
         assert "no time left" in results[step]["error"]
         assert results[step]["records"] == []
@@ -86,7 +86,7 @@ def test_loop_config_takes_set_overrides(tmp_path):
 def test_gpu_check_cpu_tiny_mode_measures_the_three_steps(tmp_path):
     done, results = _run_check(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    for step in ("imports", "train", "generate", "loop"):
+    for step in ("imports", "train", "generate", "loop", "speedups"):
         assert results[step]["rc"] == 0 and "error" not in results[step], (step, results[step].get("error"))
     assert results["imports"]["records"][0]["ray_imported"] is False
     train = {r["variant"]: r for r in results["train"]["records"] if r["bench"] == "train"}
@@ -98,6 +98,8 @@ def test_gpu_check_cpu_tiny_mode_measures_the_three_steps(tmp_path):
     loop = next(r for r in results["loop"]["records"] if r["bench"] == "loop")
     assert loop["tokens_per_s"] > 0 and loop["epoch"] == 1 and loop["stop_reason"] == ""
     assert loop["n_eval"] == gpu_check.LOOP_OVERRIDES["eval_max_samples"] and loop["adapter_written"]
+    ratio = next(r for r in results["speedups"]["records"] if r["bench"] == "packing_ratio")
+    assert ratio["packed_over_padded"] > 0 and abs(ratio["first_loss_packed_minus_padded"]) < 1e-4
     projection = results["projection"]
     assert projection["shape"] == "tiny" and projection["minutes"] > 0
     assert projection["train_tokens_per_s_zero2"] == train["deepspeed_zero2"]["tokens_per_s"]
