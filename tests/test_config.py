@@ -20,6 +20,7 @@ from ray_mtup.config import (
     preset_names,
     resolve_config,
 )
+from ray_mtup.engine import grad_accum
 from ray_mtup.errors import ConfigError
 from ray_mtup.search import documented_optimum, load_search_space
 from ray_mtup.trial import apply_sampled
@@ -183,13 +184,17 @@ def test_values_are_coerced_by_type():
     assert type(cfg.epochs) is int
 
 
+def _accum(cfg: TrainConfig) -> int:
+    return grad_accum(cfg, cfg.num_workers)
+
+
 def test_grad_accum_is_derived_from_the_global_batch():
-    assert resolve_config("qwen2.5-3b", overrides={"per_device_batch_size": 4}).grad_accum == 4
-    assert resolve_config("qwen2.5-7b", overrides={"per_device_batch_size": 2}).grad_accum == 8
-    assert resolve_config("tiny").grad_accum == 2
-    assert resolve_config("qwen2.5-7b", overrides={"num_workers": 4, "per_device_batch_size": 2}).grad_accum == 2
+    assert _accum(resolve_config("qwen2.5-3b", overrides={"per_device_batch_size": 4})) == 4
+    assert _accum(resolve_config("qwen2.5-7b", overrides={"per_device_batch_size": 2})) == 8
+    assert _accum(resolve_config("tiny")) == 2
+    assert _accum(resolve_config("qwen2.5-7b", overrides={"num_workers": 4, "per_device_batch_size": 2})) == 2
     with pytest.raises(ConfigError, match="^per_device_batch_size: auto is resolved"):
-        resolve_config("qwen2.5-7b").grad_accum  # noqa: B018 -- planned on the workers, not here
+        _accum(resolve_config("qwen2.5-7b"))  # planned on the workers, not here
     with pytest.raises(ConfigError, match="^global_batch_size: "):
         resolve_config("qwen2.5-7b", overrides={"num_workers": 3})
 
@@ -236,6 +241,6 @@ def test_a_config_of_the_grad_accum_era_still_loads(tmp_path: Path):
     assert TrainConfig.from_dict(old).global_batch_size == 16  # 8 x 2 per device x 1 worker
     path = tmp_path / "best_config.yaml"
     path.write_text(yaml.safe_dump(old), encoding="utf-8")
-    assert resolve_config(config_file=path).grad_accum == 8
+    assert _accum(resolve_config(config_file=path)) == 8
     with pytest.raises(ConfigError, match="^grad_accum: no longer a field"):
         resolve_config("tiny", overrides={"grad_accum": 2})  # on the command line: say what replaced it
