@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # launched as a script: make the package and bench.common importable
     sys.path.insert(0, str(REPO))
 
-from bench.common import MODEL_CHOICES, emit, summarise  # noqa: E402
+from bench.common import MODEL_CHOICES, emit, rank_device, summarise  # noqa: E402
 
 PATHS = ("synced", "replica")
 
@@ -125,13 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = torch.cuda.is_available()
     init_distributed(on_gpu)
     rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if on_gpu:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    device, _ = rank_device(on_gpu, world)
 
     cfg = bench_config(args, world, on_gpu)
     data, source, tokenizer = prepare_data(cfg)

@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # launched as a script: make the package and bench.common importable
     sys.path.insert(0, str(REPO))
 
-from bench.common import MODEL_CHOICES, build_base_model, emit, summarise  # noqa: E402
+from bench.common import MODEL_CHOICES, build_base_model, emit, rank_device, summarise  # noqa: E402
 
 logger = logging.getLogger("bench_train")
 
@@ -271,13 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if on_gpu:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    device, local_rank = rank_device(on_gpu, world)
 
     tokenizer, source = build_tokenizer_for(args)
     if args.global_batch:

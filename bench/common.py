@@ -106,3 +106,18 @@ def build_base_model(name: str, cfg: Any, tokenizer: Any, device: Any, source: A
     finally:
         torch.set_default_dtype(previous)
     return finish_model(model, tokenizer, cfg)
+
+
+def rank_device(on_gpu: bool, world: int) -> tuple[Any, int]:
+    """This torchrun rank's device and local rank: its GPU, or the CPU with the host's cores
+    split over the ranks on it."""
+    import os
+
+    import torch
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), local_rank
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    return torch.device("cpu"), local_rank
