@@ -39,6 +39,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -284,25 +285,19 @@ class TrainConfig(Settings):
         "epoch-E checkpoint write with ENOSPC; 'corrupt_adapter@E' / 'drop_state@E' damage the "
         "newest stored checkpoint in epoch E, then kill the worker (see ray_mtup/faults.py)."))
 
-    @field_validator("zero_stage", mode="before")
+    @field_validator("zero_stage", "per_device_batch_size", mode="before")
     @classmethod
-    def _stage_or_auto(cls, value: Any) -> Any:
+    def _int_or_auto(cls, value: Any, info: ValidationInfo) -> Any:
+        """``auto`` (planned on the workers from device memory) or an integer: a stage of 2 or 3,
+        a micro-batch >= 1."""
         if value == "auto":
             return value
-        stage = _as_int(value)
-        if stage not in (2, 3):
+        number = _as_int(value)
+        if info.field_name == "zero_stage" and number not in (2, 3):
             raise ValueError(f"must be 2, 3 or auto, got {value!r}")
-        return stage
-
-    @field_validator("per_device_batch_size", mode="before")
-    @classmethod
-    def _micro_or_auto(cls, value: Any) -> Any:
-        if value == "auto":
-            return value
-        micro = _as_int(value)
-        if micro is None or micro < 1:
+        if info.field_name == "per_device_batch_size" and (number is None or number < 1):
             raise ValueError(f"must be an integer >= 1 or auto, got {value!r}")
-        return micro
+        return number
 
     @model_validator(mode="before")
     @classmethod
