@@ -9,9 +9,9 @@
 # torch's AdamW, so no op is ever compiled) and its deps, pydantic with its compiled core, and
 # the project's own deps (penman, smatch, bm25s, llguidance, liger-kernel). MLflow, tensorboardX
 # and Ray stay out: the torchrun worker path imports none of them. The project itself is not
-# carried as a wheel: it runs from the working tree (PYTHONPATH), which the device run copies.
+# carried as a wheel: it runs from the working tree (PYTHONPATH), which is copied to the GPU machine.
 # Versions are those of the build venv (the ones the tests run against). The folder must stay
-# well under the 64 MiB a device run carries; its size is printed at the end.
+# well under a 64 MiB budget for what is copied to the GPU machine; its size is printed at the end.
 #
 # Environment: BUILD_PYTHON (default .venv/bin/python, else python3): the venv whose pip builds
 # and whose versions are pinned; it needs torch to build DeepSpeed's wheel.
@@ -70,5 +70,5 @@ chosen=$("$TMP/venv/bin/python" bench/gpu_check.py wheels "$OUT")
 "$TMP/venv/bin/python" -m pip install -q --no-index --no-deps --find-links "$OUT" $chosen
 "$TMP/venv/bin/python" -c 'import hjson, cpuinfo, einops, penman, smatch, annotated_types, typing_inspection; print("   imports ok")'
 
-echo "== bench/wheels: $(ls "$OUT" | wc -l) wheels, $(du -sb "$OUT" | cut -f1) bytes ($(du -sh "$OUT" | cut -f1)); the limit carried to the device is 64 MiB"
+echo "== bench/wheels: $(ls "$OUT" | wc -l) wheels, $(du -sb "$OUT" | cut -f1) bytes ($(du -sh "$OUT" | cut -f1)); the budget copied to the GPU machine is 64 MiB"
 ls -l "$OUT" | awk 'NR > 1 {printf "   %9d  %s\n", $5, $9}'
