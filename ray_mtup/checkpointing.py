@@ -291,6 +291,13 @@ def load_resume_state(model: Any, candidates: Sequence[Path]) -> dict[str, Any] 
                           "(not starting again from scratch)", problem.path)
 
 
+def recorded_memory_plan(checkpoint_dir: Path) -> dict[str, Any] | None:
+    """The memory plan (ZeRO stage, micro-batch, arithmetic) the workers recorded in a
+    checkpoint's trainer state; None when the checkpoint has no state."""
+    path = Path(checkpoint_dir) / STATE_FILE
+    return json.loads(path.read_text(encoding="utf-8")).get("memory_plan") if path.is_file() else None
+
+
 def write_failure(epoch: int, exc: OSError) -> str:
     """The stop reason of a run whose epoch-``epoch`` checkpoint could not be written.
 

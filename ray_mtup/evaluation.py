@@ -102,12 +102,6 @@ def validation_loss(model: Any, tokenizer: Any, cfg: TrainConfig, data: RunData,
     return loss_sum / max(tokens, 1.0)
 
 
-def zero_stage(engine: Any) -> int:
-    """The ZeRO stage the engine runs (0 for anything that is not a DeepSpeed engine)."""
-    stage = getattr(engine, "zero_optimization_stage", None)
-    return int(stage()) if callable(stage) else 0
-
-
 def evaluate_epoch(engine: Any, tokenizer: Any, cfg: TrainConfig, data: RunData, rank: int, world: int,
                    device: Any) -> tuple[dict[str, Any], list[Parsed]]:
     """Validation loss, then generation on the validation subset, repair and corpus SMATCH."""
@@ -120,7 +114,7 @@ def evaluate_epoch(engine: Any, tokenizer: Any, cfg: TrainConfig, data: RunData,
     t0 = time.perf_counter()
     prompts = prompts_for(template, [data.val[i].sentence for i in idx], [data.val[i].context for i in idx])
     seq_len = max((len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=0)
-    plan = plan_generation(model, cfg, zero_stage(engine) == 3, world, device, seq_len + data.max_new_tokens)
+    plan = plan_generation(model, cfg, cfg.stage() == 3, world, device, seq_len + data.max_new_tokens)
     if rank == 0:
         logger.info("evaluation generation: %s: %s", plan.path, plan.reason)
     with merged_replica(model, device) if plan.path == "replica" else contextlib.nullcontext(model) as gen_model:

@@ -29,11 +29,9 @@ from typing import Any, Iterator
 
 from .config import TrainConfig
 from .errors import ModelError
-from .memory import HEADROOM, device_memory, replica_bytes, replica_fits
+from .memory import GIB, HEADROOM, device_memory, replica_bytes, replica_fits
 
 logger = logging.getLogger(__name__)
-
-GiB = 2**30
 
 
 @dataclass(frozen=True)
@@ -124,10 +122,10 @@ def plan_generation(model: Any, cfg: TrainConfig, zero3: bool, world: int, devic
     fits = [replica_fits(n_params, per_param, f, m, s) for (_, _, f, m), s in zip(views, sharing)]
     plan = choose_path(cfg.eval_generation, zero3, world, all(fits))
     tight = min(range(world), key=lambda r: views[r][2] / max(1, sharing[r]))
-    arithmetic = (f"{n_params:,} params x {per_param} B = {n_params * per_param / GiB:.3f} GiB + margin "
-                  f"{views[tight][3] / GiB:.3f} GiB, x {sharing[tight]} rank(s) on the device = "
-                  f"{replica_bytes(n_params, per_param, views[tight][3], sharing[tight]) / GiB:.3f} GiB vs "
-                  f"{HEADROOM:.0%} of {views[tight][2] / GiB:.2f} GiB free on rank {tight}")
+    arithmetic = (f"{n_params:,} params x {per_param} B = {n_params * per_param / GIB:.3f} GiB + margin "
+                  f"{views[tight][3] / GIB:.3f} GiB, x {sharing[tight]} rank(s) on the device = "
+                  f"{replica_bytes(n_params, per_param, views[tight][3], sharing[tight]) / GIB:.3f} GiB vs "
+                  f"{HEADROOM:.0%} of {views[tight][2] / GIB:.2f} GiB free on rank {tight}")
     return GenerationPlan(plan.path, f"{plan.reason} ({arithmetic})")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import objective, study
-from .checkpointing import PREDICTIONS_JSONL, STATE_FILE
+from .checkpointing import PREDICTIONS_JSONL, recorded_memory_plan
 from .config import TrainConfig
 from .trial import SAMPLED_KEYS, apply_sampled
 from .holdout import format_test_line, score_on_test
@@ -174,12 +174,6 @@ def _checkpoint(path: str | None) -> Any:
     import ray.train
 
     return ray.train.Checkpoint(path)
-
-
-def _memory_plan(checkpoint_dir: Path) -> dict[str, Any] | None:
-    """The memory plan (ZeRO stage, micro-batch, arithmetic) a trial's workers recorded."""
-    path = checkpoint_dir / STATE_FILE
-    return json.loads(path.read_text(encoding="utf-8")).get("memory_plan") if path.is_file() else None
 
 
 def _read_predictions(checkpoint_path: str | None) -> list[dict[str, Any]] | None:
@@ -384,7 +378,7 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
                 shutil.rmtree(dest)
             checkpoint.to_directory(str(dest))
             summary["best_adapter"] = str(dest)
-            summary["best_memory_plan"] = _memory_plan(dest)
+            summary["best_memory_plan"] = recorded_memory_plan(dest)
             summary["test"] = score_on_test(dest, best.best.get("checkpoint_path"), best.config.use_gpu)
             print(f"best trial {best.trial_id}: " + format_test_line(best.best.get("task2_f1"), summary["test"]),
                   flush=True)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .checkpointing import ADAPTER_FILE, STATE_FILE
+from .checkpointing import ADAPTER_FILE, recorded_memory_plan
 from .config import TrainConfig, load_yaml
 from .errors import RayMtupError
 from .logs import setup_logging
@@ -42,11 +42,10 @@ def run(cfg: TrainConfig, out_dir: Path) -> None:
     if session.rank != 0:
         return
     history = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    with_adapter = {int(p.name.rsplit("_", 1)[1]): p for p in session.checkpoints()
-                    if (p / ADAPTER_FILE).is_file()}
+    checkpoints = session.checkpoints()
+    with_adapter = {int(p.name.rsplit("_", 1)[1]): p for p in checkpoints if (p / ADAPTER_FILE).is_file()}
     best = with_adapter[best_epoch(history, with_adapter)] if with_adapter else None
-    latest = session.checkpoints()[-1] / STATE_FILE if session.checkpoints() else None
-    plan = json.loads(latest.read_text(encoding="utf-8")).get("memory_plan") if latest and latest.is_file() else None
+    plan = recorded_memory_plan(checkpoints[-1]) if checkpoints else None
     summary = write_run_outputs(out_dir, cfg, history, best, plan)
     if summary.adapter_dir is not None:
         with_test_score(summary, cfg, score_on_test(summary.adapter_dir))
