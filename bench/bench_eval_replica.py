@@ -58,7 +58,7 @@ def run_path(path: str, engine: Any, tokenizer: Any, prompts: list[str], cfg: An
 
     import torch.distributed as dist
 
-    from ray_mtup.evaluation import all_reduce
+    from ray_mtup.distributed import all_reduce
     from ray_mtup.generation import generate
     from ray_mtup.prompts import get_template
     from ray_mtup.replica import merged_replica
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from ray_mtup.engine import Schedule, build_engine, init_distributed
-    from ray_mtup.evaluation import gather, shard
+    from ray_mtup.distributed import gather, init_distributed, shard
+    from ray_mtup.engine import Schedule, build_engine
     from ray_mtup.generation import prompts_for
     from ray_mtup.prompts import get_template
     from ray_mtup.training import prepare_data

@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, TrainingError
-from .modeling import BASE_FILE
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter_model.safetensors"
+BASE_FILE = "base_model.safetensors"  # trained base weights, only with lora.train_base (tiny)
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 STATE_FILE = "trainer_state.json"
 PREDICTIONS_FILE = "val_predictions.txt"

@@ -17,6 +17,9 @@ import sys
 from typing import Sequence
 
 from ray_mtup.errors import RayMtupError
+from ray_mtup.logs import setup_logging
+from ray_mtup.predict import predict_file
+from ray_mtup.scoring import MODES, evaluate_files
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
-    from ray_mtup.scoring import MODES
-
     p = subparsers.add_parser(
         "evaluate",
         help="corpus SMATCH of a predictions file against a gold file",
@@ -64,8 +65,6 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from ray_mtup.scoring import evaluate_files
-
     result = evaluate_files(args.gold, args.pred, mode=args.mode, bootstrap=args.bootstrap, repair=args.repair)
     if args.json:
         print(json.dumps(result, ensure_ascii=False, sort_keys=True))
@@ -132,8 +131,6 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from ray_mtup.predict import predict_file
-
     report = predict_file(args.run or args.adapter, args.input, args.output, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens, model_path=args.model_path,
                           concept_style=args.concept_style, constrained=args.constrained, data_dir=args.data_dir)
@@ -156,7 +153,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits on --help and on usage errors
         return exc.code if isinstance(exc.code, int) else 2
-    from ray_mtup.logs import setup_logging
 
     setup_logging({0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG))
     try:

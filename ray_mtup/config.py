@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -88,6 +90,35 @@ MODELS: dict[str, ModelSpec] = {
     # A random-init base holds nothing worth freezing: tiny trains it too (lora.train_base).
     "tiny": _spec("tiny", None, 1e-3, 10, 8, train_base=True),
 }
+
+#: The faults ``inject_fault`` injects (see :mod:`ray_mtup.faults`).
+FAULT_KINDS = ("nan_loss", "kill_worker", "oom", "disk_full", "corrupt_adapter", "drop_state")
+_FAULT_SPEC = re.compile(r"(?P<kind>[a-z_]+)@(?P<epoch>\d+)(?::(?P<micro>\d+))?")
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """A parsed ``inject_fault``: the fault's kind, its epoch and (for ``oom``) its micro-batch."""
+
+    kind: str
+    epoch: int
+    micro: int = 0
+
+
+def parse_fault(spec: str) -> FaultSpec:
+    """Parse an ``inject_fault`` value; a bad one raises ConfigError naming the field.
+
+    >>> parse_fault("oom@2:3")
+    FaultSpec(kind='oom', epoch=2, micro=3)
+    >>> parse_fault("disk_full@1").kind
+    'disk_full'
+    """
+    m = _FAULT_SPEC.fullmatch(spec) if isinstance(spec, str) else None
+    if m is None or m["kind"] not in FAULT_KINDS or (m["micro"] is not None) != (m["kind"] == "oom"):
+        raise ConfigError("inject_fault", f"expected KIND@EPOCH (oom@EPOCH:MICRO) with KIND one of "
+                                          f"{list(FAULT_KINDS)}, got {spec!r}")
+    return FaultSpec(m["kind"], int(m["epoch"]), int(m["micro"] or 0))
+
 
 _BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
            "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}
@@ -315,8 +346,6 @@ class TrainConfig(Settings):
         _check(self.template in TEMPLATE_NAMES, "template",
                f"unknown template {self.template!r}; choose from {list(TEMPLATE_NAMES)}")
         if self.inject_fault is not None:
-            from .faults import parse_fault
-
             parse_fault(self.inject_fault)  # ConfigError naming inject_fault
         _check(self.generation_cache in ("dynamic", "static"), "generation_cache",
                f"must be dynamic or static, got {self.generation_cache!r}")

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_TRAIN_FILES",
     "Example",
+    "MtupExample",
     "ReadReport",
     "SkippedBlock",
     "find_duplicate_sentences",
@@ -62,6 +63,19 @@ class Example:
     amr: str | None
     source: str
     line: int
+
+
+@dataclass(frozen=True)
+class MtupExample:
+    """One graph ready for MTUP: its normalised task-2 graph and derived task-1 form."""
+
+    id: str
+    sentence: str
+    source: str
+    task1: str
+    task2: str
+    #: Retrieved training pairs (sentence, task-2 graph) shown in the prompt (ray_mtup.retrieval).
+    context: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -26,27 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from . import amr, corpus
-from .corpus import Example, normalise_sentence
+from . import amr, corpus, retrieval
+from .config import SAMPLE_DATA_DIR
+from .corpus import Example, MtupExample, load_corpus, normalise_sentence, read_amr_file
 from .errors import CorpusError
 from .prompts import TEMPLATES, Template, render_training
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class MtupExample:
-    """One graph ready for MTUP: its normalised task-2 graph and derived task-1 form."""
-
-    id: str
-    sentence: str
-    source: str
-    task1: str
-    task2: str
-    #: Retrieved training pairs (sentence, task-2 graph) shown in the prompt (ray_mtup.retrieval).
-    context: tuple[tuple[str, str], ...] = ()
 
 
 def _quotas(counts: dict[str, int], n: int) -> dict[str, int]:
@@ -188,9 +176,6 @@ def corpus_splits(cfg: Any) -> tuple[list[Example], list[Example], list[Example]
     when it is set (then nothing more is held out of the corpus). The validation examples
     come with the fixed evaluation subset first (:func:`eval_subset_first`).
     """
-    from .config import SAMPLE_DATA_DIR
-    from .corpus import load_corpus, read_amr_file
-
     examples = load_corpus(Path(cfg.data_dir) if cfg.data_dir else SAMPLE_DATA_DIR)
     test_split = 0.0 if cfg.test_file else cfg.test_split
     train, val, test = split_corpus(examples, cfg.val_split, test_split, cfg.seed, cfg.max_samples)
@@ -238,8 +223,6 @@ def load_examples(cfg: Any) -> tuple[list[MtupExample], list[MtupExample], list[
     The test split is left out (:func:`corpus_splits`); validation starts with the fixed
     evaluation subset that per-epoch generation takes.
     """
-    from . import retrieval
-
     train_ex, val_ex, _ = corpus_splits(cfg)
     train, val = retrieval.attach(cfg.retrieval_k, to_mtup(train_ex), to_mtup(val_ex))
     return train, val, [e.amr or "" for e in val_ex]

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import TrainConfig
 from .checkpointing import load_resume_state
+from .config import TrainConfig
+from .distributed import init_distributed
 from .errors import ConfigError
 from .modeling import WeightsSource, apply_lora, build_model
 
@@ -77,19 +78,6 @@ def grad_accum(cfg: TrainConfig, world_size: int) -> int:
         raise ConfigError("global_batch_size", f"{cfg.global_batch_size} is not a multiple of micro-batch "
                                                f"{cfg.per_device_batch_size} x {world_size} worker(s)")
     return cfg.global_batch_size // micro
-
-
-def init_distributed(on_gpu: bool) -> None:
-    """Make DeepSpeed's comm layer adopt the process group its launcher created (Ray Train or
-    torchrun), or create it from the torchrun environment.
-
-    DeepSpeed's config checks ``train_batch_size`` against its own view of the world size:
-    before its comm layer is up that view is 1, which is what broke every multi-worker ZeRO-3
-    run on real checkpoints (``HfDeepSpeedConfig`` is built before the engine).
-    """
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
 
 
 @dataclass

@@ -21,60 +21,26 @@ from typing import Any, Sequence
 
 from . import dataset, objective, scoring
 from .config import TrainConfig
+from .corpus import MtupExample
+from .distributed import gather, shard
 from .generation import Parsed, generate, parse_outputs, prompts_for
 from .prompts import get_template
 from .replica import merged_replica, plan_generation
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class RunData:
     """What a worker builds from the corpus: splits, encodings, and the generation budget."""
 
-    train: list[dataset.MtupExample]
-    val: list[dataset.MtupExample]
+    train: list[MtupExample]
+    val: list[MtupExample]
     val_gold: list[str]
     train_encoded: list[dataset.Encoded]
     val_encoded: list[dataset.Encoded]
     skipped_long: list[str]
     max_new_tokens: int
-
-
-def shard(n: int, rank: int, world: int) -> tuple[list[int], int]:
-    """Indices of rank's shard padded (with repeats) to the same length on every rank.
-
-    Returns (indices, number of real ones).
-
-    >>> shard(5, 1, 2)
-    ([1, 3, 1], 2)
-    """
-    own = list(range(rank, n, world))
-    per_rank = -(-n // world)
-    real = len(own)
-    padded = own + [own[i % len(own)] if own else 0 for i in range(per_rank - real)]
-    return padded, real
-
-
-def gather(obj: Any, world: int) -> list[Any]:
-    """``obj`` of every rank, in rank order."""
-    import torch.distributed as dist
-
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def all_reduce(values: Sequence[float], device: Any, world: int, op: str = "sum") -> list[float]:
-    """Sum (or max) of ``values`` over ranks, as floats."""
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor(list(values), dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return t.tolist()
 
 
 def validation_loss(model: Any, tokenizer: Any, cfg: TrainConfig, data: RunData, rank: int, world: int,

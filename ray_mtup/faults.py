@@ -10,7 +10,8 @@ A spec is ``KIND@EPOCH``, or ``oom@EPOCH:MICRO`` (MICRO: 0-based micro-batch wit
   (deletes the trainer state) of the run's newest stored checkpoint, then exits (once per run),
   so the restarted workers resume from a damaged checkpoint.
 
-The training loop calls it only through :meth:`FaultInjector.loss`,
+The spec is parsed and checked by :func:`ray_mtup.config.parse_fault`. The training loop
+calls it only through :meth:`FaultInjector.loss`,
 :meth:`FaultInjector.before_micro_step` and :meth:`FaultInjector.write_hook`. A fault that
 happens once per run leaves a marker file in the run's storage directory, which a restarted
 worker group finds.
@@ -23,47 +24,18 @@ import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .checkpointing import ADAPTER_FILE, STATE_FILE, WriteHook
-from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from .config import TrainConfig
+from .config import TrainConfig, parse_fault
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("nan_loss", "kill_worker", "oom", "disk_full", "corrupt_adapter", "drop_state")
-_SPEC = re.compile(r"(?P<kind>[a-z_]+)@(?P<epoch>\d+)(?::(?P<micro>\d+))?")
 #: The micro-batch (within the epoch) at which the once-per-run faults act.
 ACTION_MICRO = 1
-
-
-@dataclass(frozen=True)
-class FaultSpec:
-    kind: str
-    epoch: int
-    micro: int = 0
-
-
-def parse_fault(spec: str) -> FaultSpec:
-    """Parse an ``inject_fault`` value; a bad one raises ConfigError naming the field.
-
-    >>> parse_fault("oom@2:3")
-    FaultSpec(kind='oom', epoch=2, micro=3)
-    >>> parse_fault("disk_full@1").kind
-    'disk_full'
-    """
-    m = _SPEC.fullmatch(spec) if isinstance(spec, str) else None
-    if m is None or m["kind"] not in KINDS or (m["micro"] is not None) != (m["kind"] == "oom"):
-        raise ConfigError("inject_fault", f"expected KIND@EPOCH (oom@EPOCH:MICRO) with KIND one of "
-                                          f"{list(KINDS)}, got {spec!r}")
-    return FaultSpec(m["kind"], int(m["epoch"]), int(m["micro"] or 0))
 
 
 class FaultInjector:

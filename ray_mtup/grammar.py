@@ -1,6 +1,6 @@
 """Grammar-constrained decoding of the step-2 graph: well-formed PENMAN, fresh variables.
 
-Generation runs in two phases (:func:`generate_constrained`):
+Generation runs in two phases (:func:`ray_mtup.generation.generate_constrained`):
 
 1. step 1 is generated freely until the model writes the template's step-2 marker (or EOS, or
    the budget runs out);
@@ -60,7 +60,7 @@ CLOSING_MARGIN = 12
 
 @dataclass
 class ConstrainedStats:
-    """What the constrained decoder did over one :func:`generate_constrained` call."""
+    """What the constrained decoder did over one :func:`~ray_mtup.generation.generate_constrained` call."""
 
     rows: int = 0
     forced_closures: int = 0
@@ -261,66 +261,6 @@ def grammar_for(tokenizer: Any, n_vocab: int | None = None) -> Grammar:
     if key not in _GRAMMARS:
         _GRAMMARS[key] = Grammar.for_tokenizer(tokenizer, n_vocab)
     return _GRAMMARS[key]
-
-
-def _step1_texts(raw: Sequence[str], template: Template) -> tuple[list[str], int]:
-    """Step-1 text of each phase-1 output (before the marker); how many had no marker."""
-    from .prompts import marker_pattern
-
-    pattern = marker_pattern(template.step2_marker)
-    out, missing = [], 0
-    for text in raw:
-        m = pattern.search(text)
-        if m is None:
-            missing += 1
-        out.append((text[: m.start()] if m else text).strip())
-    return out, missing
-
-
-def generate_constrained(model: Any, tokenizer: Any, prompts: Sequence[str], template: Template,
-                         batch_size: int, max_new_tokens: int, synced_gpus: bool = False,
-                         progress: bool = False, stats: ConstrainedStats | None = None) -> list[str]:
-    """Step 1 free, then the step-2 marker and a grammar-constrained graph (see the module doc).
-
-    Returns, per prompt, ``step1 + marker + graph`` as :func:`ray_mtup.prompts.parse_generation`
-    expects it.
-    """
-    from .generation import _generate_batches
-
-    stats = stats if stats is not None else ConstrainedStats()
-    n_vocab = model.get_output_embeddings().weight.shape[0]
-    grammar = grammar_for(tokenizer, n_vocab)
-    marker = template.step2_marker
-    raw1 = _generate_batches(model, tokenizer, prompts, batch_size, max_new_tokens, synced_gpus, progress,
-                             stop_strings=[marker.strip()]).texts
-    step1, missing = _step1_texts(raw1, template)
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    ids2 = [list(p) + tokenizer(s + marker, add_special_tokens=False)["input_ids"]
-            for p, s in zip(prompt_ids, step1)]
-
-    def processor(width: int, n_rows: int) -> Any:
-        from transformers import LogitsProcessorList
-
-        return LogitsProcessorList([PenmanLogitsProcessor(grammar, n_rows, width, max_new_tokens)])
-
-
-    raw2 = _generate_batches(model, tokenizer, ids2, batch_size, max_new_tokens, synced_gpus, progress,
-                             processor_factory=processor).texts
-    graphs = []
-    for text in raw2:
-        text = text.strip()
-        if not (text.endswith(")") and depth(text.encode()) == 0):  # the budget ended the graph
-            stats.forced_closures += 1
-            text = close_partial(text) or FALLBACK_GRAPH
-        graphs.append(text)
-    stats.rows += len(prompts)
-    stats.missing_marker += missing
-    stats.step1_tokens += sum(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in step1)
-    stats.step2_tokens += sum(len(tokenizer(g, add_special_tokens=False)["input_ids"]) for g in graphs)
-    if stats.forced_closures:
-        logger.info("constrained decoding: %d of %d graphs closed at the budget", stats.forced_closures,
-                    stats.rows)
-    return [s + marker + g for s, g in zip(step1, graphs)]
 
 
 def well_formed(text: str) -> bool:

@@ -27,6 +27,8 @@ from .amr import CONCEPT_STYLES, concept_style
 from .config import TrainConfig
 from .corpus import Example
 from .dataset import corpus_splits
+from .errors import RayMtupError
+from .predict import find_adapter, load_for_inference, parse_sentences
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +53,6 @@ def describe(cfg: TrainConfig) -> str:
 
 def evaluate_adapter(adapter_dir: str | Path, model_path: str | None = None) -> dict[str, Any]:
     """Generate for every test sentence with the adapter and score it (see the module doc)."""
-    from .predict import find_adapter, load_for_inference, parse_sentences
-
     adapter_dir = find_adapter(adapter_dir)
     model, tokenizer, cfg = load_for_inference(adapter_dir, model_path)
     test = held_out_set(cfg)
@@ -107,8 +107,6 @@ def score_on_test(adapter_dir: str | Path, checkpoint_path: str | None = None, u
     A failure is logged and returned as ``{"error": ...}``: the search's results are still
     written.
     """
-    from .errors import RayMtupError
-
     try:
         if use_gpu and checkpoint_path:
             import ray

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from . import search, trial
 from .config import (
     DATA_DIR_ENV,
     MAX_FAILURES,
@@ -28,9 +29,13 @@ from .config import (
     packaged_yaml,
     resolve_config,
 )
+from .dataset import load_examples
 from .errors import ConfigError, RayMtupError
+from .holdout import describe, format_interval, format_test_line, held_out_set
 from .logs import setup_logging
-from .tracking import DEFAULT_TRACKER, TRACKERS
+from .outputs import format_epoch_table
+from .reporting import local_results_dir
+from .tracking import DEFAULT_TRACKER, TRACKERS, tracker_location
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +106,6 @@ def _stage_flag(value: str) -> int | str:
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     import yaml
 
-    from .errors import ConfigError
-
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -154,9 +157,6 @@ def config_from_args(args: argparse.Namespace, space_overrides: Mapping[str, Any
 def check_corpus(cfg: TrainConfig) -> None:
     """Read, split and normalise the corpus in the driver, so that a bad file is reported
     (``CorpusError`` naming file and line) before Ray starts, not as a worker traceback."""
-    from .dataset import load_examples
-    from .holdout import describe, held_out_set
-
     train, val, _ = load_examples(cfg)
     logger.info("corpus: %d training and %d validation graphs; %d test graphs in the %s", len(train), len(val),
                 len(held_out_set(cfg)), describe(cfg))
@@ -221,11 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from . import search, trial
-    from .holdout import format_interval, format_test_line
-    from .outputs import format_epoch_table
-    from .reporting import local_results_dir
-
     storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
     if args.no_search:
         cfg = config_from_args(args)
@@ -283,11 +278,10 @@ def _main(args: argparse.Namespace) -> int:
 
 def _name(args: argparse.Namespace, cfg: TrainConfig) -> str:
     return args.name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def closing_note(summary: Mapping[str, Any], tracker: str) -> str:
     """Where a search's results, plots and tracker store are (the last lines a user sees)."""
-    from .reporting import local_results_dir
-    from .tracking import tracker_location
-
     results = local_results_dir(summary["experiment_dir"])
     plots = ", ".join(Path(p).name for p in summary.get("plots", [])) or "none"
     return (f"results: {summary['experiment_dir']} (results.csv, summary.json, best_config.yaml)\n"

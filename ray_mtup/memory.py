@@ -56,7 +56,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-from .config import LORA_TARGETS, MODELS, LoraSettings, TrainConfig
+from .config import LORA_TARGETS, LoraSettings, MODELS, TrainConfig, resolve_config
+from .distributed import all_reduce
 from .errors import ConfigError, ModelError, RayMtupError
 
 logger = logging.getLogger(__name__)
@@ -520,8 +521,6 @@ def resolve_auto(cfg: TrainConfig, lengths: Sequence[int], weights_path: str, we
 
     On CPU the ranks of one host share its memory, so each counts ``1/world`` of what is free.
     """
-    from .evaluation import all_reduce
-
     free, total = device_memory(device)
     if not on_gpu:
         free, total = free // world, total // world
@@ -584,8 +583,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     import yaml
-
-    from .config import resolve_config
 
     args = build_parser().parse_args(argv)
     try:

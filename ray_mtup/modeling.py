@@ -30,10 +30,10 @@ from typing import Any, Iterable
 
 from .config import LoraSettings, TinyModelSettings, TrainConfig
 from .errors import ModelError
+from .generation import decoding_config
 
 logger = logging.getLogger(__name__)
 
-BASE_FILE = "base_model.safetensors"  # trained base weights, only with lora.train_base (tiny)
 EOS_TOKEN = "<|im_end|>"  # Qwen2.5-Instruct's end of turn, its eos_token
 PAD_TOKEN = "<|endoftext|>"  # Qwen2.5's pad_token
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -298,8 +298,6 @@ def liger_applied(model: Any) -> bool:
 def finish_model(model: Any, tokenizer: Any, cfg: TrainConfig) -> Any:
     """Settings every base model gets, however built: the project's decoding settings (greedy,
     no penalty: whatever generation_config.json says), gradient checkpointing."""
-    from .generation import decoding_config
-
     if tokenizer is not None:
         model.generation_config = decoding_config(tokenizer)
     if cfg.gradient_checkpointing:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Collection, Mapping, Sequence
 
-from .config import TrainConfig
 from . import objective
+from .config import TrainConfig
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "val_loss", "task1_f1", "task2_f1", "validity", "tokens_per_s",
                  "useful_token_fraction", "epoch_time_s", "eval_time_s")

@@ -18,10 +18,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import corpus
+from . import corpus, retrieval
+from .amr import CONCEPT_STYLES, concept_style
 from .checkpointing import STATE_FILE, load_trained_base
 from .config import TrainConfig
-from .amr import CONCEPT_STYLES, concept_style
+from .dataset import load_examples
 from .errors import ConfigError, ModelError, RayMtupError
 from .generation import generate, parse_outputs, prompts_for
 from .modeling import WeightsSource, base_source, build_model, load_adapter, load_tokenizer
@@ -137,9 +138,6 @@ def retrieved_contexts(cfg: TrainConfig, sentences: list[str]) -> list[tuple[tup
     """
     if cfg.retrieval_k == 0:
         return None
-    from . import retrieval
-    from .dataset import load_examples
-
     try:
         train, _, _ = load_examples(cfg.replace(retrieval_k=0))
     except (OSError, RayMtupError) as exc:

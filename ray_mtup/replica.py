@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from .config import TrainConfig
+from .distributed import gather
 from .errors import ModelError
 from .memory import GIB, HEADROOM, device_memory, replica_bytes, replica_fits
 
@@ -106,8 +107,6 @@ def plan_generation(model: Any, cfg: TrainConfig, zero3: bool, world: int, devic
     ZeRO-3 on several workers it is a collective: every rank reports its device's free memory,
     and ranks on the same device (the CPU ranks of one host) count against it together."""
     import torch
-
-    from .evaluation import gather
 
     if not (zero3 and world > 1) or cfg.eval_generation == "synced":
         return choose_path(cfg.eval_generation, zero3, world, None)

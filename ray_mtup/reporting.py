@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from . import objective, study
+from . import objective, scoring, study
 from .checkpointing import PREDICTIONS_JSONL, recorded_memory_plan
 from .config import TrainConfig
-from .trial import SAMPLED_KEYS, apply_sampled
+from .dataset import corpus_splits, load_examples
 from .holdout import format_test_line, score_on_test
+from .trial import SAMPLED_KEYS, apply_sampled
 
 logger = logging.getLogger(__name__)
 
@@ -192,8 +193,6 @@ def _read_predictions(checkpoint_path: str | None) -> list[dict[str, Any]] | Non
 
 
 def _pairs_by_id(gold: dict[str, str], preds: Sequence[dict[str, Any]], mode: str) -> dict[str, Any]:
-    from . import scoring
-
     return scoring.score_by_id(gold, {p["id"]: p["task2_graph"] for p in preds}, mode=mode)
 
 
@@ -206,9 +205,6 @@ def noise_analysis(best: TrialRecord, first: TrialRecord | None) -> dict[str, An
     These figures are on the graphs the choice was made on (optimistic); the test figure
     (:mod:`ray_mtup.holdout`) is the one to report.
     """
-    from . import scoring
-    from .dataset import corpus_splits
-
     preds = _read_predictions(best.best.get("checkpoint_path"))
     if preds is None:
         return {"note": "best checkpoint has no saved predictions; no interval"}
@@ -244,9 +240,6 @@ def most_frequent_graph_baseline(cfg: TrainConfig) -> dict[str, Any]:
     scored like the trials: against the same validation sentences (``eval_max_samples``).
     """
     from collections import Counter
-
-    from . import scoring
-    from .dataset import load_examples
 
     train, val, gold = load_examples(cfg)
     n = len(val) if cfg.eval_max_samples is None else min(cfg.eval_max_samples, len(val))

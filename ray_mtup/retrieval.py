@@ -13,7 +13,7 @@ run, built once per run; nothing of the validation or test split ever enters it.
 Ties in BM25 score are broken by position in the training list, so the neighbours are
 deterministic. Words are lower-cased syllables (``\\w+``): Vietnamese words of one letter count.
 
->>> from ray_mtup.dataset import MtupExample
+>>> from ray_mtup.corpus import MtupExample
 >>> train = [MtupExample(f"t{i}", s, "a", "(x)", f"(x / x{i})") for i, s in
 ...          enumerate(["tôi đi học", "anh ấy đi làm", "con mèo ngủ", "tôi đi học"])]
 >>> index = PairIndex(train)
@@ -28,13 +28,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
-from .corpus import normalise_sentence
+from .corpus import MtupExample, normalise_sentence
 from .errors import ConfigError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .dataset import MtupExample
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +46,7 @@ def words(sentence: str) -> list[str]:
 class PairIndex:
     """BM25 over the training sentences; :meth:`neighbours` returns whole training pairs."""
 
-    def __init__(self, train: Sequence["MtupExample"]):
+    def __init__(self, train: Sequence[MtupExample]):
         import bm25s
 
         if not train:
@@ -69,7 +66,7 @@ class PairIndex:
             return [0.0] * len(self.pairs)
         return [float(s) for s in self._bm25.get_scores(query)]
 
-    def neighbours(self, sentence: str, k: int, exclude: "MtupExample | None" = None) -> list["MtupExample"]:
+    def neighbours(self, sentence: str, k: int, exclude: MtupExample | None = None) -> list[MtupExample]:
         """The ``k`` best training pairs for ``sentence``, best first (ties: earlier pair first).
 
         ``exclude`` (a training example) removes that pair and every pair with its sentence.
@@ -89,8 +86,8 @@ class PairIndex:
         return out
 
 
-def with_context(examples: Sequence["MtupExample"], index: PairIndex | None, k: int,
-                 training: bool) -> list["MtupExample"]:
+def with_context(examples: Sequence[MtupExample], index: PairIndex | None, k: int,
+                 training: bool) -> list[MtupExample]:
     """``examples`` with their ``k`` neighbours attached (training: own pair excluded)."""
     if k == 0 or index is None:
         return list(examples)
@@ -99,8 +96,8 @@ def with_context(examples: Sequence["MtupExample"], index: PairIndex | None, k: 
         for ex in examples]
 
 
-def attach(k: int, train: Sequence["MtupExample"], *others: Sequence["MtupExample"]
-           ) -> tuple[list["MtupExample"], ...]:
+def attach(k: int, train: Sequence[MtupExample], *others: Sequence[MtupExample]
+           ) -> tuple[list[MtupExample], ...]:
     """Index ``train`` once; return ``train`` and each of ``others`` with neighbours attached.
 
     ``k = 0`` returns copies of the inputs unchanged (plain MTUP) and builds no index.

@@ -25,8 +25,8 @@ import random
 from pathlib import Path
 
 from . import amr
-from .config import SAMPLE_DATA_DIR
 from .amr import VariableNamer
+from .config import SAMPLE_DATA_DIR
 from .corpus import read_amr_file
 
 HANDWRITTEN_BLOCKS = 30

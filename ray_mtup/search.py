@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import objective
-from .tracking import MLFLOW_FILE_STORE_ENV
+from . import objective, reporting
 from .config import MAX_FAILURES, MODELS, TEMPLATE_NAMES, TrainConfig, load_yaml
 from .errors import ConfigError
+from .tracking import MLFLOW_FILE_STORE_ENV, check_tracker, tracker_callbacks
+from .trial import SAMPLED_KEYS, apply_sampled, trial_function
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +103,6 @@ class SearchSpace:
 
 def load_search_space(path: str | Path) -> SearchSpace:
     """Read and validate a search space YAML; errors name the offending key."""
-    from .trial import SAMPLED_KEYS
-
     data = load_yaml(path)
     unknown = sorted(set(data) - set(SPACE_KEYS))
     if unknown:
@@ -148,8 +147,6 @@ BOOL_PARAMS = ("constrained_decoding",)
 
 def _check_param_values(spec: ParamSpec) -> None:
     """Every choice value and bound has the parameter's type and gives a valid trial config."""
-    from .trial import apply_sampled
-
     if spec.name == "template":  # its values are checked against the template names
         return
     points = ([(f"params.{spec.name}.values", v) for v in spec.values] if spec.type == "choice"
@@ -241,7 +238,6 @@ class SearchSettings:
         check_gpu_split(self.gpus_per_trial, self.workers_per_trial)
         if self.num_samples is not None and self.num_samples < 1:
             raise ConfigError("num_samples", f"must be >= 1, got {self.num_samples}")
-        from .tracking import check_tracker
 
         check_tracker(self.tracker)
 
@@ -329,11 +325,7 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) 
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from . import reporting
     from .progress import EpochProgress
-    from .tracking import tracker_callbacks
-    from .trial import trial_function
-
     check_storage(settings.storage_path)
     base = common_horizon(base, space)
     concurrency = check_resources(ray.cluster_resources(), base)

@@ -24,23 +24,22 @@ from typing import Any
 from . import dataset, memory, objective
 from .checkpointing import save_checkpoint, save_stop_state, trainable_state, weights_digest, write_failure
 from .config import TrainConfig
-from .engine import Schedule, build_engine, grad_accum, init_distributed
+from .distributed import all_reduce, barrier, init_distributed
+from .engine import Schedule, build_engine, grad_accum
 from .errors import TrainingError
-from .evaluation import RunData, all_reduce, evaluate_epoch
+from .evaluation import RunData, evaluate_epoch
 from .faults import FaultInjector
 from .generation import derived_max_new_tokens
 from .logs import setup_logging
 from .modeling import WeightsSource, base_source, build_tokenizer, count_parameters, effective_packing, liger_applied
 from .prompts import get_template
-from .session import Session
+from .session import RaySession, Session
 
 logger = logging.getLogger(__name__)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry: ``config = {"train": TrainConfig dict}``."""
-    from .session import RaySession
-
     setup_logging()
     train_loop(TrainConfig.from_dict(config["train"]), RaySession())
 
@@ -264,15 +263,8 @@ def _report(w: Worker, history: list[dict[str, Any]], resume: dict[str, Any] | N
             w.session.report(metrics, None)
             return False
         w.session.report(metrics, directory if w.session.rank == 0 else None)
-    _barrier(w.session.world_size)
+    barrier(w.session.world_size)
     return weights is not None
-
-
-def _barrier(world: int) -> None:
-    import torch.distributed as dist
-
-    if world > 1 and dist.is_initialized():
-        dist.barrier()
 
 
 def _predictions(data: RunData, parsed: Any) -> list[dict[str, Any]]:

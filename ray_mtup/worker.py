@@ -18,7 +18,11 @@ from typing import Sequence
 from .checkpointing import ADAPTER_FILE, recorded_memory_plan
 from .config import TrainConfig, load_yaml
 from .errors import RayMtupError
+from .holdout import score_on_test
 from .logs import setup_logging
+from .outputs import best_epoch, with_test_score, write_run_outputs
+from .session import TorchrunSession
+from .training import train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(cfg: TrainConfig, out_dir: Path) -> None:
     """Train ``cfg`` in this process group; rank 0 then writes the run directory."""
-    from .holdout import score_on_test
-    from .outputs import best_epoch, with_test_score, write_run_outputs
-    from .session import TorchrunSession
-    from .training import train_loop
-
     session = TorchrunSession(out_dir)
     train_loop(cfg, session)
     if session.rank != 0:

@@ -17,9 +17,9 @@ import pytest
 
 from ray_mtup import checkpointing
 from ray_mtup.checkpointing import ADAPTER_CONFIG_FILE, ADAPTER_FILE, STATE_FILE
-from ray_mtup.config import TrainConfig
+from ray_mtup.config import TrainConfig, parse_fault
 from ray_mtup.errors import CheckpointError, ConfigError
-from ray_mtup.faults import FaultInjector, parse_fault
+from ray_mtup.faults import FaultInjector
 
 
 def _tiny_cfg() -> TrainConfig:

@@ -121,12 +121,11 @@ def test_replica_generates_what_the_peft_model_generates(lora_model):
 def test_plan_uses_every_ranks_memory(lora_model, monkeypatch):
     """``auto`` under ZeRO-3 takes the replica only when it fits on every rank's device; two
     ranks of one host share its memory."""
-    import ray_mtup.evaluation as evaluation
     import ray_mtup.replica as replica
 
     model, _, cfg = lora_model
     peers: list[tuple] = []
-    monkeypatch.setattr(evaluation, "gather", lambda obj, world: [obj, *peers])
+    monkeypatch.setattr(replica, "gather", lambda obj, world: [obj, *peers])
     plenty = 64 * 2**30
     monkeypatch.setattr(replica, "device_memory", lambda device: (plenty, plenty))
     peers[:] = [("other-host", "cpu", plenty, 0)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import penman
 import pytest
 
-from ray_mtup import grammar
+from ray_mtup import generation, grammar
 from ray_mtup.config import TrainConfig
 from ray_mtup.generation import generate, prompts_for
 from ray_mtup.modeling import base_source, build_model, build_tokenizer
@@ -64,7 +64,7 @@ def test_constrained_generation_of_random_model_is_always_valid(tiny):
     template = get_template("v2_natural")
     prompts = prompts_for(template, [ex.sentence for ex in val], [ex.context for ex in val])
     stats = grammar.ConstrainedStats()
-    raw = grammar.generate_constrained(model, tok, prompts, template, batch_size=8, max_new_tokens=40,
+    raw = generation.generate_constrained(model, tok, prompts, template, batch_size=8, max_new_tokens=40,
                                        stats=stats)
     assert len(raw) == len(val) == stats.rows
     for text in raw:

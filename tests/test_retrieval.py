@@ -6,7 +6,7 @@ import pytest
 
 from ray_mtup import dataset, retrieval
 from ray_mtup.config import SEARCH_SPACES, TrainConfig, packaged_yaml
-from ray_mtup.dataset import MtupExample
+from ray_mtup.corpus import MtupExample
 from ray_mtup.errors import ConfigError
 from ray_mtup.prompts import get_template, render_inference
 from ray_mtup.search import documented_optimum, load_search_space
