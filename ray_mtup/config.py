@@ -500,16 +500,29 @@ def load_yaml(path: str | Path | Traversable) -> dict[str, Any]:
     return data
 
 
-#: Folders of YAML files shipped inside the package (read through importlib.resources).
+#: Folders of shipped YAML files: ``ray_mtup/presets/``, and ``search_spaces/`` at the top of the
+#: repository, which the wheel ships as ``ray_mtup/search_spaces/`` (pyproject.toml maps it).
 PRESETS = "presets"
 SEARCH_SPACES = "search_spaces"
 _FLAG_OF = {PRESETS: "preset", SEARCH_SPACES: "search_space"}
 
 
+def yaml_folder(kind: str) -> Traversable:
+    """The folder of the shipped ``kind`` files: inside the installed package, else (a checkout,
+    an editable install, a job's uploaded working directory) next to it.
+
+    >>> sorted(p.name for p in yaml_folder(SEARCH_SPACES).iterdir())[:2]
+    ['default.yaml', 'smoke.yaml']
+    """
+    packaged = resources.files(__package__).joinpath(kind)
+    if packaged.is_dir() or kind != SEARCH_SPACES:
+        return packaged
+    return PACKAGE_DIR.parent / kind
+
+
 def packaged_names(kind: str) -> list[str]:
-    """Names of the YAML files shipped in ``ray_mtup/<kind>/`` (``presets``, ``search_spaces``)."""
-    folder = resources.files(__package__).joinpath(kind)
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    """Names of the shipped YAML files of ``kind`` (``presets``, ``search_spaces``)."""
+    return sorted(p.name[: -len(".yaml")] for p in yaml_folder(kind).iterdir() if p.name.endswith(".yaml"))
 
 
 def packaged_yaml(kind: str, name: str | Path) -> Traversable | Path:
@@ -521,7 +534,7 @@ def packaged_yaml(kind: str, name: str | Path) -> Traversable | Path:
     text = str(name)
     if text.endswith((".yaml", ".yml")) or os.sep in text:
         return Path(text)
-    path = resources.files(__package__).joinpath(kind, f"{text}.yaml")
+    path = yaml_folder(kind).joinpath(f"{text}.yaml")
     if not path.is_file():
         raise ConfigError(_FLAG_OF.get(kind, kind),
                           f"unknown name {text!r}; choose from {packaged_names(kind)} or give a YAML path")

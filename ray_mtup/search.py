@@ -1,7 +1,7 @@
 """Layer 1, the search: Ray Tune with Optuna (TPE) and ASHA over per-trial TorchTrainers.
 
-Search spaces are YAML files (shipped in ``ray_mtup/search_spaces/``, or any path) validated
-by :func:`load_search_space`.
+Search spaces are YAML files (shipped in ``search_spaces/`` at the top of the repository, or any
+path) validated by :func:`load_search_space`.
 :func:`run_search` builds ``OptunaSearch`` (seeded, with the model's documented optimum as
 the first point) and an ``ASHAScheduler`` on the ``epoch`` counter, runs a ``Tuner`` over
 :func:`ray_mtup.trial.trial_function`, then hands the results to :mod:`ray_mtup.reporting`.

@@ -168,14 +168,14 @@ def test_runtime_env_excludes_outputs_virtualenvs_caches_and_git() -> None:
     for directory in ("runs", ".venv", "venv", ".git", ".pytest_cache", ".hypothesis", "outputs",
                       "ray_mtup/__pycache__"):
         assert excluded(REPO_ROOT / directory), f"{directory}/ is uploaded (a directory is dropped as a whole)"
-    for kept in ("run_tune.py", "ray_mtup/launcher.py", "ray_mtup/search_spaces/smoke.yaml", "cluster/runtime_env.yaml",
+    for kept in ("run_tune.py", "ray_mtup/launcher.py", "search_spaces/smoke.yaml", "cluster/runtime_env.yaml",
                  "ray_mtup/sample_data/train_amr_1.txt"):
         assert not excluded(REPO_ROOT / kept), f"{kept} would not be uploaded"
 
 
 def test_working_dir_upload_is_small_and_holds_the_package() -> None:
     files = uploaded_files(load("runtime_env.yaml"))
-    assert "run_tune.py" in files and "ray_mtup/launcher.py" in files and "ray_mtup/search_spaces/smoke.yaml" in files
+    assert "run_tune.py" in files and "ray_mtup/launcher.py" in files and "search_spaces/smoke.yaml" in files
     bad = [f for f in files if f.split("/")[0] in {".venv", ".git", "runs", ".hypothesis", ".pytest_cache"}
            or "__pycache__" in f]
     assert not bad, f"would upload {bad[:5]}"
@@ -434,14 +434,14 @@ def test_smoke_search_submitted_as_a_job_succeeds(ray_head: dict[str, Any], tmp_
     uploads = [p for p in upload_root.iterdir() if p.is_dir()]
     assert len(uploads) == 1, uploads
     shipped = {p.name for p in uploads[0].iterdir()}
-    assert {"run_tune.py", "ray_mtup"} <= shipped and (uploads[0] / "ray_mtup" / "search_spaces").is_dir()
+    assert {"run_tune.py", "ray_mtup"} <= shipped and (uploads[0] / "search_spaces" / "smoke.yaml").is_file()
     assert not {".venv", ".git", "runs"} & shipped
 
     out_dir = storage / name
     rows = (out_dir / "results.csv").read_text().strip().splitlines()
     from ray_mtup.search import load_search_space
 
-    n_trials = load_search_space(REPO_ROOT / "ray_mtup" / "search_spaces" / "smoke.yaml").num_samples
+    n_trials = load_search_space(REPO_ROOT / "search_spaces" / "smoke.yaml").num_samples
     assert len(rows) == 1 + n_trials, f"expected the {n_trials} trials of smoke.yaml, got {rows}"
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["n_trials"] == n_trials and summary["n_errors"] == 0

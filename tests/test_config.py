@@ -25,7 +25,7 @@ from ray_mtup.errors import ConfigError
 from ray_mtup.search import documented_optimum, load_search_space
 from ray_mtup.trial import apply_sampled
 
-SEARCH_SPACES_DIR = PACKAGE_DIR / SEARCH_SPACES
+SEARCH_SPACES_DIR = Path(__file__).resolve().parents[1] / SEARCH_SPACES  # top of the repository
 SPACES = sorted(SEARCH_SPACES_DIR.glob("*.yaml"))
 SMOKE_TRIALS = yaml.safe_load((SEARCH_SPACES_DIR / "smoke.yaml").read_text(encoding="utf-8"))["num_samples"]
 
@@ -244,3 +244,19 @@ def test_a_config_of_the_grad_accum_era_still_loads(tmp_path: Path):
     assert _accum(resolve_config(config_file=path)) == 8
     with pytest.raises(ConfigError, match="^grad_accum: no longer a field"):
         resolve_config("tiny", overrides={"grad_accum": 2})  # on the command line: say what replaced it
+
+
+def test_search_spaces_live_at_the_top_and_the_wheel_maps_them_into_the_package():
+    """search_spaces/ is a top-level folder of the repository; pyproject.toml ships it as
+    ray_mtup/search_spaces/ (the wheel test above installs it), and a checkout reads it in place."""
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[1]
+    on_disk = sorted(p.stem for p in (repo / "search_spaces").glob("*.yaml"))
+    assert not (repo / "ray_mtup" / "search_spaces").exists()
+    assert packaged_names(SEARCH_SPACES) == on_disk and "smoke" in on_disk
+    assert Path(str(packaged_yaml(SEARCH_SPACES, "smoke"))) == repo / "search_spaces" / "smoke.yaml"
+    setuptools = tomllib.loads((repo / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    assert setuptools["package-dir"]["ray_mtup.search_spaces"] == "search_spaces"
+    assert "ray_mtup.search_spaces" in setuptools["packages"]
+    assert setuptools["package-data"]["ray_mtup.search_spaces"] == ["*.yaml"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_mtup.config import PACKAGE_DIR, SEARCH_SPACES, resolve_config
+from ray_mtup.config import SEARCH_SPACES, packaged_yaml, resolve_config
 from ray_mtup.search import documented_optimum, load_search_space
 
 pytestmark = pytest.mark.integration
@@ -49,7 +49,7 @@ def test_smoke_search_runs_four_trials_first_is_documented_optimum(smoke):
     assert len(rows) >= 4
     assert all(r["status"] == "TERMINATED" for r in rows)
     first = min(rows, key=lambda r: int(r["trial_index"]))
-    space = load_search_space(PACKAGE_DIR / SEARCH_SPACES / "smoke.yaml")
+    space = load_search_space(packaged_yaml(SEARCH_SPACES, "smoke"))
     expected = documented_optimum(space, resolve_config("tiny").replace(**space.overrides))
     for key, value in expected.items():
         got = first[key]
@@ -119,7 +119,7 @@ def test_mlflow_store_has_one_run_per_trial_with_params_and_every_epoch(smoke, m
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == len(rows)
-    space = load_search_space(PACKAGE_DIR / SEARCH_SPACES / "smoke.yaml")
+    space = load_search_space(packaged_yaml(SEARCH_SPACES, "smoke"))
     for run in runs:
         trial_id = next(t for t in rows if t in run.info.run_name)
         row = rows[trial_id]
