@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from . import dataset, objective, scoring
 from .config import TrainConfig
 from .corpus import MtupExample
-from .distributed import gather, shard
+from .distributed import all_reduce, gather, shard
 from .generation import Parsed, generate, parse_outputs, prompts_for
 from .prompts import get_template
 from .replica import merged_replica, plan_generation

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .errors import ModelError
-from .prompts import Template
 
 logger = logging.getLogger(__name__)
 
