@@ -109,7 +109,9 @@ def save_checkpoint(directory: Path, model: Any, tokenizer: Any, state: dict[str
     ``model`` is the PeftModel, ``weights`` its gathered trainable tensors (:func:`trainable_state`).
     ``directory`` must not exist or be empty; it appears complete or not at all.
     ``predictions`` are dicts with id, sentence, raw, task1_graph and task2_graph (None when
-    invalid); the JSONL keeps them exactly (for re-scoring), the .txt is for reading.
+    invalid), and (:func:`ray_mtup.evaluation.prediction_records`) the gold graph and the
+    sentence's own Task 2 F; the JSONL keeps them exactly (for re-scoring), the .txt is for
+    reading (the corpus format, gold and F as comment lines).
     """
     def write(tmp: Path) -> None:
         _write_model_files(tmp, model, tokenizer, weights, before_write)
@@ -148,7 +150,12 @@ def _readable_predictions(predictions: Sequence[dict[str, Any]]) -> str:
     lines = []
     for p in predictions:
         graph = p["task2_graph"] if p["task2_graph"] is not None else "# invalid output (scored as empty)"
-        lines.append(f"#::snt {p['sentence']}\n{graph}\n")
+        notes = ""
+        if "task2_f1" in p:
+            notes += f"# F {p['task2_f1']:.4f}\n"
+        if p.get("gold"):
+            notes += "".join(f"# gold {line}\n" for line in p["gold"].splitlines())
+        lines.append(f"#::snt {p['sentence']}\n{notes}{graph}\n")
     return "\n".join(lines)
 
 

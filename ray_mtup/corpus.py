@@ -35,7 +35,10 @@ __all__ = [
     "normalise_sentence",
     "read_amr_file",
     "read_amr_file_report",
+    "read_input_sentences",
     "read_sentences",
+    "looks_unlike_corpus",
+    "to_corpus_form",
     "write_amr_file",
 ]
 
@@ -307,6 +310,19 @@ def read_sentences(path: str | Path) -> list[Example]:
     return examples
 
 
+def read_input_sentences(path: str | Path) -> list[Example]:
+    """The sentences to parse: a sentence-only file (:func:`read_sentences`), or a graph file in
+    the corpus format (a gold file), whose ``#::snt`` lines are read (:func:`read_amr_file`).
+
+    A file is a graph file when its first non-blank line is a ``#::snt`` line.
+    """
+    path = Path(path)
+    first = next((line.strip() for line in _split_lines(_read_text(path)) if line.strip()), "")
+    if _SNT_RE.match(first):
+        return read_amr_file(path)
+    return read_sentences(path)
+
+
 def load_corpus(
     data_dir: str | Path,
     files: Sequence[str] = DEFAULT_TRAIN_FILES,
@@ -373,3 +389,68 @@ def find_duplicate_sentences(examples: Iterable[Example]) -> dict[str, list[str]
     for example in examples:
         groups.setdefault(normalise_sentence(example.sentence), []).append(example.id)
     return {key: ids for key, ids in groups.items() if len(ids) > 1}
+
+
+# --------------------------------------------------------------------------- the corpus form of a sentence
+
+#: Punctuation the corpus writes as a token of its own, when it closes a word ("đi ," "học !").
+_CLOSING = ',;:!?"”’)]}…'
+#: ... and when it opens one ("( xem", "“ coi").
+_OPENING = '"“‘([{'
+_SEGMENTED_RE = re.compile(r"(?<=[^\W_])_+(?=[^\W_])")
+
+
+def _split_token(token: str, last: bool) -> list[str]:
+    """One whitespace token with its opening and closing punctuation split off, as the corpus
+    writes it. A closing ``.`` is split off at the end of the line, or when it is part of an
+    ellipsis (``..``, ``...``); elsewhere it stays (``tp.``, ``q.1``, ``an.hus@gmail.com``).
+
+    >>> _split_token('("Thế', False), _split_token('đâu?!', False), _split_token('học.', True), _split_token('tp.', False)
+    (['(', '"', 'Thế'], ['đâu', '?', '!'], ['học', '.'], ['tp.'])
+    >>> _split_token('nữa...', False), _split_token('10:32', False), _split_token('...', False)
+    (['nữa', '...'], ['10:32'], ['...'])
+    """
+    head: list[str] = []
+    while len(token) > 1 and token[0] in _OPENING:
+        head.append(token[0])
+        token = token[1:]
+    tail: list[str] = []
+    while len(token) > 1:
+        dots = len(token) - len(token.rstrip("."))
+        if dots and dots < len(token) and (dots > 1 or last):
+            tail.insert(0, token[-dots:])
+            token = token[:-dots]
+        elif token[-1] in _CLOSING:
+            tail.insert(0, token[-1])
+            token = token[:-1]
+        else:
+            break
+    return head + [token] + tail
+
+
+def to_corpus_form(sentence: str) -> str:
+    """A sentence written as the training corpus writes its sentences: NFC, lower case,
+    syllables separated by spaces (a word-segmenter's ``_`` becomes a space), punctuation a
+    token of its own, single spaces. Corpus sentences are (nearly all) unchanged by it.
+
+    >>> to_corpus_form("Hắn trợn mắt lên quát : - Thế_thì thằng nào ăn đi ?")
+    'hắn trợn mắt lên quát : - thế thì thằng nào ăn đi ?'
+    >>> to_corpus_form("Ông Giáo kéo ghế ngồi, dựa cái bàn.")
+    'ông giáo kéo ghế ngồi , dựa cái bàn .'
+    >>> to_corpus_form("bi kịch là ở chỗ đó !")
+    'bi kịch là ở chỗ đó !'
+    """
+    text = _SEGMENTED_RE.sub(" ", unicodedata.normalize("NFC", sentence)).lower()
+    tokens = text.split()
+    return " ".join(t for i, token in enumerate(tokens) for t in _split_token(token, i == len(tokens) - 1))
+
+
+def looks_unlike_corpus(sentence: str) -> bool:
+    """True for a sentence that is word-segmented (``Thế_thì``) or has a capital letter, which
+    the training sentences almost never are (27 of the 1,842 VLSP training sentences have a
+    capital, 8 an ``_``).
+
+    >>> looks_unlike_corpus("Thế_thì sao ?"), looks_unlike_corpus("thế thì sao ?")
+    (True, False)
+    """
+    return bool(_SEGMENTED_RE.search(sentence)) or any(c.isupper() for c in sentence)

@@ -92,17 +92,37 @@ def evaluate_epoch(engine: Any, tokenizer: Any, cfg: TrainConfig, data: RunData,
     by_index = {i: text for part in gathered for i, text in part}
     parsed = parse_outputs(template, [by_index[i] for i in range(n_eval)])
     new_tokens, hit_limit = all_reduce([sum(out.new_tokens[:real]), sum(out.hit_limit[:real])], device, world)
-    metrics = score_epoch(cfg, data.val_gold[:n_eval], parsed, val_loss, progress=rank == 0)
+    metrics, pairs = score_epoch(cfg, data.val_gold[:n_eval], parsed, val_loss, progress=rank == 0)
     metrics.update(n_eval=n_eval, hit_token_limit=int(hit_limit), max_new_tokens=data.max_new_tokens,
                    gen_new_tokens_per_s=new_tokens / max(gen_time, 1e-9), eval_generation=plan.path)
-    return metrics, parsed
+    return metrics, prediction_records(data.val[:n_eval], data.val_gold[:n_eval], parsed, pairs)
+
+
+def prediction_records(examples: Sequence[Any], gold: Sequence[str], parsed: Sequence[Parsed],
+                       pairs: Sequence[scoring.PairCounts]) -> list[dict[str, Any]]:
+    """One record per scored sentence, as saved in a checkpoint's ``val_predictions.jsonl``: id,
+    sentence, gold graph, raw output, both tasks' graphs (None when unreadable, scored as empty)
+    and the sentence's own Task 2 F (``task2_f1``, in the run's scoring mode).
+
+    >>> from types import SimpleNamespace as NS
+    >>> p = Parsed("raw", None, "(c / chó)", False)
+    >>> prediction_records([NS(id="f:1", sentence="chó")], ["(c / chó)"], [p], [scoring.PairCounts(2, 2, 2, True)])[0]["task2_f1"]
+    1.0
+    """
+    return [{"id": ex.id, "sentence": ex.sentence, "gold": g, "raw": p.raw, "task1_graph": p.task1_graph,
+             "task2_graph": p.task2_graph, "task2_f1": pair.f1}
+            for ex, g, p, pair in zip(examples, gold, parsed, pairs, strict=True)]
 
 
 def score_epoch(cfg: TrainConfig, gold: Sequence[str], parsed: Sequence[Parsed], val_loss: float,
-                progress: bool = False) -> dict[str, Any]:
+                progress: bool = False) -> tuple[dict[str, Any], list[scoring.PairCounts]]:
     """Corpus SMATCH of both tasks in the run's mode, Task 2 in the official one too, and the
-    objective; ``progress`` shows a bar (rank 0 only)."""
-    t2 = scoring.score_corpus(gold, [p.task2_graph for p in parsed], mode=cfg.scoring_mode, progress=progress)
+    objective; and the Task 2 counts of every sentence. ``progress`` shows a bar (rank 0 only).
+
+    The objective's rule: a Task 2 output that cannot be read (None) counts as an empty graph;
+    the held-out test figure (:mod:`ray_mtup.holdout`) follows the same rule."""
+    pairs = scoring.score_pairs(gold, [p.task2_graph for p in parsed], mode=cfg.scoring_mode, progress=progress)
+    t2 = scoring.Score.from_pairs(pairs, cfg.scoring_mode)
     t1 = scoring.score_corpus(gold, [p.task1_graph for p in parsed], mode=cfg.scoring_mode)
     # The shared task's convention too, so every epoch compares with the published leaderboard.
     t2_official = t2 if t2.mode == "official" else scoring.score_corpus(
@@ -119,4 +139,4 @@ def score_epoch(cfg: TrainConfig, gold: Sequence[str], parsed: Sequence[Parsed],
         "repaired_rate": sum(p.task2_repaired for p in parsed) / max(1, len(parsed)),
         objective.METRIC: objective.value(t2.f1, val_loss),
         "scoring_mode": t2.mode,
-    }
+    }, pairs

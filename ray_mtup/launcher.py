@@ -31,11 +31,11 @@ from .config import (
 )
 from .dataset import load_examples
 from .errors import ConfigError, RayMtupError
-from .holdout import describe, format_interval, format_test_line, held_out_set
+from .holdout import describe, describe_corpus, format_interval, format_test_line, held_out_set
 from .logs import setup_logging
 from .outputs import format_epoch_table
 from .reporting import local_results_dir
-from .tracking import DEFAULT_TRACKER, TRACKERS, tracker_location
+from .tracking import DEFAULT_TRACKER, TRACKERS, check_tracker, record_single_run, tracker_location
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=MAX_FAILURES,
                    help="retries of a failed trial or run (default: %(default)s)")
     p.add_argument("--tracker", choices=TRACKERS, default=DEFAULT_TRACKER,
-                   help="experiment tracker of a search: an MLflow file store in the experiment directory, "
-                        "TensorBoard, Weights & Biases (needs WANDB_API_KEY) or none (default: %(default)s)")
+                   help="experiment tracker of a search's trials or of the --no-search run: an MLflow store in "
+                        "the experiment directory, TensorBoard, Weights & Biases (needs WANDB_API_KEY) or none "
+                        "(default: %(default)s)")
     p.add_argument("--smoke-test", action="store_true",
                    help=f"a few tiny trials with short epochs, for CPU (the {SMOKE_SPACE} search space)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
@@ -92,6 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any TrainConfig field, e.g. --set eval_max_samples=50 --set lora.r=16")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+#: Flags that only a search reads (argparse dest -> flag): with --no-search each is an error.
+SEARCH_ONLY_FLAGS = {"search_space": "--search-space", "num_samples": "--num-samples", "resume": "--resume",
+                     "smoke_test": "--smoke-test"}
+
+
+def check_single_run_flags(args: argparse.Namespace) -> None:
+    """With ``--no-search``, a flag only a search reads is a ConfigError naming it (none is
+    ignored in silence).
+
+    >>> check_single_run_flags(build_parser().parse_args(["--no-search", "--num-samples", "4"]))
+    Traceback (most recent call last):
+    ...
+    ray_mtup.errors.ConfigError: --num-samples: applies to a search only, not to a --no-search run; drop it or drop --no-search
+    """
+    given = [flag for dest, flag in SEARCH_ONLY_FLAGS.items() if getattr(args, dest) not in (None, False)]
+    if given:
+        raise ConfigError(", ".join(given), f"appl{'ies' if len(given) == 1 else 'y'} to a search only, not to a "
+                                            "--no-search run; drop it or drop --no-search")
 
 
 def _stage_flag(value: str) -> int | str:
@@ -223,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
     if args.no_search:
+        check_single_run_flags(args)
+        check_tracker(args.tracker)
         cfg = config_from_args(args)
         name = _name(args, cfg)
         search.check_storage(storage)
@@ -230,15 +253,17 @@ def _main(args: argparse.Namespace) -> int:
         start_ray(args.address)
         search.check_resources(_cluster_resources(), cfg, driver_cpu=0.0)
         t0 = time.time()
-        summary = trial.run_single(cfg, name=name, storage_path=storage,
-                                   output_dir=local_results_dir(f"{storage.rstrip('/')}/{name}"),
+        out_dir = local_results_dir(f"{storage.rstrip('/')}/{name}")
+        summary = trial.run_single(cfg, name=name, storage_path=storage, output_dir=out_dir,
                                    max_failures=args.max_failures)
+        record_single_run(args.tracker, out_dir, name, cfg.to_dict(), summary.history, summary.test)
         print(format_epoch_table(summary.history))
         best = summary.best
         print(f"best epoch {summary.best_epoch}: Task 1 F1 {best['task1_f1']:.4f}, Task 2 F1 {best['task2_f1']:.4f}, "
               f"validity {best['validity']:.3f} (SMATCH mode {best['scoring_mode']}); "
               f"{time.time() - t0:.0f} s; run directory {summary.run_dir}")
         print(format_test_line(best["task2_f1"], summary.test))
+        print(f"corpus:  {describe_corpus(cfg)}\ntracker: {tracker_location(args.tracker, out_dir)}")
         return 0
     # the resource flags first: GPUs that cannot be split over the workers is the error to report
     search.check_gpu_split(args.gpus_per_trial, args.workers_per_trial or (args.gpus_per_trial or 1))
@@ -264,7 +289,7 @@ def _main(args: argparse.Namespace) -> int:
           f"(95% CI {format_interval(noise.get('ci95'))}); most-frequent-graph baseline {baseline:.4f}")
     if "test" in summary:
         print(format_test_line(best.get("task2_f1"), summary["test"]))
-    print(closing_note(summary, args.tracker))
+    print(closing_note(summary, args.tracker, describe_corpus(cfg)))
     if summary["n_errors"]:
         print(f"error: {summary['n_errors']} of {summary['n_trials']} trials failed; see results.csv",
               file=sys.stderr)
@@ -280,11 +305,14 @@ def _name(args: argparse.Namespace, cfg: TrainConfig) -> str:
     return args.name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def closing_note(summary: Mapping[str, Any], tracker: str) -> str:
-    """Where a search's results, plots and tracker store are (the last lines a user sees)."""
+def closing_note(summary: Mapping[str, Any], tracker: str, corpus: str) -> str:
+    """The corpus a search used (:func:`ray_mtup.holdout.describe_corpus`), and where its
+    results, plots and tracker store are (the last lines a user sees)."""
     results = local_results_dir(summary["experiment_dir"])
     plots = ", ".join(Path(p).name for p in summary.get("plots", [])) or "none"
-    return (f"results: {summary['experiment_dir']} (results.csv, summary.json, best_config.yaml)\n"
+    return (f"corpus:  {corpus}\n"
+            f"results: {summary['experiment_dir']} (results.csv, summary.json, best_config.yaml, "
+            f"test_predictions.jsonl)\n"
             f"plots:   {plots} in {results}\n"
             f"tracker: {tracker_location(tracker, results)}")
 

@@ -14,6 +14,7 @@ from typing import Any, Collection, Mapping, Sequence
 
 from . import objective
 from .config import TrainConfig
+from .holdout import describe_corpus
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "val_loss", "task1_f1", "task2_f1", "validity", "tokens_per_s",
                  "useful_token_fraction", "epoch_time_s", "eval_time_s")
@@ -103,5 +104,6 @@ def with_test_score(summary: RunSummary, cfg: TrainConfig, test: dict[str, Any])
 
 def _write_summary(summary: RunSummary, cfg: TrainConfig) -> None:
     (Path(summary.run_dir) / "summary.json").write_text(json.dumps(
-        {**summary.to_dict(), "config": cfg.to_dict(), "history": list(summary.history)}, indent=2,
+        {**summary.to_dict(), "corpus": describe_corpus(cfg), "config": cfg.to_dict(),
+         "history": list(summary.history)}, indent=2,
         ensure_ascii=False), encoding="utf-8")

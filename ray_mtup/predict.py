@@ -7,13 +7,23 @@ Every input line gets a valid PENMAN graph, in this order of preference:
 2. the Task 1 output with its variables restored (when Task 2 cannot be repaired);
 3. the documented minimal graph :data:`FALLBACK_GRAPH` (when neither can).
 
-How many outputs took each path is counted and reported, never hidden.
+How many outputs took each path is counted and reported, never hidden. Scores follow
+the objective's rule, not this file's: :attr:`Parses.task2` keeps an unreadable Task 2
+output as None (an empty graph), and the held-out test figure (:mod:`ray_mtup.holdout`)
+scores that.
+
+The input is a sentence per line, or a gold file in the corpus format (its ``#::snt``
+lines). Before the model sees a sentence it is written in the training sentences' form
+(:func:`ray_mtup.corpus.to_corpus_form`: lower case, ``_`` between syllables as a space,
+punctuation a token of its own) unless ``raw_input``; the written ``#::snt`` line keeps the
+sentence as given. The output path is checked before the model loads.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,6 +44,10 @@ logger = logging.getLogger(__name__)
 FALLBACK_GRAPH = "(a / amr-unknown)"
 
 
+#: ``--raw-input`` warns when more than this share of the lines is unlike the training sentences.
+UNLIKE_CORPUS_WARNING = 0.1
+
+
 @dataclass(frozen=True)
 class PredictReport:
     n_sentences: int
@@ -42,6 +56,8 @@ class PredictReport:
     n_task1_fallback: int
     n_minimal: int
     output: str
+    input_normalised: bool = True
+    n_input_changed: int = 0  # lines the normalisation changed (0 with raw input)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,9 +111,24 @@ def load_for_inference(adapter_dir: Path, model_path: str | None = None) -> tupl
     return model, tokenizer, cfg.replace(max_new_tokens=int(budget))
 
 
+@dataclass(frozen=True)
+class Parses:
+    """What :func:`parse_sentences` made of each sentence.
+
+    ``graphs``: what ``predict`` writes (Task 2, else Task 1, else :data:`FALLBACK_GRAPH`);
+    ``task2``: the repaired Task 2 graph or None, what the objective scores (None: empty);
+    ``raw``: the generations; ``counts``: how many graphs took each path.
+    """
+
+    graphs: list[str]
+    task2: list[str | None]
+    raw: list[str]
+    counts: dict[str, int]
+
+
 def parse_sentences(model: Any, tokenizer: Any, cfg: TrainConfig, sentences: Sequence[str],
                     batch_size: int = 32, max_new_tokens: int | None = None,
-                    progress: bool = True) -> tuple[list[str], dict[str, int]]:
+                    progress: bool = True) -> Parses:
     """One canonical graph per sentence (Task 2, else Task 1, else :data:`FALLBACK_GRAPH`),
     and how many took each path; the path of ``predict`` and of the test figure."""
     template = get_template(cfg.template)
@@ -106,7 +137,8 @@ def parse_sentences(model: Any, tokenizer: Any, cfg: TrainConfig, sentences: Seq
                    stop_template=template, constrained=cfg.constrained_decoding)
     counts = {"n_task2": 0, "n_task2_repaired": 0, "n_task1_fallback": 0, "n_minimal": 0}
     graphs = []
-    for i, p in enumerate(parse_outputs(template, out.texts)):
+    parsed = parse_outputs(template, out.texts)
+    for i, p in enumerate(parsed):
         if p.task2_graph is not None:
             graphs.append(p.task2_graph)
             counts["n_task2"] += 1
@@ -118,7 +150,53 @@ def parse_sentences(model: Any, tokenizer: Any, cfg: TrainConfig, sentences: Seq
             graphs.append(FALLBACK_GRAPH)
             counts["n_minimal"] += 1
             logger.info("sentence %d: no graph could be recovered; wrote %s", i + 1, FALLBACK_GRAPH)
-    return graphs, counts
+    return Parses(graphs, [p.task2_graph for p in parsed], list(out.texts), counts)
+
+
+def check_output_path(path: str | Path) -> Path:
+    """``path`` if parses can be written there: not a directory, and its nearest existing
+    parent a writable directory. Checked before a model loads; ConfigError("output") if not."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError("output", f"{path} is a directory; give the path of a file to write")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError("output", f"{path} exists and is not writable")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError("output", f"cannot create {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError("output", f"cannot create {path}: {parent} is not writable")
+    return path
+
+
+def model_inputs(sentences: Sequence[str], raw_input: bool = False) -> list[str]:
+    """What the model reads for ``sentences``: their corpus form
+    (:func:`ray_mtup.corpus.to_corpus_form`), or with ``raw_input`` the sentences as given,
+    with a warning when more than :data:`UNLIKE_CORPUS_WARNING` of them look unlike the
+    training sentences (word-segmented or capitalised)."""
+    if raw_input:
+        unlike = sum(corpus.looks_unlike_corpus(s) for s in sentences)
+        if unlike > UNLIKE_CORPUS_WARNING * len(sentences):
+            logger.warning("%d of %d input lines are word-segmented ('_') or have capitals, unlike every training "
+                           "sentence, and --raw-input keeps them so; without it they are normalised",
+                           unlike, len(sentences))
+        return list(sentences)
+    inputs = [corpus.to_corpus_form(s) for s in sentences]
+    logger.info("input normalised to the training sentences' form (lower case, '_' between syllables as a space, "
+                "punctuation spaced): %d of %d lines changed; --raw-input turns this off",
+                n_changed(sentences, inputs), len(sentences))
+    return inputs
+
+
+def n_changed(sentences: Sequence[str], inputs: Sequence[str]) -> int:
+    """How many sentences their model input rewrote beyond spacing.
+
+    >>> n_changed(["Tôi  đi", "tôi đi"], ["tôi đi", "tôi đi"])
+    1
+    """
+    return sum(" ".join(s.split()) != i for s, i in zip(sentences, inputs))
 
 
 def write_parses(path: str | Path, sentences: Sequence[str], graphs: Sequence[str], style: str) -> Path:
@@ -150,8 +228,12 @@ def retrieved_contexts(cfg: TrainConfig, sentences: list[str]) -> list[tuple[tup
 def predict_file(adapter: str | Path, input_path: str | Path, output_path: str | Path,
                  batch_size: int = 32, max_new_tokens: int | None = None,
                  model_path: str | None = None, concept_style: str = "space", constrained: bool | None = None,
-                 data_dir: str | None = None) -> PredictReport:
-    """Parse every line of ``input_path`` into ``output_path`` (``#::snt`` + PENMAN blocks).
+                 data_dir: str | None = None, raw_input: bool = False) -> PredictReport:
+    """Parse every sentence of ``input_path`` into ``output_path`` (``#::snt`` + PENMAN blocks).
+
+    ``input_path``: one sentence per line, or a gold file in the corpus format (its ``#::snt``
+    lines). The model reads each sentence in its corpus form (:func:`model_inputs`; as given
+    with ``raw_input``); the ``#::snt`` lines keep the sentences as given.
 
     Multi-word concepts are written with spaces by default, as the shared task's test gold
     writes them (``concept_style="_"`` keeps canonical PENMAN's ``chủ_tịch``). ``constrained``
@@ -160,14 +242,18 @@ def predict_file(adapter: str | Path, input_path: str | Path, output_path: str |
     """
     if concept_style not in CONCEPT_STYLES:
         raise ConfigError("concept_style", f"must be one of {list(CONCEPT_STYLES)}, got {concept_style!r}")
+    check_output_path(output_path)
     adapter_dir = find_adapter(adapter)
-    sentences = [ex.sentence for ex in corpus.read_sentences(input_path)]
+    sentences = [ex.sentence for ex in corpus.read_input_sentences(input_path)]
+    inputs = model_inputs(sentences, raw_input)
     model, tokenizer, cfg = load_for_inference(adapter_dir, model_path)
     if data_dir is not None:
         cfg = cfg.replace(data_dir=data_dir)
     if constrained is not None:
         cfg = cfg.replace(constrained_decoding=constrained)
-    graphs, counts = parse_sentences(model, tokenizer, cfg, sentences, batch_size, max_new_tokens)
-    out = write_parses(output_path, sentences, graphs, concept_style)
+    parses = parse_sentences(model, tokenizer, cfg, inputs, batch_size, max_new_tokens)
+    out = write_parses(output_path, sentences, parses.graphs, concept_style)
+    counts = parses.counts
     return PredictReport(len(sentences), counts["n_task2"], counts["n_task2_repaired"],
-                         counts["n_task1_fallback"], counts["n_minimal"], str(out))
+                         counts["n_task1_fallback"], counts["n_minimal"], str(out), not raw_input,
+                         n_changed(sentences, inputs))

@@ -22,7 +22,7 @@ from . import objective, scoring, study
 from .checkpointing import PREDICTIONS_JSONL, recorded_memory_plan
 from .config import TrainConfig
 from .dataset import corpus_splits, load_examples
-from .holdout import format_test_line, score_on_test
+from .holdout import describe_corpus, format_test_line, score_on_test
 from .trial import SAMPLED_KEYS, apply_sampled
 
 logger = logging.getLogger(__name__)
@@ -344,7 +344,8 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
     # its stop_reason, and the search may have no best at all.
     scored = [r for r in records
               if r.history and r.best.get("val_loss") is not None and not r.best.get("stop_reason")]
-    summary: dict[str, Any] = {"experiment_dir": experiment_dir, "search_space": space.path,
+    summary: dict[str, Any] = {"experiment_dir": experiment_dir, "corpus": describe_corpus(base),
+                               "search_space": space.path,
                                "n_trials": len(records), "n_errors": sum(r.status == "ERROR" for r in records),
                                "objective": "task2_f1 (validation, corpus SMATCH), ties by val_loss; "
                                             "the reported figure is 'test', scored once on held-out graphs",
@@ -372,7 +373,7 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
             checkpoint.to_directory(str(dest))
             summary["best_adapter"] = str(dest)
             summary["best_memory_plan"] = recorded_memory_plan(dest)
-            summary["test"] = score_on_test(dest, best.best.get("checkpoint_path"), best.config.use_gpu)
+            summary["test"] = score_on_test(dest, best.best.get("checkpoint_path"), best.config.use_gpu, out_dir)
             print(f"best trial {best.trial_id}: " + format_test_line(best.best.get("task2_f1"), summary["test"]),
                   flush=True)
         summary["plots"] = plot(records, out_dir, baseline["task2_f1"] if baseline else None)

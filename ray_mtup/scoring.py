@@ -94,6 +94,15 @@ class PairCounts:
     gold: int
     valid: bool
 
+    @property
+    def f1(self) -> float:
+        """This pair's own SMATCH F (for showing one sentence; corpus F sums the counts).
+
+        >>> PairCounts(3, 4, 6, True).f1, PairCounts(0, 0, 2, False).f1
+        (0.6, 0.0)
+        """
+        return _f1(self.matched, self.predicted, self.gold)
+
 
 @dataclass(frozen=True)
 class Score:
@@ -414,9 +423,11 @@ def score_pairs(
     *,
     restarts: int = DEFAULT_RESTARTS,
     seed: int = DEFAULT_SEED,
+    progress: bool = False,
 ) -> list[PairCounts]:
-    """Per-pair counts (for :func:`bootstrap_ci`); ScoringError when the lengths differ."""
-    return _score_pairs(golds, preds, mode, restarts, seed)
+    """Per-pair counts (for :func:`bootstrap_ci`); ScoringError when the lengths differ.
+    ``progress`` shows a progress bar."""
+    return _score_pairs(golds, preds, mode, restarts, seed, progress)
 
 
 def score_corpus(

@@ -5,7 +5,11 @@
   TensorBoard (``TBXLoggerCallback``), Weights & Biases (``WandbLoggerCallback``, needs
   ``WANDB_API_KEY``) or none. Each trial is one run; its sampled hyper-parameters are the
   run's parameters and every reported metric is logged at the trial's epoch.
-* :mod:`ray_mtup.progress` prints one line per finished epoch in the driver.
+* :func:`record_single_run` logs a run without a search (``--no-search``) to the same
+  tracker, as one run: its config as parameters, every epoch's metrics at that epoch, and
+  the test figure (``test_*``) after the last one.
+* :mod:`ray_mtup.progress` prints one line per finished epoch, and one per finished trial,
+  in the driver.
 
 Nothing here imports Ray at import time (the launcher reads :data:`TRACKERS` for its flags).
 
@@ -18,9 +22,11 @@ file store is what keeps the tracking data inside the experiment directory, with
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from .errors import ConfigError
 
@@ -97,3 +103,105 @@ def tracker_location(tracker: str, results_dir: str | Path) -> str:
     if tracker == "wandb":
         return "the W&B project ray_mtup (group = the experiment name)"
     return "no tracker (--tracker none)"
+
+
+def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as ``a.b`` keys.
+
+    >>> _flat({"lora": {"r": 8}, "epochs": 3})
+    {'lora.r': 8, 'epochs': 3}
+    """
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _numbers(data: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in _flat(data).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def figure_metrics(test: Mapping[str, Any]) -> dict[str, float]:
+    """The test figure of a run as tracker metrics (``test_*``).
+
+    >>> figure_metrics({"task2_f1": 0.3, "ci95": [0.2, 0.4], "validity": 0.9, "submitted": {"task2_f1": 0.35}})
+    {'test_task2_f1': 0.3, 'test_ci95_low': 0.2, 'test_ci95_high': 0.4, 'test_validity': 0.9, 'test_submitted_task2_f1': 0.35}
+    """
+    if "task2_f1" not in test:
+        return {}
+    out = {"test_task2_f1": test["task2_f1"], "test_ci95_low": test["ci95"][0], "test_ci95_high": test["ci95"][1],
+           "test_validity": test.get("validity")}
+    if "submitted" in test:
+        out["test_submitted_task2_f1"] = test["submitted"]["task2_f1"]
+    return _numbers(out)
+
+
+def record_single_run(tracker: str, results_dir: str | Path, name: str, config: Mapping[str, Any],
+                      history: Sequence[Mapping[str, Any]], test: Mapping[str, Any]) -> None:
+    """Log a ``--no-search`` run to ``tracker`` as one run, like a search trial: ``config``
+    (flattened) as parameters, each epoch's numeric metrics at step ``epoch``, and
+    :func:`figure_metrics` at the last epoch. The MLflow store is the one a search would use in
+    ``results_dir``. A tracker that fails is logged, not raised: the run's files are written."""
+    check_tracker(tracker)
+    if tracker == "none":
+        return
+    params = {k: str(v) for k, v in _flat(config).items()}
+    steps = [(int(m["epoch"]), _numbers(m)) for m in history]
+    last = steps[-1][0] if steps else 0
+    steps.append((last, figure_metrics(test)))
+    try:
+        if tracker == "mlflow":
+            _mlflow_run(results_dir, name, params, steps)
+        elif tracker == "tensorboard":
+            _tensorboard_run(results_dir, params, steps)
+        else:
+            _wandb_run(name, params, steps)
+    except (ImportError, OSError) as exc:
+        logger.error("the run could not be recorded in %s: %s", tracker, exc)
+
+
+def _mlflow_run(results_dir: str | Path, name: str, params: dict[str, str],
+                steps: Sequence[tuple[int, dict[str, float]]]) -> None:
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    Path(results_dir).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault(MLFLOW_FILE_STORE_ENV, "true")
+    client = MlflowClient(tracking_uri=mlflow_uri(results_dir))
+    experiment = client.get_experiment_by_name(name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    run_id = client.create_run(experiment_id, run_name=name, tags={"project": "ray_mtup"}).info.run_id
+    items = list(params.items())
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 parameters per batch
+        client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in items[i:i + 100]])
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, step) for step, values in steps for k, v in values.items()]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    client.set_terminated(run_id)
+
+
+def _tensorboard_run(results_dir: str | Path, params: dict[str, str],
+                     steps: Sequence[tuple[int, dict[str, float]]]) -> None:
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(logdir=str(Path(results_dir).resolve())) as writer:
+        writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in params.items()))
+        for step, values in steps:
+            for key, value in values.items():
+                writer.add_scalar(key, value, step)
+
+
+def _wandb_run(name: str, params: dict[str, str], steps: Sequence[tuple[int, dict[str, float]]]) -> None:
+    import wandb
+
+    run = wandb.init(project="ray_mtup", group=name, name=name, config=params)
+    try:
+        for step, values in steps:
+            run.log(values, step=step)
+    finally:
+        run.finish()

@@ -137,12 +137,12 @@ def train_loop(cfg: TrainConfig, session: Session) -> None:
         metrics["resume_note"] = resume.get("resume_note", "") if resume and epoch == first else ""
         history.append(metrics)
         if metrics["stop_reason"]:
-            _report(w, history, resume, parsed=None, faults=faults)
+            _report(w, history, resume, predictions=None, faults=faults)
             return
         t0 = time.perf_counter()
-        eval_metrics, parsed = evaluate_epoch(engine, tokenizer, cfg, data, session.rank, world, device)
+        eval_metrics, predictions = evaluate_epoch(engine, tokenizer, cfg, data, session.rank, world, device)
         metrics.update(eval_metrics, eval_time_s=time.perf_counter() - t0)
-        if not _report(w, history, resume, parsed, faults):
+        if not _report(w, history, resume, predictions, faults):
             return
 
 
@@ -225,17 +225,18 @@ def batch_metrics(cfg: TrainConfig, world: int) -> dict[str, int]:
             "grad_accum": grad_accum(cfg, world), "world_size": world, "zero_stage": cfg.stage()}
 
 
-def _report(w: Worker, history: list[dict[str, Any]], resume: dict[str, Any] | None, parsed: Any,
-            faults: FaultInjector) -> bool:
+def _report(w: Worker, history: list[dict[str, Any]], resume: dict[str, Any] | None,
+            predictions: list[dict[str, Any]] | None, faults: FaultInjector) -> bool:
     """Report the last epoch on every rank; rank 0 attaches the checkpoint. False: the run stops.
 
-    After a stop (``parsed`` None: non-finite loss, out of memory) the weights are unusable:
+    ``predictions``: the epoch's :func:`~ray_mtup.evaluation.prediction_records`. After a stop
+    (``predictions`` None: non-finite loss, out of memory) the weights are unusable:
     the checkpoint carries only the trainer state, so the run's results say why it ended. A
     checkpoint that cannot be written (a full disk) stops the run too; the previous checkpoint
     stays the latest.
     """
     metrics = history[-1]
-    weights = trainable_state(w.engine.module) if parsed is not None else None  # a collective under ZeRO-3
+    weights = trainable_state(w.engine.module) if predictions is not None else None  # a collective under ZeRO-3
     state = {"epoch": metrics["epoch"], "global_step": metrics["global_step"], "history": history,
              "config": w.cfg.to_dict(), "base_source": w.source.path, "max_new_tokens": w.data.max_new_tokens,
              "stop_reason": metrics["stop_reason"],
@@ -252,7 +253,7 @@ def _report(w: Worker, history: list[dict[str, Any]], resume: dict[str, Any] | N
                     save_stop_state(directory, state)
                 else:
                     save_checkpoint(directory, w.engine.module, w.tokenizer, state, weights,
-                                    _predictions(w.data, parsed), before_write=faults.write_hook(metrics["epoch"]))
+                                    predictions, before_write=faults.write_hook(metrics["epoch"]))
                     _log_epoch(metrics)
             except OSError as exc:  # e.g. a full disk: nothing half-written is reported
                 write_error = write_failure(int(metrics["epoch"]), exc)
@@ -267,9 +268,6 @@ def _report(w: Worker, history: list[dict[str, Any]], resume: dict[str, Any] | N
     return weights is not None
 
 
-def _predictions(data: RunData, parsed: Any) -> list[dict[str, Any]]:
-    return [{"id": data.val[i].id, "sentence": data.val[i].sentence, "raw": p.raw,
-             "task1_graph": p.task1_graph, "task2_graph": p.task2_graph} for i, p in enumerate(parsed)]
 
 
 def _device(cfg: TrainConfig, session: Session) -> tuple[Any, bool]:

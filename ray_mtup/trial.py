@@ -156,7 +156,7 @@ def run_single(cfg: TrainConfig, name: str, storage_path: str, output_dir: str |
     with best.as_directory() as best_dir:
         summary = write_run_outputs(Path(output_dir), cfg, history, Path(best_dir), state.get("memory_plan"))
     # the figure to report: the chosen epoch's adapter, scored once on the held-out test set
-    return with_test_score(summary, cfg, score_on_test(summary.adapter_dir, best.path, cfg.use_gpu))
+    return with_test_score(summary, cfg, score_on_test(summary.adapter_dir, best.path, cfg.use_gpu, out_dir=output_dir))
 
 
 def _has_adapter(checkpoint: Any) -> bool:
