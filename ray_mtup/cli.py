@@ -107,15 +107,22 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "predict",
         help="parse sentences (one per line) into AMR with a trained adapter",
-        description="Writes '#::snt <sentence>' + a valid PENMAN graph for every input line: the Task 2 "
+        description="Writes '#::snt <sentence>' + a valid PENMAN graph for every input sentence: the Task 2 "
         "output (repaired if needed), else Task 1 with variables restored, else the minimal graph "
-        "'(a / amr-unknown)'; the counts of each are printed.",
+        "'(a / amr-unknown)'; the counts of each are printed. The model reads each sentence in the form of the "
+        "training sentences (lower case, '_' between syllables as a space, punctuation spaced); the #::snt lines "
+        "keep the sentences as given. See docs/predict.md.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a run directory (adapter/) or a search's experiment directory (best_adapter/)")
     src.add_argument("--adapter", help="an adapter directory (a checkpoint)")
-    p.add_argument("--input", required=True, help="sentences, one per line (e.g. private_test.txt)")
-    p.add_argument("--output", required=True, help="where to write the parses (corpus format)")
+    p.add_argument("--input", required=True, help="sentences, one per line (e.g. private_test.txt), or a gold file "
+                                                  "in the corpus format (its #::snt lines are parsed)")
+    p.add_argument("--output", required=True, help="the file to write the parses to (corpus format); checked "
+                                                   "before the model loads")
+    p.add_argument("--raw-input", action="store_true",
+                   help="feed the sentences to the model as given, not in the training sentences' form "
+                        "(warns when over 10%% of them are word-segmented or capitalised)")
     p.add_argument("--batch-size", type=int, default=32, help="generation batch (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, help="generation budget per sentence (default: the run's)")
     p.add_argument("--model-path", help="local base weights, when the run used a hub id")
@@ -133,13 +140,16 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     report = predict_file(args.run or args.adapter, args.input, args.output, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens, model_path=args.model_path,
-                          concept_style=args.concept_style, constrained=args.constrained, data_dir=args.data_dir)
+                          concept_style=args.concept_style, constrained=args.constrained, data_dir=args.data_dir,
+                          raw_input=args.raw_input)
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
     else:
+        normalised = (f"input normalised to the training sentences' form ({report.n_input_changed} of "
+                      f"{report.n_sentences} changed)" if report.input_normalised else "input as given (--raw-input)")
         print(f"wrote {report.n_sentences} graphs to {report.output}: {report.n_task2} from Task 2 "
               f"({report.n_task2_repaired} repaired), {report.n_task1_fallback} from Task 1, "
-              f"{report.n_minimal} minimal fallback graphs")
+              f"{report.n_minimal} minimal fallback graphs; {normalised}")
     return 0
 
 

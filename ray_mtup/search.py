@@ -325,7 +325,7 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) 
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from .progress import EpochProgress
+    from .progress import EpochProgress, TrialProgress
     check_storage(settings.storage_path)
     base = common_horizon(base, space)
     concurrency = check_resources(ray.cluster_resources(), base)
@@ -352,8 +352,9 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) 
                                 sampler=TPESampler(seed=space.seed))
         # epochs not sampled: every trial runs the base config's epochs (overrides and flags included)
         max_t = space.max_epochs if "epochs" in space.params else base.epochs
+        num_samples = settings.num_samples or space.num_samples
         callbacks = [*tracker_callbacks(settings.tracker, reporting.local_results_dir(experiment_dir), settings.name),
-                     EpochProgress(max_t)]
+                     EpochProgress(max_t), TrialProgress(num_samples)]
         scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=space.grace_period,
                                   reduction_factor=space.reduction_factor)
         tuner = tune.Tuner(
@@ -361,7 +362,7 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) 
             param_space=space.param_space(),
             tune_config=tune.TuneConfig(
                 metric=objective.METRIC, mode=objective.MODE, search_alg=searcher, scheduler=scheduler,
-                num_samples=settings.num_samples or space.num_samples, max_concurrent_trials=concurrency,
+                num_samples=num_samples, max_concurrent_trials=concurrency,
             ),
             run_config=tune.RunConfig(
                 name=settings.name, storage_path=settings.storage_path, callbacks=callbacks,
