@@ -282,6 +282,23 @@ def test_more_gpus_than_cluster_no_search(tmp_path, capsys, monkeypatch):
     assert "gpus_per_trial: one trial needs 2 GPU(s)" in err
 
 
+@pytest.mark.parametrize("flags", [["--resume", "--name", "x"], ["--num-samples", "4"], ["--search-space", "smoke"],
+                                   ["--smoke-test"]])
+def test_search_only_flags_are_errors_with_no_search(flags, tmp_path, capsys, no_ray):
+    code, err = run_main(["--no-search", *flags, "--storage-path", str(tmp_path / "r")], capsys)
+    assert code == 2 and not no_ray
+    assert err.startswith(f"error: {flags[0]}: applies to a search only") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()  # nothing written either
+
+
+def test_tracker_applies_to_a_single_run(tmp_path, capsys, no_ray):
+    """--tracker is no search-only flag: a single run is tracked too (the run starts)."""
+    with pytest.raises(RayStarted):
+        launcher.main(["--no-search", "--tracker", "tensorboard", "--storage-path", str(tmp_path / "r")])
+    code, err = run_main(["--no-search", "--tracker", "neptune", "--storage-path", str(tmp_path / "r")], capsys)
+    assert code == 2 and "invalid choice: 'neptune'" in err
+
+
 def test_more_gpus_than_cluster_search(tmp_path, capsys, monkeypatch):
     import ray
 

@@ -230,3 +230,29 @@ def test_injected_oom_only_at_its_micro_batch_on_the_last_rank():
     first.before_micro_step(2, 3)
     with pytest.raises(torch.OutOfMemoryError):
         last.before_micro_step(2, 3)
+
+
+def test_validation_predictions_are_saved_with_gold_and_per_sentence_f(tiny, tmp_path):
+    """What score_epoch scored, per sentence, beside its gold graph: the JSONL for re-scoring,
+    the .txt still in the corpus format (gold and F as comment lines)."""
+    from ray_mtup import scoring
+    from ray_mtup.evaluation import prediction_records, score_epoch
+    from ray_mtup.generation import Parsed
+
+    val = [SimpleNamespace(id="v:1", sentence="chó sủa"), SimpleNamespace(id="v:2", sentence="mèo")]
+    gold = ["(s / sủa :agent (c / chó))", "(m / mèo)"]
+    parsed = [Parsed("raw 1", None, "(s / sủa :agent (x / mèo))", False), Parsed("raw 2", None, None, False)]
+    metrics, pairs = score_epoch(tiny.cfg, gold, parsed, val_loss=1.0)
+    records = prediction_records(val, gold, parsed, pairs)
+    model = tiny.model()
+    weights = checkpointing.trainable_state(model)
+    checkpointing.save_checkpoint(tmp_path / "c", model, tiny.tokenizer, {"epoch": 1, "global_step": 1, "history": []},
+                                  weights, records)
+    saved = [json.loads(line) for line in (tmp_path / "c" / checkpointing.PREDICTIONS_JSONL).read_text().splitlines()]
+    assert [r["gold"] for r in saved] == gold and [r["id"] for r in saved] == ["v:1", "v:2"]
+    assert saved[0]["task2_f1"] == pytest.approx(scoring.score_pair(gold[0], parsed[0].task2_graph, "normalised").f1)
+    assert 0 < saved[0]["task2_f1"] < 1 and saved[1]["task2_f1"] == 0.0
+    blocks = scoring.read_blocks(tmp_path / "c" / checkpointing.PREDICTIONS_FILE)
+    assert [b.graph for b in blocks] == [parsed[0].task2_graph, ""]  # comments are not graphs
+    text = (tmp_path / "c" / checkpointing.PREDICTIONS_FILE).read_text()
+    assert "# gold (m / mèo)" in text and f"# F {saved[0]['task2_f1']:.4f}" in text

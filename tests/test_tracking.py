@@ -103,3 +103,66 @@ def test_baseline_is_the_most_frequent_training_graph_scored_on_the_eval_subset(
     base = reporting.most_frequent_graph_baseline(cfg)
     assert base["n_sentences"] == 12 and base["train_count"] >= 1
     assert 0.0 < base["task2_f1"] < 0.5  # a constant answer fits few of the varied structures
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_trial_progress_one_line_per_ended_trial_with_best_and_time_left():
+    clock = _Clock()
+    watcher = progress.TrialProgress(num_samples=4, clock=clock)
+    watcher.setup(num_samples=4)
+    a, b, c = _Trial("a1", 3), _Trial("b2", 3), _Trial("c3", 3)
+    watcher.on_trial_result(1, [a, b], a, {"epoch": 1, "task2_f1": 0.25})
+    watcher.on_trial_result(1, [a, b], b, {"epoch": 1, "task2_f1": 0.4})
+    clock.now += 600  # the first trial ends 10 min in: 3 more at that pace
+    watcher.on_trial_complete(2, [a, b], a)
+    watcher.on_trial_result(3, [b, c], c, {"epoch": 1, "task2_f1": float("nan")})  # not a best
+    clock.now += 600
+    watcher.on_trial_error(4, [b, c], c)
+    assert watcher.lines == [
+        "trial a1 finished: 1 of 4 trials done; best task2_f1 so far 0.4000; about 30 min left at the current pace",
+        "trial c3 failed: 2 of 4 trials done; best task2_f1 so far 0.4000; about 20 min left at the current pace"]
+
+
+def test_single_run_is_one_mlflow_run_with_its_config_epochs_and_test_figure(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv(tracking.MLFLOW_FILE_STORE_ENV, "true")
+    cfg = TrainConfig(epochs=2, learning_rate=3e-4)
+    history = [{"epoch": 1, "task2_f1": 0.1, "val_loss": 2.0, "scoring_mode": "normalised"},
+               {"epoch": 2, "task2_f1": 0.3, "val_loss": 1.5, "stop_reason": ""}]
+    test = {"task2_f1": 0.25, "ci95": [0.2, 0.3], "validity": 0.9, "submitted": {"task2_f1": 0.27}}
+    tracking.record_single_run("mlflow", tmp_path, "single", cfg.to_dict(), history, test)
+    client = MlflowClient(tracking_uri=tracking.mlflow_uri(tmp_path))
+    (run,) = client.search_runs([client.get_experiment_by_name("single").experiment_id])
+    assert run.info.run_name == "single" and run.info.status == "FINISHED"
+    assert float(run.data.params["learning_rate"]) == 3e-4 and run.data.params["lora.r"] == str(cfg.lora.r)
+    steps = [(int(m.step), m.value) for m in client.get_metric_history(run.info.run_id, "task2_f1")]
+    assert sorted(steps) == [(1, 0.1), (2, 0.3)]
+    assert run.data.metrics["test_task2_f1"] == 0.25 and run.data.metrics["test_submitted_task2_f1"] == 0.27
+
+
+def test_single_run_tensorboard_and_none(tmp_path):
+    history = [{"epoch": 1, "task2_f1": 0.1}]
+    tracking.record_single_run("tensorboard", tmp_path / "tb", "single", {"epochs": 1}, history, {})
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    tracking.record_single_run("none", tmp_path / "none", "single", {"epochs": 1}, history, {})
+    assert not (tmp_path / "none").exists()
+
+
+def test_closing_summary_names_the_corpus():
+    from ray_mtup.holdout import describe_corpus
+    from ray_mtup.launcher import closing_note
+
+    summary = {"experiment_dir": "/runs/exp", "plots": []}
+    sample = closing_note(summary, "none", describe_corpus(TrainConfig()))
+    assert sample.splitlines()[0].startswith("corpus:  the sample corpus")
+    assert "say nothing about Vietnamese AMR" in sample
+    real = closing_note(summary, "none", describe_corpus(TrainConfig(data_dir="/data/vlsp2025")))
+    assert real.splitlines()[0] == "corpus:  /data/vlsp2025" and "Vietnamese AMR" not in real
