@@ -85,6 +85,8 @@ def test_results_files_agree(smoke):
     for png in ("f1_per_epoch.png", "f1_vs_lr.png"):
         assert (exp / png).read_bytes()[:4] == b"\x89PNG"
     assert (exp / "best_adapter" / "adapter_model.safetensors").is_file()
+    test = [json.loads(line) for line in (exp / "test_predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(test) == summary["test"]["n_graphs"] and all("gold" in r and "task2_f1" in r for r in test)
     lo, hi = summary["noise"]["ci95"]
     assert 0.0 <= lo <= summary["noise"]["task2_f1"] <= hi <= 1.0
     cost = summary["cost"]
@@ -96,13 +98,31 @@ def test_best_config_reproduces_its_result(smoke, tmp_path):
     exp, _ = smoke
     summary = json.loads((exp / "summary.json").read_text(encoding="utf-8"))
     best_epoch = int(summary["best_metrics"]["epoch"])
-    _run("--no-search", "--config", str(exp / "best_config.yaml"), "--storage-path", str(tmp_path),
-         "--name", "repro", "--set", f"epochs={summary['best_config']['epochs']}")
+    proc = _run("--no-search", "--config", str(exp / "best_config.yaml"), "--storage-path", str(tmp_path),
+                "--name", "repro", "--set", f"epochs={summary['best_config']['epochs']}")
     history = json.loads((tmp_path / "repro" / "summary.json").read_text(encoding="utf-8"))["history"]
+    _check_single_run_tracked(tmp_path / "repro", "repro", len(history), proc.stdout)
     again = next(m for m in history if m["epoch"] == best_epoch)
     # Same seed, data and order: the rerun matches within noise (here: near-exactly on CPU).
     assert again["task2_f1"] == pytest.approx(summary["best_metrics"]["task2_f1"], abs=0.02)
     assert math.isclose(again["val_loss"], summary["best_metrics"]["val_loss"], rel_tol=1e-2)
+
+
+def _check_single_run_tracked(run_dir: Path, name: str, epochs: int, stdout: str) -> None:
+    """A --no-search run is one MLflow run (the default tracker) with every epoch and the test figure."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    from ray_mtup.tracking import MLFLOW_FILE_STORE_ENV, mlflow_uri
+
+    os.environ.setdefault(MLFLOW_FILE_STORE_ENV, "true")
+    client = MlflowClient(tracking_uri=mlflow_uri(run_dir))
+    (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, "task2_f1")) == \
+        list(range(1, epochs + 1))
+    assert "test_task2_f1" in run.data.metrics
+    assert "corpus:  the sample corpus" in stdout and "mlflow ui --backend-store-uri" in stdout
 
 
 def test_mlflow_store_has_one_run_per_trial_with_params_and_every_epoch(smoke, monkeypatch):
@@ -138,6 +158,10 @@ def test_progress_lines_baseline_and_optuna_plots(smoke):
     summary = json.loads((exp / "summary.json").read_text(encoding="utf-8"))
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "(best so far" in ln]
     assert len(lines) == sum(int(r["epochs_run"]) for r in rows)  # one line per finished epoch
+    ended = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "trials done; best task2_f1 so far" in ln]
+    assert len(ended) == len(rows) and f"{len(rows)} of {len(rows)} trials done" in ended[-1]  # one per trial
+    # the closing summary names the corpus: the sample one, whose scores say nothing of Vietnamese AMR
+    assert "say nothing about Vietnamese AMR" in proc.stdout and summary["corpus"].startswith("the sample corpus")
     baseline = summary["baseline"]
     assert 0.0 <= baseline["task2_f1"] < 1.0 and f"{baseline['task2_f1']:.4f}" in proc.stdout
     # the demo learns: its best trial is clearly above the most-frequent-graph baseline
