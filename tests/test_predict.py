@@ -124,6 +124,16 @@ def test_corpus_sentences_are_their_own_corpus_form(fixtures_dir):
         assert corpus.to_corpus_form(ex.sentence) == ex.sentence.lower()
 
 
+def test_vlsp_training_sentences_are_their_own_corpus_form_and_the_test_files_are_not(vlsp_dir):
+    train = [ex.sentence for f in ("train_amr_1.txt", "train_amr_2.txt") for ex in corpus.read_amr_file(vlsp_dir / f)]
+    beyond_case = [s for s in train if corpus.to_corpus_form(s) != " ".join(s.lower().replace("_", " ").split())]
+    assert beyond_case == [next(s for s in train if "hơn," in s)]  # the corpus's one 'word,' typo
+    assert sum(map(corpus.looks_unlike_corpus, train)) < 0.02 * len(train)
+    private = [ex.sentence for ex in corpus.read_sentences(vlsp_dir / "private_test.txt")]
+    assert sum(map(corpus.looks_unlike_corpus, private)) > 0.9 * len(private)
+    assert not any(map(corpus.looks_unlike_corpus, map(corpus.to_corpus_form, private)))
+
+
 @given(st.text(alphabet="aăđeêoơTHÊ_ .,!?:\"(-", max_size=40))
 def test_corpus_form_is_idempotent_and_keeps_every_letter(text):
     once = corpus.to_corpus_form(text)
