@@ -179,8 +179,8 @@ def model_inputs(sentences: Sequence[str], raw_input: bool = False) -> list[str]
     if raw_input:
         unlike = sum(corpus.looks_unlike_corpus(s) for s in sentences)
         if unlike > UNLIKE_CORPUS_WARNING * len(sentences):
-            logger.warning("%d of %d input lines are word-segmented ('_') or have capitals, unlike nearly all training "
-                           "sentence, and --raw-input keeps them so; without it they are normalised",
+            logger.warning("%d of %d input lines are word-segmented ('_') or have capitals, unlike nearly all "
+                           "training sentences, and --raw-input keeps them so; without it they are normalised",
                            unlike, len(sentences))
         return list(sentences)
     inputs = [corpus.to_corpus_form(s) for s in sentences]
