@@ -16,6 +16,7 @@ import logging
 import sys
 from typing import Sequence
 
+from ray_mtup.devices import DEVICES
 from ray_mtup.errors import RayMtupError
 from ray_mtup.logs import setup_logging
 from ray_mtup.predict import predict_file
@@ -133,6 +134,9 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
                    help="grammar-constrained step-2 decoding: every graph well-formed PENMAN with fresh "
                         "variables (default: the run's constrained_decoding)")
     p.add_argument("--data-dir", help="corpus of a retrieval run's training split (default: the run's)")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="gpu, cpu, or auto: the GPU when there is one, else the CPU for the tiny model and an "
+                        "error for a real model (pass --device cpu) (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(handler=_run_predict)
 
@@ -141,7 +145,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     report = predict_file(args.run or args.adapter, args.input, args.output, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens, model_path=args.model_path,
                           concept_style=args.concept_style, constrained=args.constrained, data_dir=args.data_dir,
-                          raw_input=args.raw_input)
+                          raw_input=args.raw_input, device=args.device)
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
     else:

@@ -22,10 +22,11 @@ from .modeling import WeightsSource, apply_lora, build_model
 logger = logging.getLogger(__name__)
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool, bf16: bool | None = None) -> dict[str, Any]:
     """The DeepSpeed config derived from the training config (the one place it is built).
 
-    The global batch is the config's, whatever the world size: accumulation is derived. The
+    The global batch is the config's, whatever the world size: accumulation is derived. bf16 is
+    on with GPUs (``bf16`` forces it either way: DeepSpeed's CPU accelerator runs it too). The
     config must be resolved (no ``auto``: see :func:`ray_mtup.memory.resolve_auto`).
 
     >>> ds = deepspeed_config(TrainConfig(zero_stage=3, per_device_batch_size=2, num_workers=4), 4, True)
@@ -59,7 +60,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[st
         },
         "zero_force_ds_cpu_optimizer": False,
         "zero_optimization": zero,
-        "bf16": {"enabled": on_gpu},
+        "bf16": {"enabled": on_gpu if bf16 is None else bf16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -90,7 +91,8 @@ class Schedule:
 
 
 def build_engine(cfg: TrainConfig, source: WeightsSource, tokenizer: Any, world_size: int, on_gpu: bool,
-                 schedule: Schedule, checkpoints: Sequence[Path] = ()) -> tuple[Any, Any, dict[str, Any] | None]:
+                 schedule: Schedule, checkpoints: Sequence[Path] = (), device: Any = None,
+                 bf16: bool | None = None) -> tuple[Any, Any, dict[str, Any] | None]:
     """(engine, keep-alive, resumed trainer state or None).
 
     The base is loaded from ``source`` (partitioned while loading under ZeRO-3), LoRA is
@@ -98,16 +100,23 @@ def build_engine(cfg: TrainConfig, source: WeightsSource, tokenizer: Any, world_
     :func:`~ray_mtup.checkpointing.load_resume_state`) is loaded into it, then
     ``deepspeed.initialize``; a resumed run's schedule continues at its saved step. Keep the
     second value alive as long as the engine: under ZeRO-3 transformers reads it to know the
-    weights are partitioned.
+    weights are partitioned. Under ZeRO-2 the base is read straight onto ``device`` (a GPU).
+    ``bf16`` (default: ``on_gpu``) trains in bf16 with fp32 master weights; the adapter then
+    computes in bf16 under both stages (:func:`~ray_mtup.modeling.apply_lora`).
     """
     import deepspeed
     from transformers import get_cosine_schedule_with_warmup
     from transformers.integrations import HfDeepSpeedConfig
 
     init_distributed(on_gpu)
-    ds_config = deepspeed_config(cfg, world_size, on_gpu)
+    import torch
+
+    bf16 = on_gpu if bf16 is None else bf16
+    ds_config = deepspeed_config(cfg, world_size, on_gpu, bf16)
     keep_alive = HfDeepSpeedConfig(ds_config)  # before from_pretrained: ZeRO-3 partitions on load
-    model = apply_lora(build_model(source, cfg, tokenizer, "cuda" if on_gpu else "cpu"), cfg.lora)
+    base = build_model(source, cfg, tokenizer, "cuda" if on_gpu else "cpu", device=device,
+                       dtype=torch.bfloat16 if bf16 else torch.float32)
+    model = apply_lora(base, cfg.lora)
     resume = load_resume_state(model, list(checkpoints))
     engine, _, _, _ = deepspeed.initialize(
         model=model,

@@ -63,3 +63,23 @@ class CheckpointError(RayMtupError):
         self.message = message
         self.path = str(path) if path is not None else None
         super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+#: Errors that fail the same way every time (a model that cannot be loaded, a bad config, a bad
+#: corpus): a run that meets one ends with it, unretried (ray_mtup.training reports it as the
+#: run's ``stop_reason``; Ray Train retries only crashed or killed workers).
+PERMANENT_ERRORS: tuple[type[RayMtupError], ...] = (ModelError, ConfigError, CorpusError)
+
+
+def permanent_error(kind: str, message: str) -> RayMtupError:
+    """The permanent error named ``kind`` (a class name of :data:`PERMANENT_ERRORS`), rebuilt
+    from a worker's report.
+
+    >>> permanent_error("ModelError", "cannot load the tokenizer of X")
+    ModelError('cannot load the tokenizer of X')
+    """
+    cls = next((c for c in PERMANENT_ERRORS if c.__name__ == kind), ModelError)
+    if cls is ConfigError:  # its message is "field: message"
+        field, _, rest = message.partition(": ")
+        return ConfigError(field, rest) if rest else ConfigError("config", message)
+    return cls(message)

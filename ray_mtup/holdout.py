@@ -62,31 +62,14 @@ def describe(cfg: TrainConfig) -> str:
     return f"test split ({cfg.test_split:.0%} of the corpus, seed {cfg.seed})"
 
 
-#: What a run on the shipped sample corpus says of itself, in its closing summary.
-SAMPLE_CORPUS_NOTE = ("the sample corpus shipped with the package (synthetic sentences: its scores say nothing "
-                      "about Vietnamese AMR; pass --data-dir for the VLSP corpus)")
-
-
-def describe_corpus(cfg: TrainConfig) -> str:
-    """The corpus a run trained on, for its closing summary.
-
-    >>> describe_corpus(TrainConfig(data_dir="/data/vlsp2025"))
-    '/data/vlsp2025'
-    >>> describe_corpus(TrainConfig()) == SAMPLE_CORPUS_NOTE
-    True
-    """
-    if cfg.data_dir is None or Path(cfg.data_dir).resolve() == SAMPLE_DATA_DIR.resolve():
-        return SAMPLE_CORPUS_NOTE
-    return str(cfg.data_dir)
-
-
-def evaluate_adapter(adapter_dir: str | Path, model_path: str | None = None) -> dict[str, Any]:
-    """Generate for every test sentence with the adapter and score it (see the module doc).
+def evaluate_adapter(adapter_dir: str | Path, model_path: str | None = None, device: str = "auto") -> dict[str, Any]:
+    """Generate for every test sentence with the adapter and score it (see the module doc);
+    ``device``: as ``predict --device`` (:func:`ray_mtup.devices.resolve_device`).
 
     The result holds ``predictions`` (one record per sentence), which
     :func:`write_test_predictions` moves into a file."""
     adapter_dir = find_adapter(adapter_dir)
-    model, tokenizer, cfg = load_for_inference(adapter_dir, model_path)
+    model, tokenizer, cfg = load_for_inference(adapter_dir, model_path, device)
     test = held_out_set(cfg)
     if not test:
         return {"note": "no test set (test_split 0 and no test_file)"}
@@ -186,7 +169,7 @@ def score_on_test(adapter_dir: str | Path, checkpoint_path: str | None = None, u
             task = ray.remote(num_gpus=1)(_evaluate_checkpoint)
             result = ray.get(task.remote(checkpoint_path))
         else:
-            result = evaluate_adapter(adapter_dir)
+            result = evaluate_adapter(adapter_dir, device="gpu" if use_gpu else "cpu")  # where the run trained
         return write_test_predictions(result, out_dir if out_dir is not None else Path(adapter_dir).parent)
     except (RayMtupError, OSError, RuntimeError) as exc:  # RuntimeError: torch, or a failed Ray task
         logger.error("the test set could not be scored: %s", exc)

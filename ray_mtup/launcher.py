@@ -8,6 +8,8 @@ space, unwritable storage, a trial that cannot fit on the cluster) is reported a
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -30,10 +32,12 @@ from .config import (
     resolve_config,
 )
 from .dataset import load_examples
+from .devices import DEVICES, Cluster, TrialPlan, local_gpus, plan_trials, probe_gpu_memory, ray_gpus
+from .modeling import check_model_files
 from .errors import ConfigError, RayMtupError
 from .holdout import describe, describe_corpus, format_interval, format_test_line, held_out_set
 from .logs import setup_logging
-from .outputs import format_epoch_table
+from .outputs import format_epoch_table, with_launch
 from .reporting import local_results_dir
 from .tracking import DEFAULT_TRACKER, TRACKERS, check_tracker, record_single_run, tracker_location
 
@@ -59,10 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"a search space shipped with the package ({', '.join(packaged_names(SEARCH_SPACES))}) "
                         f"or a YAML path (default: {DEFAULT_SPACE}; {SMOKE_SPACE} with --smoke-test)")
     p.add_argument("--num-samples", type=int, help="number of trials (default: the search space's)")
-    p.add_argument("--gpus-per-trial", type=int, default=0,
-                   help="GPUs per trial, one per Ray Train worker (0: CPU only)")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where trials train: gpu, cpu, or auto (the GPUs when the cluster has any; the CPU for "
+                        "the tiny model; a real model without a GPU is an error naming --device cpu) "
+                        "(default: %(default)s)")
+    p.add_argument("--gpus-per-trial", type=_int_or_auto, default="auto",
+                   help="GPUs per trial, one per Ray Train worker, or auto: the fewest GPUs on which the memory "
+                        "plan fits, with as many trials side by side as the cluster holds (0: CPU only) "
+                        "(default: %(default)s)")
     p.add_argument("--workers-per-trial", type=int,
-                   help="Ray Train workers per trial (default: --gpus-per-trial, or 1)")
+                   help="Ray Train workers per trial (default: the GPUs per trial, or 1)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (fractions allowed)")
     p.add_argument("--zero-stage", type=_stage_flag,
                    help="DeepSpeed ZeRO stage: 2, 3 (spreads 7B over GPUs) or auto (2 when the model, its "
@@ -91,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a config YAML (e.g. a search's best_config.yaml) for --no-search")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any TrainConfig field, e.g. --set eval_max_samples=50 --set lora.r=16")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve the config, the devices, GPUs per trial, trials at a time, ZeRO stage, micro-batch "
+                        "and the memory plan, print them and exit without training")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print one JSON object")
+    p.add_argument("--num-gpus", type=int, help="with --dry-run: plan for a cluster of N GPUs (default: the GPUs found)")
+    p.add_argument("--device-memory", type=float, metavar="BYTES",
+                   help="memory per GPU in bytes, e.g. 141e9 (default: what the GPUs report)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -113,6 +130,23 @@ def check_single_run_flags(args: argparse.Namespace) -> None:
     if given:
         raise ConfigError(", ".join(given), f"appl{'ies' if len(given) == 1 else 'y'} to a search only, not to a "
                                             "--no-search run; drop it or drop --no-search")
+
+
+def _int_or_auto(value: str) -> int | str:
+    """``--gpus-per-trial``: an integer >= 0, or ``auto``.
+
+    >>> _int_or_auto("2"), _int_or_auto("auto")
+    (2, 'auto')
+    """
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or auto, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or auto, got {value!r}")
+    return number
 
 
 def _stage_flag(value: str) -> int | str:
@@ -147,7 +181,6 @@ def _absolute(path: str | None) -> str | None:
 
 def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields the flags set explicitly (``--set`` and the resource flags)."""
-    workers = args.workers_per_trial or (args.gpus_per_trial or 1)
     data_dir = corpus_dir(args.data_dir, default=None)  # None: the sample corpus, wherever the package is
     overrides: dict[str, Any] = {
         # absolute: Ray workers (and a later `predict`) may not share the driver's directory
@@ -157,10 +190,8 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "zero_stage": args.zero_stage,
         "cpus_per_worker": args.cpus_per_worker,
     }
-    if args.workers_per_trial or args.gpus_per_trial:
-        overrides["num_workers"] = workers
-    if args.gpus_per_trial:
-        overrides["use_gpu"] = True
+    if args.workers_per_trial:
+        overrides["num_workers"] = args.workers_per_trial
     overrides.update(_parse_set(args.set))
     return {k: v for k, v in overrides.items() if v is not None}
 
@@ -246,39 +277,110 @@ def _main(args: argparse.Namespace) -> int:
     if args.no_search:
         check_single_run_flags(args)
         check_tracker(args.tracker)
-        cfg = config_from_args(args)
-        name = _name(args, cfg)
-        search.check_storage(storage)
-        check_corpus(cfg)
-        start_ray(args.address)
-        search.check_resources(_cluster_resources(), cfg, driver_cpu=0.0)
-        t0 = time.time()
-        out_dir = local_results_dir(f"{storage.rstrip('/')}/{name}")
-        summary = trial.run_single(cfg, name=name, storage_path=storage, output_dir=out_dir,
-                                   max_failures=args.max_failures)
-        record_single_run(args.tracker, out_dir, name, cfg.to_dict(), summary.history, summary.test)
-        print(format_epoch_table(summary.history))
-        best = summary.best
-        print(f"best epoch {summary.best_epoch}: Task 1 F1 {best['task1_f1']:.4f}, Task 2 F1 {best['task2_f1']:.4f}, "
-              f"validity {best['validity']:.3f} (SMATCH mode {best['scoring_mode']}); "
-              f"{time.time() - t0:.0f} s; run directory {summary.run_dir}")
-        print(format_test_line(best["task2_f1"], summary.test))
-        print(f"corpus:  {describe_corpus(cfg)}\ntracker: {tracker_location(args.tracker, out_dir)}")
-        return 0
+    if args.num_gpus is not None and not args.dry_run:
+        raise ConfigError("num_gpus", "--num-gpus plans for a machine you do not have: only with --dry-run")
+    if args.json and not args.dry_run:
+        raise ConfigError("json", "--json goes with --dry-run")
     # the resource flags first: GPUs that cannot be split over the workers is the error to report
-    search.check_gpu_split(args.gpus_per_trial, args.workers_per_trial or (args.gpus_per_trial or 1))
-    space = search.load_search_space(
-        packaged_yaml(SEARCH_SPACES, args.search_space or (SMOKE_SPACE if args.smoke_test else DEFAULT_SPACE)))
-    cfg = config_from_args(args, space.overrides)  # the one resolved base; trials add their sampled values
-    settings = search.SearchSettings(name=_name(args, cfg), storage_path=storage,
-                                     workers_per_trial=cfg.num_workers, gpus_per_trial=args.gpus_per_trial,
-                                     max_failures=args.max_failures, num_samples=args.num_samples,
-                                     resume=args.resume, tracker=args.tracker)
+    if isinstance(args.gpus_per_trial, int) and args.workers_per_trial:
+        search.check_gpu_split(args.gpus_per_trial, args.workers_per_trial)
+    space = None
+    if not args.no_search:
+        space = search.load_search_space(
+            packaged_yaml(SEARCH_SPACES, args.search_space or (SMOKE_SPACE if args.smoke_test else DEFAULT_SPACE)))
     if args.resume and not args.name:
         raise ConfigError("name", "--resume needs the --name of the experiment to resume")
+    # the one resolved base; a search's trials add their sampled values
+    cfg = config_from_args(args, space.overrides if space is not None else None)
+    settings = None if space is None else search.SearchSettings(  # validated before anything starts
+        name=_name(args, cfg), storage_path=storage, max_failures=args.max_failures, num_samples=args.num_samples,
+        resume=args.resume, tracker=args.tracker)
+    remote = bool(args.address) and not args.dry_run and args.num_gpus is None
+    launch = None if remote else plan_launch(args, cfg, given_cluster(args))
+    if args.dry_run:
+        return print_dry_run(args, cfg, launch)
+    if launch is not None:
+        print(launch.line(), flush=True)
+    check_model_files(cfg)  # the model's config and tokenizer resolve, before Ray starts
     search.check_storage(storage)
     check_corpus(cfg)
     start_ray(args.address)
+    if launch is None:  # a running cluster: its GPUs are known once connected
+        launch = plan_launch(args, cfg, cluster_devices(args))
+        print(launch.line(), flush=True)
+    cfg = cfg.replace(**launch.overrides())
+    if args.no_search:
+        return _single(args, cfg, storage, launch)
+    settings = dataclasses.replace(settings, workers_per_trial=cfg.num_workers, gpus_per_trial=launch.gpus_per_trial,
+                                   launch=launch.to_dict())
+    return _search(args, cfg, space, settings)
+
+
+def given_cluster(args: argparse.Namespace) -> Cluster:
+    """The devices to plan for before Ray starts: the flags' (``--num-gpus``), else this machine's."""
+    if args.num_gpus is not None:
+        if args.num_gpus and args.device_memory is None:
+            raise ConfigError("device_memory", "--num-gpus needs --device-memory BYTES (memory per GPU, e.g. 80e9)")
+        return Cluster(args.num_gpus, args.device_memory, source="given")
+    found = local_gpus()
+    if args.device_memory is not None:
+        found = Cluster(found.num_gpus, args.device_memory, found.num_cpus, found.gpu_name, found.source)
+    return found
+
+
+def cluster_devices(args: argparse.Namespace) -> Cluster:
+    """The connected Ray cluster's GPUs; their memory from ``--device-memory`` or a one-GPU probe."""
+    found = ray_gpus(_cluster_resources(), args.device_memory)
+    if found.num_gpus and found.device_memory is None and args.gpus_per_trial == "auto":
+        found = Cluster(found.num_gpus, probe_gpu_memory(), found.num_cpus, found.gpu_name, found.source)
+    return found
+
+
+def plan_launch(args: argparse.Namespace, cfg: TrainConfig, cluster: Cluster) -> TrialPlan:
+    """GPUs per trial, trials at a time, ZeRO stage and micro-batch (:func:`ray_mtup.devices.plan_trials`)."""
+    return plan_trials(cfg, cluster, args.gpus_per_trial, args.workers_per_trial, args.device)
+
+
+def print_dry_run(args: argparse.Namespace, cfg: TrainConfig, launch: TrialPlan | None) -> int:
+    """``--dry-run``: the decision, the memory plan and the config the run would use; exit 0."""
+    if launch is None:  # pragma: no cover - remote clusters are planned with --num-gpus
+        raise ConfigError("address", "a dry run plans for this machine or --num-gpus/--device-memory")
+    resolved = cfg.replace(**launch.overrides())
+    if args.json:
+        print(json.dumps({**launch.to_dict(), "model": cfg.model, "config": resolved.to_dict()}, indent=2))
+        return 0
+    print(launch.line())
+    if launch.memory_plan is not None:
+        print(launch.memory_plan.explain())
+    for note in launch.notes:
+        print(f"note: {note}")
+    print("config:")
+    import yaml
+
+    print(yaml.safe_dump(resolved.to_dict(), sort_keys=False, allow_unicode=True).rstrip())
+    return 0
+
+
+def _single(args: argparse.Namespace, cfg: TrainConfig, storage: str, launch: TrialPlan) -> int:
+    name = _name(args, cfg)
+    search.check_resources(_cluster_resources(), cfg, driver_cpu=0.0)
+    t0 = time.time()
+    out_dir = local_results_dir(f"{storage.rstrip('/')}/{name}")
+    summary = trial.run_single(cfg, name=name, storage_path=storage, output_dir=out_dir,
+                               max_failures=args.max_failures)
+    summary = with_launch(summary, cfg, launch.to_dict())
+    record_single_run(args.tracker, out_dir, name, cfg.to_dict(), summary.history, summary.test)
+    print(format_epoch_table(summary.history))
+    best = summary.best
+    print(f"best epoch {summary.best_epoch}: Task 1 F1 {best['task1_f1']:.4f}, Task 2 F1 {best['task2_f1']:.4f}, "
+          f"validity {best['validity']:.3f} (SMATCH mode {best['scoring_mode']}); "
+          f"{time.time() - t0:.0f} s; run directory {summary.run_dir}")
+    print(format_test_line(best["task2_f1"], summary.test))
+    print(f"corpus:  {describe_corpus(cfg)}\ntracker: {tracker_location(args.tracker, out_dir)}")
+    return 0
+
+
+def _search(args: argparse.Namespace, cfg: TrainConfig, space: Any, settings: Any) -> int:
     t0 = time.time()
     summary = search.run_search(cfg, space, settings)
     best = summary.get("best_metrics") or {}

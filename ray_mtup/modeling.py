@@ -170,6 +170,30 @@ def write_random_checkpoint(directory: Path, texts: list[str], bpe_vocab_size: i
     tokenizer.save_pretrained(str(directory))
 
 
+def check_model_files(cfg: TrainConfig) -> None:
+    """Before Ray starts: the base model's config and tokenizer resolve (from ``model_path``, the
+    hub or its cache), so that a machine that cannot reach the hub stops here within seconds
+    instead of in every worker, after retries. The tiny model (written by the workers) has none.
+    """
+    if cfg.model_path is None and cfg.spec.hub_id is None:
+        return
+    from transformers import AutoConfig
+
+    source = base_source(cfg)
+    try:
+        AutoConfig.from_pretrained(source.path, **source.kwargs)
+        build_tokenizer(source)
+    except (OSError, ValueError, ModelError) as exc:
+        if cfg.model_path is not None:
+            raise ModelError(f"cannot read the config and tokenizer of {cfg.model_path} (--model-path): {exc}") from None
+        raise ModelError(
+            f"cannot resolve the config and tokenizer of {source.path} (model {cfg.model}) from the hub or its "
+            f"cache: {str(exc).splitlines()[0].rstrip('.') if str(exc) else type(exc).__name__}. Ways out: download the model "
+            f"where the hub is reachable and pass --model-path DIR; or pre-fill the Hugging Face cache "
+            f"(huggingface-cli download {source.path}, HF_HOME shared with the workers) and set HF_HUB_OFFLINE=1"
+        ) from None
+
+
 def build_tokenizer(source: WeightsSource) -> Any:
     """The base model's tokenizer; a missing pad token falls back to EOS."""
     from transformers import AutoTokenizer
@@ -190,23 +214,36 @@ def load_tokenizer(directory: str | Path) -> Any:
     return build_tokenizer(WeightsSource(str(directory)))
 
 
-def build_model(source: WeightsSource, cfg: TrainConfig, tokenizer: Any, device_type: str = "cpu") -> Any:
-    """The base causal LM from ``source``: bf16 on GPU, fp32 on CPU, with Liger's kernels when
-    ``cfg.liger_kernel`` and CUDA and the package allow (:func:`apply_liger`).
+def build_model(source: WeightsSource, cfg: TrainConfig, tokenizer: Any, device_type: str = "cpu",
+                device: Any = None, dtype: Any = None) -> Any:
+    """The base causal LM from ``source``: bf16 on GPU, fp32 on CPU (or ``dtype``), with Liger's
+    kernels when ``cfg.liger_kernel`` and CUDA and the package allow (:func:`apply_liger`).
 
     Under ZeRO-3 the caller keeps a ``HfDeepSpeedConfig`` alive, so ``from_pretrained``
-    partitions the weights as it loads them (``zero.Init``).
+    partitions the weights as it loads them (``zero.Init``). Otherwise, with a CUDA ``device``,
+    the weights are read straight onto it (``device_map``), shard by shard, so that a worker
+    never holds a whole host copy of the base (8 workers of a 7B on one node: 120 GB less).
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device_type == "cuda" else torch.float32)
+    kwargs: dict[str, Any] = {"low_cpu_mem_usage": True}
+    if device is not None and torch.device(device).type == "cuda" and not _zero3_loading():
+        kwargs["device_map"] = {"": torch.device(device).index or 0}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **source.kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs, **source.kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model weights from {source.path}: {exc}") from exc
     apply_liger(model, cfg, device_type)
     return finish_model(model, tokenizer, cfg)
+
+
+def _zero3_loading() -> bool:
+    """Whether ``from_pretrained`` runs under ZeRO-3's ``zero.Init`` (a live ``HfDeepSpeedConfig``)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
 
 
 #: Attention implementations that keep packed sequences apart given only their position ids:
@@ -323,7 +360,10 @@ def apply_lora(model: Any, lora: LoraSettings) -> Any:
     )
     if getattr(model, "is_gradient_checkpointing", False):
         model.enable_input_require_grads()
-    peft_model = get_peft_model(model, peft_config)
+    # The adapter in the base's dtype (bf16 on GPU), whatever the ZeRO stage: peft would upcast it
+    # to fp32, which DeepSpeed's bf16 cast undoes under ZeRO-2 but not for a model built under
+    # ZeRO-3's zero.Init. DeepSpeed's bf16 optimizer keeps the fp32 master copy under both.
+    peft_model = get_peft_model(model, peft_config, autocast_adapter_dtype=False)
     if lora.train_base:
         for param in peft_model.parameters():
             param.requires_grad = True

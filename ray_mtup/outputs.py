@@ -34,12 +34,13 @@ class RunSummary:
     adapter_dir: str | None
     test: dict[str, Any] = field(default_factory=dict)  # the chosen adapter on the held-out test set
     memory_plan: dict[str, Any] | None = None  # MemoryPlan.to_dict() of the workers (None: not recorded)
+    launch: dict[str, Any] | None = None  # the launcher's device decision (ray_mtup.devices.TrialPlan.to_dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_dir": self.run_dir, "best_epoch": self.best_epoch, "best": self.best,
                 "final": self.final, "adapter_dir": self.adapter_dir, "epochs_run": len(self.history),
                 "batch": {k: self.final.get(k) for k in BATCH_KEYS}, "memory_plan": self.memory_plan,
-                "test": self.test}
+                "test": self.test, "launch": self.launch}
 
 
 def best_epoch(history: Sequence[Mapping[str, Any]], among: Collection[int] | None = None) -> int:
@@ -98,6 +99,13 @@ def write_run_outputs(out_dir: Path, cfg: TrainConfig, history: Sequence[Mapping
 def with_test_score(summary: RunSummary, cfg: TrainConfig, test: dict[str, Any]) -> RunSummary:
     """``summary`` with its test figure (:func:`ray_mtup.holdout.score_on_test`), rewritten to disk."""
     summary = replace(summary, test=test)
+    _write_summary(summary, cfg)
+    return summary
+
+
+def with_launch(summary: RunSummary, cfg: TrainConfig, launch: dict[str, Any]) -> RunSummary:
+    """``summary`` with the launcher's device decision, rewritten to disk."""
+    summary = replace(summary, launch=launch)
     _write_summary(summary, cfg)
     return summary
 

@@ -33,6 +33,7 @@ from .amr import CONCEPT_STYLES, concept_style
 from .checkpointing import STATE_FILE, load_trained_base
 from .config import TrainConfig
 from .dataset import load_examples
+from .devices import resolve_device
 from .errors import ConfigError, ModelError, RayMtupError
 from .generation import generate, parse_outputs, prompts_for
 from .modeling import WeightsSource, base_source, build_model, load_adapter, load_tokenizer
@@ -85,12 +86,16 @@ def inference_source(state: dict[str, Any], cfg: TrainConfig) -> WeightsSource:
     return WeightsSource(recorded)
 
 
-def load_for_inference(adapter_dir: Path, model_path: str | None = None) -> tuple[Any, Any, TrainConfig]:
-    """(model with adapter, tokenizer, the run's config), on GPU in bf16 when there is one.
+def load_for_inference(adapter_dir: Path, model_path: str | None = None,
+                       device: str = "auto") -> tuple[Any, Any, TrainConfig]:
+    """(model with adapter, tokenizer, the run's config), on GPU in bf16 or on the CPU in fp32, as
+    ``device`` (``auto``, ``gpu`` or ``cpu``) resolves by the launchers' one rule
+    (:func:`ray_mtup.devices.resolve_device`: ``auto`` without a GPU is an error for a real model).
 
     The config's ``max_new_tokens`` is the budget the run used (derived from its training data
     when the config left it unset)."""
     import torch
+
 
     state = json.loads((adapter_dir / STATE_FILE).read_text(encoding="utf-8"))
     data = dict(state["config"])
@@ -98,7 +103,8 @@ def load_for_inference(adapter_dir: Path, model_path: str | None = None) -> tupl
         data["model_path"] = model_path
     cfg = TrainConfig.from_dict(data)
     tokenizer = load_tokenizer(adapter_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    where = resolve_device(device, cfg.model, torch.cuda.device_count(), where="on this machine")
+    device = "cuda" if where == "gpu" else "cpu"
     model = build_model(inference_source(state, cfg), cfg, tokenizer, device)
     # Merged weights generate about 30% faster than an unmerged adapter (docs/benchmarks.md).
     model = load_adapter(model, adapter_dir)
@@ -228,7 +234,8 @@ def retrieved_contexts(cfg: TrainConfig, sentences: list[str]) -> list[tuple[tup
 def predict_file(adapter: str | Path, input_path: str | Path, output_path: str | Path,
                  batch_size: int = 32, max_new_tokens: int | None = None,
                  model_path: str | None = None, concept_style: str = "space", constrained: bool | None = None,
-                 data_dir: str | None = None, raw_input: bool = False) -> PredictReport:
+                 data_dir: str | None = None, raw_input: bool = False,
+                 device: str = "auto") -> PredictReport:
     """Parse every sentence of ``input_path`` into ``output_path`` (``#::snt`` + PENMAN blocks).
 
     ``input_path``: one sentence per line, or a gold file in the corpus format (its ``#::snt``
@@ -238,7 +245,8 @@ def predict_file(adapter: str | Path, input_path: str | Path, output_path: str |
     Multi-word concepts are written with spaces by default, as the shared task's test gold
     writes them (``concept_style="_"`` keeps canonical PENMAN's ``chủ_tịch``). ``constrained``
     (default: the run's ``constrained_decoding``) generates step 2 under the PENMAN grammar;
-    ``data_dir`` overrides where a retrieval run's training corpus is read.
+    ``data_dir`` overrides where a retrieval run's training corpus is read; ``device``: see
+    :func:`load_for_inference`.
     """
     if concept_style not in CONCEPT_STYLES:
         raise ConfigError("concept_style", f"must be one of {list(CONCEPT_STYLES)}, got {concept_style!r}")
@@ -246,7 +254,7 @@ def predict_file(adapter: str | Path, input_path: str | Path, output_path: str |
     adapter_dir = find_adapter(adapter)
     sentences = [ex.sentence for ex in corpus.read_input_sentences(input_path)]
     inputs = model_inputs(sentences, raw_input)
-    model, tokenizer, cfg = load_for_inference(adapter_dir, model_path)
+    model, tokenizer, cfg = load_for_inference(adapter_dir, model_path, device)
     if data_dir is not None:
         cfg = cfg.replace(data_dir=data_dir)
     if constrained is not None:

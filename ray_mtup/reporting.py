@@ -323,8 +323,10 @@ def local_results_dir(run_path: str) -> Path:
     return Path(run_path) if "://" not in run_path else Path("runs") / Path(run_path).name
 
 
-def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, space: Any) -> dict[str, Any]:
-    """Leaderboard to the terminal; results.csv, summary.json, best_config.yaml, best_adapter/, plots."""
+def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, space: Any,
+                         launch: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Leaderboard to the terminal; results.csv, summary.json (with ``launch``, the launcher's
+    device decision), best_config.yaml, best_adapter/, plots."""
     out_dir = local_results_dir(experiment_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = collect_trials(grid, base)
@@ -349,7 +351,7 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
                                "n_trials": len(records), "n_errors": sum(r.status == "ERROR" for r in records),
                                "objective": "task2_f1 (validation, corpus SMATCH), ties by val_loss; "
                                             "the reported figure is 'test', scored once on held-out graphs",
-                               "cost": cost_summary(records), "baseline": baseline}
+                               "cost": cost_summary(records), "baseline": baseline, "launch": launch}
     if scored:
         best = max(scored, key=lambda r: objective.score(r.best))
         first = records[0] if records else None

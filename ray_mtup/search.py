@@ -229,6 +229,7 @@ class SearchSettings:
     num_samples: int | None = None
     resume: bool = False
     tracker: str = "mlflow"  # ray_mtup.tracking.TRACKERS
+    launch: dict[str, Any] | None = None  # the launcher's device decision (ray_mtup.devices.TrialPlan.to_dict)
 
     def __post_init__(self) -> None:
         if self.workers_per_trial < 1:
@@ -371,4 +372,4 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) 
         )
     logger.info("search %s: up to %d concurrent trial(s)", settings.name, concurrency)
     grid = tuner.fit()
-    return reporting.write_search_results(grid, base, experiment_dir, space)
+    return reporting.write_search_results(grid, base, experiment_dir, space, settings.launch)

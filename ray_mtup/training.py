@@ -26,7 +26,7 @@ from .checkpointing import save_checkpoint, save_stop_state, trainable_state, we
 from .config import TrainConfig
 from .distributed import all_reduce, barrier, init_distributed
 from .engine import Schedule, build_engine, grad_accum
-from .errors import TrainingError
+from .errors import PERMANENT_ERRORS, TrainingError
 from .evaluation import RunData, evaluate_epoch
 from .faults import FaultInjector
 from .generation import derived_max_new_tokens
@@ -112,15 +112,20 @@ def train_loop(cfg: TrainConfig, session: Session) -> None:
     import torch
 
     device, on_gpu = _device(cfg, session)
-    data, source, tokenizer = prepare_data(cfg)
     world = session.world_size
-    cfg, plan = resolve_memory_plan(cfg, data, source, session, device, on_gpu)
-    torch.manual_seed(cfg.seed)  # LoRA's init and dropout: the same on every launcher
-    sampler = dataset.LengthGroupedBatches([len(e) for e in data.train_encoded], cfg.per_device_batch_size,
-                                           session.rank, world, cfg.seed)
-    schedule = plan_schedule(cfg, len(sampler), world)
-    with session.resume_from() as checkpoints:
-        engine, _keep_alive, resume = build_engine(cfg, source, tokenizer, world, on_gpu, schedule, checkpoints)
+    try:  # an error here fails the same way on every rank and every retry: the run ends with it
+        data, source, tokenizer = prepare_data(cfg)
+        cfg, plan = resolve_memory_plan(cfg, data, source, session, device, on_gpu)
+        torch.manual_seed(cfg.seed)  # LoRA's init and dropout: the same on every launcher
+        sampler = dataset.LengthGroupedBatches([len(e) for e in data.train_encoded], cfg.per_device_batch_size,
+                                               session.rank, world, cfg.seed)
+        schedule = plan_schedule(cfg, len(sampler), world)
+        with session.resume_from() as checkpoints:
+            engine, _keep_alive, resume = build_engine(cfg, source, tokenizer, world, on_gpu, schedule, checkpoints,
+                                                       device)
+    except PERMANENT_ERRORS as exc:
+        report_permanent_error(session, exc)
+        return
     if resume and resume.get("stop_reason"):  # the run already ended (NaN loss, out of memory)
         logger.error("not resuming: the run stopped after epoch %d: %s", resume["epoch"], resume["stop_reason"])
         return
@@ -144,6 +149,16 @@ def train_loop(cfg: TrainConfig, session: Session) -> None:
         metrics.update(eval_metrics, eval_time_s=time.perf_counter() - t0)
         if not _report(w, history, resume, predictions, faults):
             return
+
+
+def report_permanent_error(session: Session, exc: Exception) -> None:
+    """End the run with ``exc`` (one of :data:`~ray_mtup.errors.PERMANENT_ERRORS`) as its stop
+    reason, reported by every rank without a checkpoint: the training function returns, so Ray
+    Train has no crashed worker to retry (its ``FailureConfig`` retries only those). The
+    launchers read ``permanent_error`` back (:func:`ray_mtup.trial.run_single`)."""
+    logger.error("run stopped before training: %s: %s", type(exc).__name__, exc)
+    session.report({"epoch": 0, "global_step": 0, objective.METRIC: -1.0, "stop_reason": f"{type(exc).__name__}: {exc}",
+                    "permanent_error": type(exc).__name__, "error_message": str(exc)}, None)
 
 
 def train_epoch(w: Worker, batches: list[list[int]], schedule: Schedule, epoch: int, step: int,

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 from . import objective
 from .checkpointing import ADAPTER_FILE, STATE_FILE
 from .config import MAX_FAILURES, TrainConfig
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, TrainingError, permanent_error
 from .holdout import score_on_test
 from .outputs import RunSummary, best_epoch, with_test_score, write_run_outputs
 from .training import train_loop_per_worker
@@ -140,6 +140,9 @@ def run_single(cfg: TrainConfig, name: str, storage_path: str, output_dir: str |
     """Single-preset reproduction: one TorchTrainer, no search; writes the run directory."""
     trainer = build_trainer(cfg, name=name, storage_path=storage_path, max_failures=max_failures)
     result = trainer.fit()
+    metrics = result.metrics or {}
+    if metrics.get("permanent_error"):  # reported by the workers, not retried (ray_mtup.training)
+        raise permanent_error(str(metrics["permanent_error"]), str(metrics.get("error_message", "")))
     if result.checkpoint is None:
         raise TrainingError(f"run {name} finished without a checkpoint: {result.error}")
     state = read_checkpoint_state(result.checkpoint)

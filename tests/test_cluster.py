@@ -243,7 +243,8 @@ def test_kuberay_versions_gpus_and_tolerations(name: str) -> None:
 
 
 def test_rayjob_runs_a_7b_search_and_deletes_its_cluster() -> None:
-    from ray_mtup.launcher import build_parser, config_from_args
+    from ray_mtup.devices import Cluster
+    from ray_mtup.launcher import build_parser, config_from_args, plan_launch
 
     job = load("rayjob.yaml")["spec"]
     assert job["shutdownAfterJobFinishes"] is True
@@ -251,10 +252,13 @@ def test_rayjob_runs_a_7b_search_and_deletes_its_cluster() -> None:
     argv = shlex.split(job["entrypoint"])
     assert argv[:2] == ["python", "run_tune.py"]
     args = build_parser().parse_args(argv[2:])  # the project's own parser accepts the entrypoint
-    assert (args.model, args.gpus_per_trial, args.zero_stage) == ("qwen2.5-7b", 4, 3)
+    # no GPU layout pinned: the launcher plans it from the cluster's GPUs (80 GB each here)
+    assert (args.model, args.gpus_per_trial, args.zero_stage, args.device) == ("qwen2.5-7b", "auto", None, "auto")
     assert args.storage_path.startswith("s3://"), "multi-node needs shared storage"
     cfg = config_from_args(args)
-    assert (cfg.num_workers, cfg.use_gpu, cfg.zero_stage) == (4, True, 3)
+    launch = plan_launch(args, cfg, Cluster(32, 80e9, num_cpus=4 * 180.0))
+    assert (launch.gpus_per_trial, launch.concurrent_trials, launch.zero_stage) == (1, 32, 2)
+    assert cfg.replace(**launch.overrides()).num_workers == 1
     runtime_env = yaml.safe_load(job["runtimeEnvYAML"])
     assert load("runtime_env.yaml")["env_vars"].items() <= runtime_env["env_vars"].items()
     assert runtime_env["pip"] == load("runtime_env.pip.yaml")["pip"], "the stock image lacks the dependencies"
@@ -276,15 +280,18 @@ def test_gpu_node_counts_are_fixed_before_the_search_starts() -> None:
 
 
 @pytest.mark.parametrize("name", ["rayjob.yaml", "raycluster.yaml"])
-def test_a_gpu_worker_pod_holds_two_7b_trials(name: str) -> None:
+def test_a_gpu_worker_pod_holds_eight_7b_trials(name: str) -> None:
     from ray_mtup.config import resolve_config
+    from ray_mtup.devices import Cluster, plan_trials
     from ray_mtup.search import max_concurrent_trials
 
-    cfg = resolve_config("qwen2.5-7b", overrides={"num_workers": 4, "use_gpu": True, "zero_stage": 3})
+    cfg = resolve_config("qwen2.5-7b")
     for group in kuberay_cluster_spec(name)["workerGroupSpecs"]:
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         pod = {"CPU": float(limits["cpu"]), "GPU": float(limits[GPU_KEY])}
-        assert max_concurrent_trials(pod, cfg) == 2
+        launch = plan_trials(cfg, Cluster(int(pod["GPU"]), 80e9, pod["CPU"]))  # H100 80 GB
+        assert (launch.gpus_per_trial, launch.concurrent_trials) == (1, 8)
+        assert max_concurrent_trials(pod, cfg.replace(**launch.overrides())) == 8  # what the search then allows
 
 
 def test_dashboard_binds_all_interfaces_only_in_kubernetes_with_a_warning() -> None:

@@ -30,7 +30,8 @@ def test_torchrun_runs_the_loop_of_ray_train_with_equal_losses(qwen_like_checkpo
     cfg = _cfg(qwen_like_checkpoint)
     cfg.write_yaml(tmp_path / "run.yaml", "the equivalence test's run")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "ray_mtup.worker", "--config", str(tmp_path / "run.yaml"), "--output", str(tmp_path / "torchrun")]
+                "-m", "ray_mtup.worker", "--config", str(tmp_path / "run.yaml"), "--output", str(tmp_path / "torchrun"),
+                "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(torchrun, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
