@@ -1,7 +1,7 @@
 """Tune LoRA fine-tuning of Qwen2.5 into a Vietnamese AMR parser with Ray Tune (Optuna + ASHA).
 
-    python run_tune.py --model qwen2.5-7b --gpus-per-trial 4 --zero-stage 3 --data-dir ../shared/data/vlsp2025
-    python run_tune.py --model tiny --smoke-test                      # CPU, embedded local Ray
+    python run_tune.py --model qwen2.5-7b --data-dir ../shared/data/vlsp2025
+    python run_tune.py --model tiny --smoke-test                      # CPU, embedded local Ray (real models: the GPUs found)
     python run_tune.py --model qwen2.5-3b --preset full_training --no-search --data-dir ../shared/data/vlsp2025
 
 On a cluster: ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python run_tune.py ...

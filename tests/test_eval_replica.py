@@ -152,7 +152,8 @@ def _run(cfg, tmp_path: Path, name: str) -> Path:
     cfg.write_yaml(tmp_path / f"{name}.yaml", f"the eval-replica test's {name} run")
     out = tmp_path / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "ray_mtup.worker", "--config", str(tmp_path / f"{name}.yaml"), "--output", str(out)]
+           "-m", "ray_mtup.worker", "--config", str(tmp_path / f"{name}.yaml"), "--output", str(out),
+           "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -103,7 +103,7 @@ def test_lora_on_smollm2_gguf_trains_and_predicts(tmp_path):
     sentences = tmp_path / "sentences.txt"
     sentences.write_text("tôi đi học .\ncon mèo ngủ trên ghế .\n", encoding="utf-8")
     started = time.monotonic()
-    report = predict_file(tmp_path / "run", sentences, tmp_path / "parses.txt", batch_size=2)
+    report = predict_file(tmp_path / "run", sentences, tmp_path / "parses.txt", batch_size=2, device="cpu")
     predict_s = time.monotonic() - started
     assert report.n_sentences == 2
     blocks = [b for b in (tmp_path / "parses.txt").read_text(encoding="utf-8").split("\n\n") if b.strip()]

@@ -70,7 +70,8 @@ def test_the_loop_over_nccl_with_two_processes(qwen_like_checkpoint, tmp_path):
         "per_device_batch_size": 4, "global_batch_size": 8, "eval_max_samples": 2, "max_new_tokens": 16})
     cfg.write_yaml(tmp_path / "run.yaml", "NCCL check")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
-                           "ray_mtup.worker", "--config", str(tmp_path / "run.yaml"), "--output", str(tmp_path / "out")],
+                           "ray_mtup.worker", "--config", str(tmp_path / "run.yaml"), "--output", str(tmp_path / "out"),
+                           "--device", "gpu"],
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()

@@ -140,7 +140,8 @@ def test_liger_without_cuda_warns_and_builds_the_plain_model(tiny_run, caplog):
 def _torchrun(cfg, out: Path) -> dict:
     cfg.write_yaml(out.with_suffix(".yaml"), "packing test run")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "ray_mtup.worker", "--config", str(out.with_suffix(".yaml")), "--output", str(out)]
+           "-m", "ray_mtup.worker", "--config", str(out.with_suffix(".yaml")), "--output", str(out),
+           "--device", "cpu"]
     done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -131,7 +131,8 @@ def test_predict_from_the_zero3_run(trained, vlsp_dir, tmp_path):
     lines = [line for line in (vlsp_dir / "public_test.txt").read_text(encoding="utf-8").splitlines()
              if line.strip()][:6]
     sentences.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    report = predict_file(run_dir, sentences, tmp_path / "out.txt", batch_size=4, max_new_tokens=32)
+    report = predict_file(run_dir, sentences, tmp_path / "out.txt", batch_size=4, max_new_tokens=32,
+                          device="cpu")
     assert report.n_sentences == 6
     assert report.n_task2 + report.n_task1_fallback + report.n_minimal == 6
     parsed = corpus.read_amr_file(tmp_path / "out.txt")  # every output is a decodable graph
