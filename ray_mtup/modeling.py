@@ -181,8 +181,15 @@ def check_model_files(cfg: TrainConfig) -> None:
 
     source = base_source(cfg)
     try:
-        AutoConfig.from_pretrained(source.path, **source.kwargs)
-        build_tokenizer(source)
+        try:  # from model_path or the cache: no network
+            AutoConfig.from_pretrained(source.path, local_files_only=True, **source.kwargs)
+            build_tokenizer(WeightsSource(source.path, {**source.kwargs, "local_files_only": True}))
+        except (OSError, ValueError, ModelError):
+            if cfg.model_path is not None:
+                raise
+            _check_hub_reachable()
+            AutoConfig.from_pretrained(source.path, **source.kwargs)
+            build_tokenizer(source)
     except (OSError, ValueError, ModelError) as exc:
         if cfg.model_path is not None:
             raise ModelError(f"cannot read the config and tokenizer of {cfg.model_path} (--model-path): {exc}") from None
@@ -192,6 +199,25 @@ def check_model_files(cfg: TrainConfig) -> None:
             f"where the hub is reachable and pass --model-path DIR; or pre-fill the Hugging Face cache "
             f"(huggingface-cli download {source.path}, HF_HOME shared with the workers) and set HF_HUB_OFFLINE=1"
         ) from None
+
+
+def _check_hub_reachable(timeout_s: float = 5.0) -> None:
+    """OSError unless the hub's host answers a TCP connection within ``timeout_s`` (or offline
+    mode is on). The hub client retries a failed request with backoff for half a minute or more;
+    the preflight should fail in seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise OSError("HF_HUB_OFFLINE is set and the files are not in the cache")
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout_s).close()
+    except OSError as exc:
+        raise OSError(f"cannot reach {constants.ENDPOINT} ({exc})") from None
 
 
 def build_tokenizer(source: WeightsSource) -> Any:

@@ -55,6 +55,21 @@ def test_a_simulated_4_gpu_node_runs_one_7b_trial_per_gpu_or_spans_gpus_when_the
     assert (pinned.gpus_per_trial, pinned.workers_per_trial, pinned.concurrent_trials) == (4, 4, 1)
 
 
+def test_a_running_cluster_declaring_4_gpus_is_planned_from_its_resources(monkeypatch):
+    # what ray.cluster_resources() says of a node started with num_gpus=4 (Ray accepts it on any host)
+    monkeypatch.setattr(launcher, "_cluster_resources",
+                        lambda: {"CPU": 16.0, "GPU": 4.0, "memory": 1e11, "accelerator_type:H200": 1.0})
+    args = launcher.build_parser().parse_args(["--model", "qwen2.5-7b", "--device-memory", "141e9"])
+    cluster = launcher.cluster_devices(args)
+    launch = launcher.plan_launch(args, launcher.config_from_args(args), cluster)
+    assert launch.line().startswith("4 GPUs (H200, 141 GB each): 1 GPU per trial, 4 trials at a time, ZeRO-2")
+    # the memory unknown and no --device-memory: a one-GPU task reads it
+    monkeypatch.setattr(launcher, "probe_gpu_memory", lambda: 24e9)
+    args = launcher.build_parser().parse_args(["--model", "qwen2.5-7b", "--set", "gradient_checkpointing=true"])
+    launch = launcher.plan_launch(args, launcher.config_from_args(args), launcher.cluster_devices(args))
+    assert launch.gpus_per_trial > 1 and launch.zero_stage == 3
+
+
 def test_the_trainer_of_the_decision_asks_for_one_gpu_per_worker():
     from ray_mtup.trial import build_trainer
 
