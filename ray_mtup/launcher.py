@@ -1,8 +1,11 @@
 """What ``run_tune.py`` runs: flags -> validated config -> Ray -> a search or a single run.
 
-Every user mistake (bad flag value, unknown model, missing ``--model-path``, bad search
-space, unwritable storage, a trial that cannot fit on the cluster) is reported as
-``error: <field>: <message>`` with exit code 2 before any trial starts.
+Before Ray starts, the devices are decided once (:mod:`ray_mtup.devices`: ``--device``,
+``--gpus-per-trial auto``, the memory plan) and printed in one line; ``--dry-run`` prints the
+decision and the memory plan and exits. Every user mistake (bad flag value, unknown model,
+missing ``--model-path``, a model whose config and tokenizer do not resolve, a real model with no
+GPU and no ``--device cpu``, bad search space, unwritable storage, a trial that cannot fit on the
+cluster) is reported as ``error: <field>: <message>`` with exit code 2 before any trial starts.
 """
 
 from __future__ import annotations
