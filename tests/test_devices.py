@@ -164,3 +164,14 @@ def test_adapter_dtypes_are_equal_under_zero2_and_zero3_and_zero3_with_checkpoin
         assert result[stage]["trainable"] == ["torch.bfloat16"], result
         assert result[stage]["master"] == ["torch.float32"], result
     assert result["3"]["losses"][1] < result["3"]["losses"][0]  # the step with checkpointing changed the adapter
+
+
+def test_the_decision_is_written_to_the_runs_summary(tmp_path):
+    from ray_mtup.outputs import with_launch, write_run_outputs
+
+    cfg = resolve_config("qwen2.5-7b")
+    launch = plan_trials(cfg, Cluster(4, H200, num_cpus=64.0, gpu_name="H200"))
+    history = [{"epoch": 1, "task2_f1": 0.1, "val_loss": 2.0, "objective": 0.1}]
+    summary = with_launch(write_run_outputs(tmp_path, cfg, history, None), cfg, launch.to_dict())
+    written = json.loads((tmp_path / "summary.json").read_text())["launch"]
+    assert written == summary.launch and written["line"] == launch.line() and written["gpus_per_trial"] == 1
