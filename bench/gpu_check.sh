@@ -121,7 +121,8 @@ loop_step() {
     "$PY" bench/gpu_check.py loop-config --checkpoint "$WORK/checkpoint" --out "$WORK/run.yaml" \
         --device "$DEVICE" ${LOOP_SET[@]+"${LOOP_SET[@]/#/--set=}"} || return 1
     "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
-        -m ray_mtup.worker --config "$WORK/run.yaml" --output "$WORK/run" >&2 || return 1
+        -m ray_mtup.worker --config "$WORK/run.yaml" --output "$WORK/run" \
+        --device "$([ "$DEVICE" = cuda ] && echo gpu || echo cpu)" >&2 || return 1
     "$PY" bench/gpu_check.py loop-record "$WORK/run"
 }
 
