@@ -14,7 +14,7 @@ import pytest
 from ray_mtup import launcher
 from ray_mtup.config import TrainConfig, resolve_config
 from ray_mtup.devices import Cluster, plan_trials
-from ray_mtup.errors import ConfigError, ModelError
+from ray_mtup.errors import ModelError
 
 REPO = Path(__file__).resolve().parents[1]
 H200 = 141e9
