@@ -96,7 +96,6 @@ def load_for_inference(adapter_dir: Path, model_path: str | None = None,
     when the config left it unset)."""
     import torch
 
-
     state = json.loads((adapter_dir / STATE_FILE).read_text(encoding="utf-8"))
     data = dict(state["config"])
     if model_path is not None:  # applied before validation: the stored path may not exist here
