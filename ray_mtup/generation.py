@@ -15,6 +15,7 @@ concepts).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -99,18 +100,131 @@ def step2_closed(text: str, template: Template) -> bool:
     return False
 
 
+class _GraphState:
+    """What :func:`step2_closed` needs of a row's text, kept as the text grows: whether the
+    step-2 marker was seen, then bracket depth and quoting; before the marker only a tail
+    short enough to hold the start of a marker split across tokens.
+
+    The tail collapses whitespace runs to one space: the marker pattern allows any whitespace
+    between its words and none inside them, so a marker with a run of blanks still matches.
+    """
+
+    __slots__ = ("tail", "seen", "depth", "opened", "quoted", "closed")
+
+    def __init__(self) -> None:
+        self.tail, self.seen, self.depth, self.opened, self.quoted, self.closed = "", False, 0, False, False, False
+
+    def copy(self) -> "_GraphState":
+        other = _GraphState()
+        other.tail, other.seen, other.depth = self.tail, self.seen, self.depth
+        other.opened, other.quoted, other.closed = self.opened, self.quoted, self.closed
+        return other
+
+    def feed(self, text: str, pattern: Any, keep: int) -> None:
+        if self.closed or not text:
+            return
+        if not self.seen:
+            buf = _BLANKS.sub(" ", self.tail + text)
+            m = pattern.search(buf)
+            if m is None:
+                self.tail = buf[-keep:] if keep else ""
+                return
+            self.seen, self.tail = True, ""
+            text = buf[m.end():]
+        for ch in text:
+            if ch == '"':
+                self.quoted = not self.quoted
+            elif not self.quoted and ch == "(":
+                self.depth, self.opened = self.depth + 1, True
+            elif not self.quoted and ch == ")":
+                self.depth -= 1
+                if self.opened and self.depth <= 0:
+                    self.closed = True
+                    return
+
+
+_BLANKS = re.compile(r"\s+")
+
+
+class _RowText:
+    """Incremental detokenisation of one row (the window scheme of vLLM and TGI): text is
+    committed once the window decodes without a trailing replacement character (a UTF-8
+    sequence split across tokens), so each step decodes a few tokens, never the whole row."""
+
+    __slots__ = ("ids", "prefix", "read")
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+
+    def push(self, token: int, decode: Callable[[list[int]], str]) -> tuple[str, str]:
+        """Add ``token``: (newly committed text, text decoded but not yet committed)."""
+        self.ids.append(token)
+        before = decode(self.ids[self.prefix:self.read])
+        window = decode(self.ids[self.prefix:])
+        if window.endswith("\ufffd"):
+            return "", window[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        return window[len(before):], ""
+
+
 class Step2Closed:
     """A stopping criterion (transformers' per-row form): a row is done once its step-2 graph
-    has closed, so a model that runs on after the graph does not spend the whole budget."""
+    has closed, so a model that runs on after the graph does not spend the whole budget.
+
+    O(1) per row per step: each call decodes only the rows' new tokens (a window of a few
+    tokens, :class:`_RowText`) into per-row state (:class:`_GraphState`), and skips rows that
+    have finished; its decisions are :func:`step2_closed`'s on the whole text. ``decoded_chars``
+    counts the characters decoded by the last call (the test of the O(1) claim reads it).
+    """
 
     def __init__(self, tokenizer: Any, template: Template, prompt_width: int):
         self.tokenizer, self.template, self.width = tokenizer, template, prompt_width
+        self.pattern = marker_pattern(template.step2_marker)
+        self.keep = max(0, len(" ".join(template.step2_marker.split())) - 1)
+        eos = tokenizer.eos_token_id
+        self.eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.rows: list[tuple[_RowText, _GraphState]] = []
+        self.done: list[bool] = []
+        self.seen = 0
+        self.decoded_chars = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        self.decoded_chars += len(text)
+        return text
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
-        texts = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
-        return torch.tensor([step2_closed(t, self.template) for t in texts], device=input_ids.device)
+        if not self.rows:
+            self.rows = [(_RowText(), _GraphState()) for _ in range(input_ids.shape[0])]
+            self.done = [False] * input_ids.shape[0]
+        self.decoded_chars = 0
+        new = input_ids[:, self.width + self.seen:].tolist()  # one small transfer: the new column(s)
+        self.seen = input_ids.shape[1] - self.width
+        out = []
+        for row, tokens in enumerate(new):
+            if not self.done[row]:
+                self.done[row] = self._advance(row, tokens)
+            out.append(self.done[row])
+        return torch.tensor(out, device=input_ids.device)
+
+    def _advance(self, row: int, tokens: list[int]) -> bool:
+        text, state = self.rows[row]
+        pending = ""
+        for token in tokens:
+            if token in self.eos:
+                return True  # transformers ends the row at EOS; nothing after it is decoded
+            committed, pending = text.push(token, self._decode)
+            state.feed(committed, self.pattern, self.keep)
+            if state.closed:
+                return True
+        if pending:  # what the whole-text rule sees now, without committing a split character
+            trial = state.copy()
+            trial.feed(pending, self.pattern, self.keep)
+            return trial.closed
+        return False
 
 
 def generate(
