@@ -19,8 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from . import amr
-from .grammar import FALLBACK_GRAPH, ConstrainedStats, PenmanLogitsProcessor, close_partial, depth, grammar_for
+from . import amr, grammar
 from .prompts import Template, marker_pattern, parse_generation, render_inference
 
 logger = logging.getLogger(__name__)
@@ -258,61 +257,6 @@ def generate(
                              cache, stop_template=stop_template)
 
 
-def _step1_texts(raw: Sequence[str], template: Template) -> tuple[list[str], int]:
-    """Step-1 text of each phase-1 output (before the marker); how many had no marker."""
-    pattern = marker_pattern(template.step2_marker)
-    out, missing = [], 0
-    for text in raw:
-        m = pattern.search(text)
-        if m is None:
-            missing += 1
-        out.append((text[: m.start()] if m else text).strip())
-    return out, missing
-
-
-def generate_constrained(model: Any, tokenizer: Any, prompts: Sequence[str], template: Template,
-                         batch_size: int, max_new_tokens: int, synced_gpus: bool = False,
-                         progress: bool = False, stats: ConstrainedStats | None = None) -> list[str]:
-    """Step 1 free, then the step-2 marker and a grammar-constrained graph (see :mod:`ray_mtup.grammar`).
-
-    Returns, per prompt, ``step1 + marker + graph`` as :func:`ray_mtup.prompts.parse_generation`
-    expects it.
-    """
-    stats = stats if stats is not None else ConstrainedStats()
-    n_vocab = model.get_output_embeddings().weight.shape[0]
-    grammar = grammar_for(tokenizer, n_vocab)
-    marker = template.step2_marker
-    raw1 = _generate_batches(model, tokenizer, prompts, batch_size, max_new_tokens, synced_gpus, progress,
-                             stop_strings=[marker.strip()]).texts
-    step1, missing = _step1_texts(raw1, template)
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    ids2 = [list(p) + tokenizer(s + marker, add_special_tokens=False)["input_ids"]
-            for p, s in zip(prompt_ids, step1)]
-
-    def processor(width: int, n_rows: int) -> Any:
-        from transformers import LogitsProcessorList
-
-        return LogitsProcessorList([PenmanLogitsProcessor(grammar, n_rows, width, max_new_tokens)])
-
-    raw2 = _generate_batches(model, tokenizer, ids2, batch_size, max_new_tokens, synced_gpus, progress,
-                             processor_factory=processor).texts
-    graphs = []
-    for text in raw2:
-        text = text.strip()
-        if not (text.endswith(")") and depth(text.encode()) == 0):  # the budget ended the graph
-            stats.forced_closures += 1
-            text = close_partial(text) or FALLBACK_GRAPH
-        graphs.append(text)
-    stats.rows += len(prompts)
-    stats.missing_marker += missing
-    stats.step1_tokens += sum(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in step1)
-    stats.step2_tokens += sum(len(tokenizer(g, add_special_tokens=False)["input_ids"]) for g in graphs)
-    if stats.forced_closures:
-        logger.info("constrained decoding: %d of %d graphs closed at the budget", stats.forced_closures,
-                    stats.rows)
-    return [s + marker + g for s, g in zip(step1, graphs)]
-
-
 def _generate_batches(model: Any, tokenizer: Any, prompts: Sequence[str] | Sequence[list[int]], batch_size: int,
                       max_new_tokens: int, synced_gpus: bool = False, progress: bool = False,
                       cache: str = "dynamic", processor_factory: Callable[[int, int], Any] | None = None,
@@ -390,6 +334,62 @@ def _generate_batch(model: Any, tokenizer: Any, encoded: Sequence[Sequence[int]]
         closed = o.stop_template is not None and step2_closed(text, o.stop_template)
         rows.append((text, n, not ended and n >= o.max_new_tokens and not closed))
     return rows
+
+
+def _step1_texts(raw: Sequence[str], template: Template) -> tuple[list[str], int]:
+    """Step-1 text of each phase-1 output (before the marker); how many had no marker."""
+    pattern = marker_pattern(template.step2_marker)
+    out, missing = [], 0
+    for text in raw:
+        m = pattern.search(text)
+        if m is None:
+            missing += 1
+        out.append((text[: m.start()] if m else text).strip())
+    return out, missing
+
+
+def generate_constrained(model: Any, tokenizer: Any, prompts: Sequence[str], template: Template,
+                         batch_size: int, max_new_tokens: int, synced_gpus: bool = False,
+                         progress: bool = False, stats: grammar.ConstrainedStats | None = None) -> list[str]:
+    """Step 1 free, then the step-2 marker and a grammar-constrained graph (see
+    :mod:`ray_mtup.grammar`).
+
+    Returns, per prompt, ``step1 + marker + graph`` as :func:`ray_mtup.prompts.parse_generation`
+    expects it.
+    """
+    stats = stats if stats is not None else grammar.ConstrainedStats()
+    n_vocab = model.get_output_embeddings().weight.shape[0]
+    compiled = grammar.grammar_for(tokenizer, n_vocab)
+    marker = template.step2_marker
+    raw1 = _generate_batches(model, tokenizer, prompts, batch_size, max_new_tokens, synced_gpus, progress,
+                             stop_strings=[marker.strip()]).texts
+    step1, missing = _step1_texts(raw1, template)
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids2 = [list(p) + tokenizer(s + marker, add_special_tokens=False)["input_ids"]
+            for p, s in zip(prompt_ids, step1)]
+
+    def processor(width: int, n_rows: int) -> Any:
+        from transformers import LogitsProcessorList
+
+        return LogitsProcessorList([grammar.PenmanLogitsProcessor(compiled, n_rows, width, max_new_tokens)])
+
+    raw2 = _generate_batches(model, tokenizer, ids2, batch_size, max_new_tokens, synced_gpus, progress,
+                             processor_factory=processor).texts
+    graphs = []
+    for text in raw2:
+        text = text.strip()
+        if not (text.endswith(")") and grammar.depth(text.encode()) == 0):  # the budget ended the graph
+            stats.forced_closures += 1
+            text = grammar.close_partial(text) or grammar.FALLBACK_GRAPH
+        graphs.append(text)
+    stats.rows += len(prompts)
+    stats.missing_marker += missing
+    stats.step1_tokens += sum(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in step1)
+    stats.step2_tokens += sum(len(tokenizer(g, add_special_tokens=False)["input_ids"]) for g in graphs)
+    if stats.forced_closures:
+        logger.info("constrained decoding: %d of %d graphs closed at the budget", stats.forced_closures,
+                    stats.rows)
+    return [s + marker + g for s, g in zip(step1, graphs)]
 
 
 def parse_outputs(template: Template, raw_outputs: Sequence[str]) -> list[Parsed]:

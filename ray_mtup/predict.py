@@ -37,6 +37,7 @@ from .errors import ConfigError, ModelError, RayMtupError
 from .generation import generate, parse_outputs, prompts_for
 from .modeling import WeightsSource, base_source, build_model, load_adapter, load_tokenizer
 from .prompts import get_template
+from .replica import merge_and_unload
 
 logger = logging.getLogger(__name__)
 
@@ -100,10 +101,11 @@ def load_for_inference(adapter_dir: Path, model_path: str | None = None) -> tupl
     tokenizer = load_tokenizer(adapter_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(inference_source(state, cfg), cfg, tokenizer, device)
-    # Merged weights generate about 30% faster than an unmerged adapter (docs/benchmarks.md).
+    # Merged weights generate about 30% faster than an unmerged adapter (docs/benchmarks.md), and
+    # they are merged as evaluation merges them, so the epoch was chosen on this very model.
     model = load_adapter(model, adapter_dir)
     load_trained_base(model, adapter_dir)  # a trained base (lora.train_base), when there is one
-    model = model.merge_and_unload().to(device)
+    model = merge_and_unload(model).to(device)
     model.eval()
     budget = cfg.max_new_tokens or state.get("max_new_tokens")
     if budget is None:

@@ -226,14 +226,76 @@ def _copy_merged(base: Any, replica: Any) -> None:
                     mine.copy_(buf)
 
 
-def _copy_lora_layer(layer: Any, target: Any) -> None:
-    """``target.weight = base weight + sum of the active adapters' deltas`` (summed in fp32)."""
+def merged_weight(layer: Any) -> Any:
+    """A LoRA layer's base weight plus its active adapters' deltas, computed in fp32 from the
+    adapter's values (``B @ A * scaling``), in the base weight's dtype: the one merge of
+    evaluation (in place or into a replica) and of ``predict``, so both generate from the same
+    weights whatever dtype each holds the adapter in."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.utils.other import transpose
+
     base_layer = layer.get_base_layer()
     weight = base_layer.weight.detach().float()
     if not layer.disable_adapters:
         for adapter in layer.active_adapters:
             if adapter in layer.lora_A and adapter not in layer.merged_adapters:
-                weight = weight + layer.get_delta_weight(adapter).float()
-    target.weight.copy_(weight)
+                if isinstance(layer, LoraLinear) and not layer.use_dora.get(adapter, False):
+                    delta = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()
+                    delta = transpose(delta, layer.fan_in_fan_out) * layer.scaling[adapter]
+                else:
+                    delta = layer.get_delta_weight(adapter).float()
+                weight = weight + delta
+    return weight.to(base_layer.weight.dtype)
+
+
+def lora_layers(model: Any) -> list[Any]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+@contextlib.contextmanager
+def merged_in_place(model: Any) -> Iterator[Any]:
+    """``model`` (a peft model) generating from merged weights for the block: each LoRA layer's
+    base weight is backed up to the host, overwritten with :func:`merged_weight`, and the
+    adapters are switched off; on exit the exact base weights come back. Costs no device
+    memory (the replica costs a model). Under ZeRO-3 each layer is gathered to merge and the
+    backup is the rank's own partition."""
+    import deepspeed
+    import torch
+
+    layers = lora_layers(model)
+    backups = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.get_base_layer().weight
+                own = weight.ds_tensor if hasattr(weight, "ds_id") else weight.data
+                backups.append((weight, own, own.detach().to("cpu", copy=True)))
+                with deepspeed.zero.GatheredParameters(list(layer.parameters()), modifier_rank=0):
+                    weight.data.copy_(merged_weight(layer))
+        with model.disable_adapter():
+            yield model
+    finally:
+        with torch.no_grad():
+            for _, own, saved in backups:
+                own.copy_(saved.to(own.device))
+
+
+def merge_and_unload(model: Any) -> Any:
+    """The plain model of a peft ``model`` with every LoRA layer merged by :func:`merged_weight`
+    (``predict``'s model: the weights evaluation generated from)."""
+    import torch
+
+    with torch.no_grad():
+        for layer in lora_layers(model):
+            layer.get_base_layer().weight.data.copy_(merged_weight(layer))
+    return model.unload()
+
+
+def _copy_lora_layer(layer: Any, target: Any) -> None:
+    """``target.weight = merged_weight(layer)`` (base weight plus the active adapters' deltas)."""
+    base_layer = layer.get_base_layer()
+    target.weight.copy_(merged_weight(layer))
     if getattr(base_layer, "bias", None) is not None:
         target.bias.copy_(base_layer.bias)
