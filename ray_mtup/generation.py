@@ -392,6 +392,30 @@ def generate_constrained(model: Any, tokenizer: Any, prompts: Sequence[str], tem
     return [s + marker + g for s, g in zip(step1, graphs)]
 
 
+#: Written for a sentence whose output cannot be turned into a graph at all.
+FALLBACK_GRAPH = "(a / amr-unknown)"
+
+
+def shipped_graphs(parsed: Sequence[Parsed]) -> tuple[list[str], dict[str, int]]:
+    """The graph ``predict`` writes for each output (Task 2, else Task 1, else
+    :data:`FALLBACK_GRAPH`), and how many took each path."""
+    counts = {"n_task2": 0, "n_task2_repaired": 0, "n_task1_fallback": 0, "n_minimal": 0}
+    graphs = []
+    for i, p in enumerate(parsed):
+        if p.task2_graph is not None:
+            graphs.append(p.task2_graph)
+            counts["n_task2"] += 1
+            counts["n_task2_repaired"] += int(p.task2_repaired)
+        elif p.task1_graph is not None:
+            graphs.append(p.task1_graph)
+            counts["n_task1_fallback"] += 1
+        else:
+            graphs.append(FALLBACK_GRAPH)
+            counts["n_minimal"] += 1
+            logger.info("sentence %d: no graph could be recovered; wrote %s", i + 1, FALLBACK_GRAPH)
+    return graphs, counts
+
+
 def parse_outputs(template: Template, raw_outputs: Sequence[str]) -> list[Parsed]:
     """Split each generation into (task 1, task 2), repair both, restore task 1's variables."""
     parsed = []
