@@ -89,6 +89,37 @@ def models(names: list[str], data_dir: str, device: str) -> Any:
             raise SystemExit(f"unknown model {name!r}")
 
 
+def rule_cost(base_gen: Any, new_gen: Any, tokenizer: Any, data: Any, rows: int, steps: int) -> dict[str, Any]:
+    """The stopping rule alone, old against new, on ``rows`` rows of ``steps`` tokens cut from the
+    validation gold graphs (no step-2 marker, so no row stops: the rows that run to the budget)."""
+    import torch
+
+    from ray_mtup.prompts import get_template
+
+    template = get_template("v4_compact")
+    text = " ".join(data.val_gold)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    streams = [ids[i * 7: i * 7 + steps] for i in range(rows)]
+    full = torch.tensor(streams)
+    out: dict[str, Any] = {"bench": "stopping_rule", "rows": rows, "steps": steps}
+    decisions = {}
+    for label, gen in (("base", base_gen), ("new", new_gen)):
+        rule = gen.Step2Closed(tokenizer, template, 0)
+        seconds, per_step, made = 0.0, [], []
+        for step in range(1, steps + 1):
+            t0 = time.perf_counter()
+            made.append(rule(full[:, :step], None).tolist())
+            dt = time.perf_counter() - t0
+            seconds += dt
+            per_step.append(dt)
+        decisions[label] = made
+        out[label] = {"seconds": round(seconds, 3), "ms_first_10_steps": round(1e3 * sum(per_step[:10]) / 10, 3),
+                      "ms_last_10_steps": round(1e3 * sum(per_step[-10:]) / 10, 3)}
+    out["speedup"] = round(out["base"]["seconds"] / max(out["new"]["seconds"], 1e-9), 1)
+    out["same_decisions"] = decisions["base"] == decisions["new"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=None, help="corpus directory (default: RAY_MTUP_DATA_DIR, else ../shared)")
@@ -98,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32, help="eval_batch_size of both paths")
     p.add_argument("--max-new-tokens", type=int, default=128, help="budget per row (0: derived from the data)")
     p.add_argument("--base", default="c76575d", help="git revision of today's path")
-    p.add_argument("--arms", default="free,constrained")
+    p.add_argument("--arms", default="free,constrained", help="free, constrained, both, or none (rule only)")
+    p.add_argument("--rule-steps", type=int, default=900,
+                   help="steps of the stopping-rule-only measurement (0: skip it); 900 is about 7B's derived budget")
     args = p.parse_args(argv)
 
     import torch
@@ -117,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             rows = data.val[:args.n] if args.n else data.val
             prompts = prompts_for(template, [ex.sentence for ex in rows])
             budget = args.max_new_tokens or data.max_new_tokens
-            for arm in args.arms.split(","):
+            if args.rule_steps:
+                emit({"model": name, **rule_cost(base_gen, new_gen, tokenizer, data, args.batch_size, args.rule_steps)})
+            for arm in [a for a in args.arms.split(",") if a and a != "none"]:
                 result: dict[str, Any] = {}
                 for label, gen, gram in (("base", base_gen, base_grammar), ("new", new_gen, new_grammar)):
                     with Timer(gen.Step2Closed) as stop, Timer(gram.PenmanLogitsProcessor) as proc:
