@@ -70,7 +70,7 @@ class Timer:
 def models(names: list[str], data_dir: str, device: str) -> Any:
     from ray_mtup.config import TinyModelSettings, TrainConfig, resolve_config
     from ray_mtup.dataset import tokenizer_texts
-    from ray_mtup.modeling import WeightsSource, base_source, build_model, build_tokenizer, write_tiny_checkpoint
+    from ray_mtup.modeling import WeightsSource, build_model, build_tokenizer, write_tiny_checkpoint
     from ray_mtup.training import prepare_data
 
     cfg = resolve_config("tiny", overrides={"data_dir": data_dir})
