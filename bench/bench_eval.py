@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", default="free,constrained", help="free, constrained, both, or none (rule only)")
     p.add_argument("--rule-steps", type=int, default=900,
                    help="steps of the stopping-rule-only measurement (0: skip it); 900 is about 7B's derived budget")
+    p.add_argument("--forward-steps", type=int, default=32,
+                   help="with --rule-steps: time this many plain generation steps at the same batch (0: skip)")
     args = p.parse_args(argv)
 
     import torch
@@ -151,7 +153,19 @@ def main(argv: list[str] | None = None) -> int:
             prompts = prompts_for(template, [ex.sentence for ex in rows])
             budget = args.max_new_tokens or data.max_new_tokens
             if args.rule_steps:
-                emit({"model": name, **rule_cost(base_gen, new_gen, tokenizer, data, args.batch_size, args.rule_steps)})
+                rule = rule_cost(base_gen, new_gen, tokenizer, data, args.batch_size, args.rule_steps)
+                emit({"model": name, **rule})
+                if args.forward_steps:  # the model's own step at the same batch, same run: the rule's share
+                    t0 = time.perf_counter()
+                    new_gen.generate(model, tokenizer, prompts[:args.batch_size], batch_size=args.batch_size,
+                                     max_new_tokens=args.forward_steps)
+                    step = (time.perf_counter() - t0) / args.forward_steps
+                    whole = {k: args.rule_steps * step + rule[k]["seconds"] for k in ("base", "new")}
+                    emit({"bench": "batch_of_budget", "model": name, "rows": args.batch_size,
+                          "steps": args.rule_steps, "model_ms_per_step": round(1e3 * step, 2),
+                          "base_s": round(whole["base"], 1), "new_s": round(whole["new"], 1),
+                          "speedup": round(whole["base"] / whole["new"], 2),
+                          "note": "steps x measured model step + measured rule seconds, one batch run to the budget"})
             for arm in [a for a in args.arms.split(",") if a and a != "none"]:
                 result: dict[str, Any] = {}
                 for label, gen, gram in (("base", base_gen, base_grammar), ("new", new_gen, new_grammar)):

@@ -30,7 +30,7 @@ from .corpus import MtupExample
 from .distributed import all_reduce, gather, shard
 from .generation import Parsed, generate, parse_outputs, prompts_for, shipped_graphs
 from .prompts import get_template
-from .replica import merged_in_place, merged_replica, plan_generation
+from .replica import generation_batch_size, merged_in_place, merged_replica, plan_generation
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ def evaluate_epoch(engine: Any, tokenizer: Any, cfg: TrainConfig, data: RunData,
     if rank == 0:
         logger.info("evaluation generation: %s: %s", plan.path, plan.reason)
     with merged_replica(model, device) if plan.path == "replica" else merged_in_place(model) as gen_model:
-        out = generate(gen_model, tokenizer, prompts, batch_size=cfg.eval_batch_size,
+        rows = generation_batch_size(gen_model, cfg, device, seq_len + data.max_new_tokens, len(prompts), world)
+        out = generate(gen_model, tokenizer, prompts, batch_size=rows,
                        max_new_tokens=data.max_new_tokens, synced_gpus=plan.synced_gpus, cache=cfg.generation_cache,
                        progress=rank == 0, stop_template=template, constrained=cfg.constrained_decoding)
     gen_time = time.perf_counter() - t0  # with the replica's gathering and merging

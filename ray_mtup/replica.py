@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from .config import TrainConfig
-from .distributed import gather
+from .distributed import all_reduce, gather
 from .errors import ModelError
 from .memory import GIB, HEADROOM, device_memory, replica_bytes, replica_fits
 
@@ -100,6 +100,37 @@ def generation_margin(config: Any, batch: int, seq_len: int, bytes_per_value: in
     scores = batch * heads * seq_len * seq_len * bytes_per_value
     logits = 2 * batch * config.vocab_size * 4
     return kv_cache + activations + scores + logits
+
+
+def rows_that_fit(config: Any, seq_len: int, bytes_per_value: int, free: int, rows: int, floor: int) -> int:
+    """Rows of one generation batch: as many of ``rows`` as :func:`generation_margin` fits in
+    :data:`~ray_mtup.memory.HEADROOM` of ``free`` bytes, and never fewer than ``floor``.
+
+    >>> from transformers import Qwen2Config
+    >>> q7 = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+    ...                  num_attention_heads=28, num_key_value_heads=4, vocab_size=152064)
+    >>> rows_that_fit(q7, 1536, 2, free=100 * GIB, rows=184, floor=32)   # an H200 beside a 7B replica
+    184
+    >>> rows_that_fit(q7, 1536, 2, free=20 * GIB, rows=184, floor=32)
+    43
+    """
+    per_row = generation_margin(config, 1, seq_len, bytes_per_value)
+    return max(floor, min(rows, int(HEADROOM * free) // max(1, per_row)))
+
+
+def generation_batch_size(model: Any, cfg: TrainConfig, device: Any, seq_len: int, rows: int, world: int) -> int:
+    """The evaluation batch: on a GPU the whole shard when it fits beside the weights (decode is
+    memory-bound there, so more rows cost little per step), else what fits; on the CPU
+    ``eval_batch_size`` (compute-bound: a bigger batch spends steps on rows that have ended).
+    The same on every rank (the smallest), as synced generation needs."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return cfg.eval_batch_size
+    per_value = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
+    free, _ = device_memory(device)
+    mine = rows_that_fit(_base_model(model).config, seq_len, per_value, free, rows, cfg.eval_batch_size)
+    return int(-all_reduce([-mine], device, world, "max")[0])
 
 
 def plan_generation(model: Any, cfg: TrainConfig, zero3: bool, world: int, device: Any, seq_len: int) -> GenerationPlan:
