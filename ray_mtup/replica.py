@@ -9,11 +9,13 @@ and frees the copy (:func:`merged_replica`).
 
 :func:`plan_generation` picks the path of ``TrainConfig.eval_generation``:
 
-* ``plain``: ZeRO-2 or one worker; the engine's model is already whole, nothing changes;
+* ``plain``: ZeRO-2 or one worker; the engine's model, its LoRA merged in place for the
+  evaluation (:func:`merged_in_place`);
 * ``replica``: the copy above; ``auto`` takes it when it fits on every rank's device
   (:func:`ray_mtup.memory.replica_fits`: the replica's bytes plus the KV cache and activations
   of one evaluation batch, :func:`generation_margin`, against the memory the device reports);
-* ``synced``: generation on the partitioned engine model in lockstep, as before.
+* ``synced``: generation on the partitioned engine model in lockstep, its LoRA merged in
+  place (:func:`merged_in_place`).
 """
 
 from __future__ import annotations
