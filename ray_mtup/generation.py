@@ -393,7 +393,7 @@ def generate_constrained(model: Any, tokenizer: Any, prompts: Sequence[str], tem
 
 
 #: Written for a sentence whose output cannot be turned into a graph at all.
-FALLBACK_GRAPH = "(a / amr-unknown)"
+FALLBACK_GRAPH = grammar.FALLBACK_GRAPH
 
 
 def shipped_graphs(parsed: Sequence[Parsed]) -> tuple[list[str], dict[str, int]]:
