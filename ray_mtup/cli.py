@@ -44,7 +44,8 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
         help="corpus SMATCH of a predictions file against a gold file",
         description="Corpus-level SMATCH (summed triples, smatch 1.0.4 alignment, deterministic). "
         "Both files are in the corpus format (#::snt line, PENMAN graph, blank line); pairs are aligned by order "
-        "(a #::snt that differs from the gold sentence is an error). The predictions are scored as they are, "
+        "(a #::snt that differs from the gold sentence is reported, as smatch aligns them, and only a different "
+        "number of graphs is an error). The predictions are scored as they are, "
         "like the shared task's scorer: a graph smatch cannot read counts as empty.",
     )
     p.add_argument("--gold", required=True, help="gold graphs, corpus format")
@@ -92,6 +93,10 @@ def format_evaluation(result: dict) -> str:
         f"  recall      {result['recall']:.4f}",
         f"  f1          {result['f1']:.4f}",
     ]
+    mismatched = result.get("sentence_mismatches") or {}
+    if mismatched.get("count"):
+        lines.append(f"  note: {mismatched['count']} #::snt lines differ from the gold sentences (scored by "
+                     f"order, as smatch scores them); first: {mismatched['first']}")
     if "ci_low" in result:
         lines.append(
             f"  f1 {100 * result['ci_level']:.0f}% CI  [{result['ci_low']:.4f}, {result['ci_high']:.4f}]"

@@ -286,7 +286,8 @@ class TrainConfig(Settings):
         "How evaluation generates under ZeRO-3 with several workers: replica (each rank gathers the "
         "LoRA-merged weights once into a plain model on its device, generates its shard alone, then "
         "frees it), synced (the partitioned model in lockstep, synced_gpus), or auto (replica when it "
-        "fits in the memory every device reports, else synced). ZeRO-2 or one worker: no effect."))
+        "fits in the memory every device reports, else synced). ZeRO-2 or one worker: no effect. "
+        "Every path generates from the LoRA-merged weights predict ships (docs/evaluation.md)."))
     scoring_mode: str = Field("normalised", description=(
         "SMATCH mode of the per-epoch objective: normalised (gold and predictions normalised the "
         "same way; the default) or official (the shared task's convention)."))

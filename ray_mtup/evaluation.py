@@ -8,12 +8,16 @@ computed and discarded. Generations are gathered and scored once, identically on
 Generation takes the path of :func:`ray_mtup.replica.plan_generation` (``eval_generation``):
 under ZeRO-3 on several workers either a LoRA-merged replica on each rank, generating its
 shard alone, or the partitioned model in lockstep (``synced_gpus``); otherwise the engine's
-model, which is whole. The path is in the epoch's metrics as ``eval_generation``.
+model, which is whole. The path is in the epoch's metrics as ``eval_generation``. Every path
+generates from merged weights (:func:`ray_mtup.replica.merged_weight`, the merge ``predict``
+applies), in the engine's dtype, which is the one ``predict`` loads: the epoch is chosen on
+the model that ships. ``predict_f1_official`` is the official SMATCH of exactly the graphs
+``predict`` would write for these rows (Task 2, else Task 1, else the minimal graph; concepts
+written with spaces), i.e. what ``evaluate`` gives on ``predict``'s file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -21,11 +25,12 @@ from typing import Any, Sequence
 
 from . import dataset, objective, scoring
 from .config import TrainConfig
+from .amr import concept_style
 from .corpus import MtupExample
 from .distributed import all_reduce, gather, shard
-from .generation import Parsed, generate, parse_outputs, prompts_for
+from .generation import Parsed, generate, parse_outputs, prompts_for, shipped_graphs
 from .prompts import get_template
-from .replica import merged_replica, plan_generation
+from .replica import generation_batch_size, merged_in_place, merged_replica, plan_generation
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +88,9 @@ def evaluate_epoch(engine: Any, tokenizer: Any, cfg: TrainConfig, data: RunData,
     plan = plan_generation(model, cfg, cfg.stage() == 3, world, device, seq_len + data.max_new_tokens)
     if rank == 0:
         logger.info("evaluation generation: %s: %s", plan.path, plan.reason)
-    with merged_replica(model, device) if plan.path == "replica" else contextlib.nullcontext(model) as gen_model:
-        out = generate(gen_model, tokenizer, prompts, batch_size=cfg.eval_batch_size,
+    with merged_replica(model, device) if plan.path == "replica" else merged_in_place(model) as gen_model:
+        rows = generation_batch_size(gen_model, cfg, device, seq_len + data.max_new_tokens, len(prompts), world)
+        out = generate(gen_model, tokenizer, prompts, batch_size=rows,
                        max_new_tokens=data.max_new_tokens, synced_gpus=plan.synced_gpus, cache=cfg.generation_cache,
                        progress=rank == 0, stop_template=template, constrained=cfg.constrained_decoding)
     gen_time = time.perf_counter() - t0  # with the replica's gathering and merging
@@ -93,6 +99,9 @@ def evaluate_epoch(engine: Any, tokenizer: Any, cfg: TrainConfig, data: RunData,
     parsed = parse_outputs(template, [by_index[i] for i in range(n_eval)])
     new_tokens, hit_limit = all_reduce([sum(out.new_tokens[:real]), sum(out.hit_limit[:real])], device, world)
     metrics, pairs = score_epoch(cfg, data.val_gold[:n_eval], parsed, val_loss, progress=rank == 0)
+    shipped, _ = shipped_graphs(parsed)  # what predict writes, as it writes it
+    metrics["predict_f1_official"] = scoring.score_corpus(
+        data.val_gold[:n_eval], [concept_style(g, "space") for g in shipped], mode="official").f1
     metrics.update(n_eval=n_eval, hit_token_limit=int(hit_limit), max_new_tokens=data.max_new_tokens,
                    gen_new_tokens_per_s=new_tokens / max(gen_time, 1e-9), eval_generation=plan.path)
     return metrics, prediction_records(data.val[:n_eval], data.val_gold[:n_eval], parsed, pairs)

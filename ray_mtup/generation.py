@@ -15,11 +15,11 @@ concepts).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from . import amr
-from .grammar import FALLBACK_GRAPH, ConstrainedStats, PenmanLogitsProcessor, close_partial, depth, grammar_for
+from . import amr, grammar
 from .prompts import Template, marker_pattern, parse_generation, render_inference
 
 logger = logging.getLogger(__name__)
@@ -99,18 +99,131 @@ def step2_closed(text: str, template: Template) -> bool:
     return False
 
 
+class _GraphState:
+    """What :func:`step2_closed` needs of a row's text, kept as the text grows: whether the
+    step-2 marker was seen, then bracket depth and quoting; before the marker only a tail
+    short enough to hold the start of a marker split across tokens.
+
+    The tail collapses whitespace runs to one space: the marker pattern allows any whitespace
+    between its words and none inside them, so a marker with a run of blanks still matches.
+    """
+
+    __slots__ = ("tail", "seen", "depth", "opened", "quoted", "closed")
+
+    def __init__(self) -> None:
+        self.tail, self.seen, self.depth, self.opened, self.quoted, self.closed = "", False, 0, False, False, False
+
+    def copy(self) -> "_GraphState":
+        other = _GraphState()
+        other.tail, other.seen, other.depth = self.tail, self.seen, self.depth
+        other.opened, other.quoted, other.closed = self.opened, self.quoted, self.closed
+        return other
+
+    def feed(self, text: str, pattern: Any, keep: int) -> None:
+        if self.closed or not text:
+            return
+        if not self.seen:
+            buf = _BLANKS.sub(" ", self.tail + text)
+            m = pattern.search(buf)
+            if m is None:
+                self.tail = buf[-keep:] if keep else ""
+                return
+            self.seen, self.tail = True, ""
+            text = buf[m.end():]
+        for ch in text:
+            if ch == '"':
+                self.quoted = not self.quoted
+            elif not self.quoted and ch == "(":
+                self.depth, self.opened = self.depth + 1, True
+            elif not self.quoted and ch == ")":
+                self.depth -= 1
+                if self.opened and self.depth <= 0:
+                    self.closed = True
+                    return
+
+
+_BLANKS = re.compile(r"\s+")
+
+
+class _RowText:
+    """Incremental detokenisation of one row (the window scheme of vLLM and TGI): text is
+    committed once the window decodes without a trailing replacement character (a UTF-8
+    sequence split across tokens), so each step decodes a few tokens, never the whole row."""
+
+    __slots__ = ("ids", "prefix", "read")
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+
+    def push(self, token: int, decode: Callable[[list[int]], str]) -> tuple[str, str]:
+        """Add ``token``: (newly committed text, text decoded but not yet committed)."""
+        self.ids.append(token)
+        before = decode(self.ids[self.prefix:self.read])
+        window = decode(self.ids[self.prefix:])
+        if window.endswith("\ufffd"):
+            return "", window[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        return window[len(before):], ""
+
+
 class Step2Closed:
     """A stopping criterion (transformers' per-row form): a row is done once its step-2 graph
-    has closed, so a model that runs on after the graph does not spend the whole budget."""
+    has closed, so a model that runs on after the graph does not spend the whole budget.
+
+    O(1) per row per step: each call decodes only the rows' new tokens (a window of a few
+    tokens, :class:`_RowText`) into per-row state (:class:`_GraphState`), and skips rows that
+    have finished; its decisions are :func:`step2_closed`'s on the whole text. ``decoded_chars``
+    counts the characters decoded by the last call (the test of the O(1) claim reads it).
+    """
 
     def __init__(self, tokenizer: Any, template: Template, prompt_width: int):
         self.tokenizer, self.template, self.width = tokenizer, template, prompt_width
+        self.pattern = marker_pattern(template.step2_marker)
+        self.keep = max(0, len(" ".join(template.step2_marker.split())) - 1)
+        eos = tokenizer.eos_token_id
+        self.eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.rows: list[tuple[_RowText, _GraphState]] = []
+        self.done: list[bool] = []
+        self.seen = 0
+        self.decoded_chars = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        self.decoded_chars += len(text)
+        return text
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
-        texts = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
-        return torch.tensor([step2_closed(t, self.template) for t in texts], device=input_ids.device)
+        if not self.rows:
+            self.rows = [(_RowText(), _GraphState()) for _ in range(input_ids.shape[0])]
+            self.done = [False] * input_ids.shape[0]
+        self.decoded_chars = 0
+        new = input_ids[:, self.width + self.seen:].tolist()  # one small transfer: the new column(s)
+        self.seen = input_ids.shape[1] - self.width
+        out = []
+        for row, tokens in enumerate(new):
+            if not self.done[row]:
+                self.done[row] = self._advance(row, tokens)
+            out.append(self.done[row])
+        return torch.tensor(out, device=input_ids.device)
+
+    def _advance(self, row: int, tokens: list[int]) -> bool:
+        text, state = self.rows[row]
+        pending = ""
+        for token in tokens:
+            if token in self.eos:
+                return True  # transformers ends the row at EOS; nothing after it is decoded
+            committed, pending = text.push(token, self._decode)
+            state.feed(committed, self.pattern, self.keep)
+            if state.closed:
+                return True
+        if pending:  # what the whole-text rule sees now, without committing a split character
+            trial = state.copy()
+            trial.feed(pending, self.pattern, self.keep)
+            return trial.closed
+        return False
 
 
 def generate(
@@ -142,61 +255,6 @@ def generate(
         return Generated(texts, lengths, [False] * len(texts))  # the grammar closes every graph itself
     return _generate_batches(model, tokenizer, prompts, batch_size, max_new_tokens, synced_gpus, progress,
                              cache, stop_template=stop_template)
-
-
-def _step1_texts(raw: Sequence[str], template: Template) -> tuple[list[str], int]:
-    """Step-1 text of each phase-1 output (before the marker); how many had no marker."""
-    pattern = marker_pattern(template.step2_marker)
-    out, missing = [], 0
-    for text in raw:
-        m = pattern.search(text)
-        if m is None:
-            missing += 1
-        out.append((text[: m.start()] if m else text).strip())
-    return out, missing
-
-
-def generate_constrained(model: Any, tokenizer: Any, prompts: Sequence[str], template: Template,
-                         batch_size: int, max_new_tokens: int, synced_gpus: bool = False,
-                         progress: bool = False, stats: ConstrainedStats | None = None) -> list[str]:
-    """Step 1 free, then the step-2 marker and a grammar-constrained graph (see :mod:`ray_mtup.grammar`).
-
-    Returns, per prompt, ``step1 + marker + graph`` as :func:`ray_mtup.prompts.parse_generation`
-    expects it.
-    """
-    stats = stats if stats is not None else ConstrainedStats()
-    n_vocab = model.get_output_embeddings().weight.shape[0]
-    grammar = grammar_for(tokenizer, n_vocab)
-    marker = template.step2_marker
-    raw1 = _generate_batches(model, tokenizer, prompts, batch_size, max_new_tokens, synced_gpus, progress,
-                             stop_strings=[marker.strip()]).texts
-    step1, missing = _step1_texts(raw1, template)
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    ids2 = [list(p) + tokenizer(s + marker, add_special_tokens=False)["input_ids"]
-            for p, s in zip(prompt_ids, step1)]
-
-    def processor(width: int, n_rows: int) -> Any:
-        from transformers import LogitsProcessorList
-
-        return LogitsProcessorList([PenmanLogitsProcessor(grammar, n_rows, width, max_new_tokens)])
-
-    raw2 = _generate_batches(model, tokenizer, ids2, batch_size, max_new_tokens, synced_gpus, progress,
-                             processor_factory=processor).texts
-    graphs = []
-    for text in raw2:
-        text = text.strip()
-        if not (text.endswith(")") and depth(text.encode()) == 0):  # the budget ended the graph
-            stats.forced_closures += 1
-            text = close_partial(text) or FALLBACK_GRAPH
-        graphs.append(text)
-    stats.rows += len(prompts)
-    stats.missing_marker += missing
-    stats.step1_tokens += sum(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in step1)
-    stats.step2_tokens += sum(len(tokenizer(g, add_special_tokens=False)["input_ids"]) for g in graphs)
-    if stats.forced_closures:
-        logger.info("constrained decoding: %d of %d graphs closed at the budget", stats.forced_closures,
-                    stats.rows)
-    return [s + marker + g for s, g in zip(step1, graphs)]
 
 
 def _generate_batches(model: Any, tokenizer: Any, prompts: Sequence[str] | Sequence[list[int]], batch_size: int,
@@ -276,6 +334,86 @@ def _generate_batch(model: Any, tokenizer: Any, encoded: Sequence[Sequence[int]]
         closed = o.stop_template is not None and step2_closed(text, o.stop_template)
         rows.append((text, n, not ended and n >= o.max_new_tokens and not closed))
     return rows
+
+
+def _step1_texts(raw: Sequence[str], template: Template) -> tuple[list[str], int]:
+    """Step-1 text of each phase-1 output (before the marker); how many had no marker."""
+    pattern = marker_pattern(template.step2_marker)
+    out, missing = [], 0
+    for text in raw:
+        m = pattern.search(text)
+        if m is None:
+            missing += 1
+        out.append((text[: m.start()] if m else text).strip())
+    return out, missing
+
+
+def generate_constrained(model: Any, tokenizer: Any, prompts: Sequence[str], template: Template,
+                         batch_size: int, max_new_tokens: int, synced_gpus: bool = False,
+                         progress: bool = False, stats: grammar.ConstrainedStats | None = None) -> list[str]:
+    """Step 1 free, then the step-2 marker and a grammar-constrained graph (see
+    :mod:`ray_mtup.grammar`).
+
+    Returns, per prompt, ``step1 + marker + graph`` as :func:`ray_mtup.prompts.parse_generation`
+    expects it.
+    """
+    stats = stats if stats is not None else grammar.ConstrainedStats()
+    n_vocab = model.get_output_embeddings().weight.shape[0]
+    compiled = grammar.grammar_for(tokenizer, n_vocab)
+    marker = template.step2_marker
+    raw1 = _generate_batches(model, tokenizer, prompts, batch_size, max_new_tokens, synced_gpus, progress,
+                             stop_strings=[marker.strip()]).texts
+    step1, missing = _step1_texts(raw1, template)
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids2 = [list(p) + tokenizer(s + marker, add_special_tokens=False)["input_ids"]
+            for p, s in zip(prompt_ids, step1)]
+
+    def processor(width: int, n_rows: int) -> Any:
+        from transformers import LogitsProcessorList
+
+        return LogitsProcessorList([grammar.PenmanLogitsProcessor(compiled, n_rows, width, max_new_tokens)])
+
+    raw2 = _generate_batches(model, tokenizer, ids2, batch_size, max_new_tokens, synced_gpus, progress,
+                             processor_factory=processor).texts
+    graphs = []
+    for text in raw2:
+        text = text.strip()
+        if not (text.endswith(")") and grammar.depth(text.encode()) == 0):  # the budget ended the graph
+            stats.forced_closures += 1
+            text = grammar.close_partial(text) or grammar.FALLBACK_GRAPH
+        graphs.append(text)
+    stats.rows += len(prompts)
+    stats.missing_marker += missing
+    stats.step1_tokens += sum(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in step1)
+    stats.step2_tokens += sum(len(tokenizer(g, add_special_tokens=False)["input_ids"]) for g in graphs)
+    if stats.forced_closures:
+        logger.info("constrained decoding: %d of %d graphs closed at the budget", stats.forced_closures,
+                    stats.rows)
+    return [s + marker + g for s, g in zip(step1, graphs)]
+
+
+#: Written for a sentence whose output cannot be turned into a graph at all.
+FALLBACK_GRAPH = grammar.FALLBACK_GRAPH
+
+
+def shipped_graphs(parsed: Sequence[Parsed]) -> tuple[list[str], dict[str, int]]:
+    """The graph ``predict`` writes for each output (Task 2, else Task 1, else
+    :data:`FALLBACK_GRAPH`), and how many took each path."""
+    counts = {"n_task2": 0, "n_task2_repaired": 0, "n_task1_fallback": 0, "n_minimal": 0}
+    graphs = []
+    for i, p in enumerate(parsed):
+        if p.task2_graph is not None:
+            graphs.append(p.task2_graph)
+            counts["n_task2"] += 1
+            counts["n_task2_repaired"] += int(p.task2_repaired)
+        elif p.task1_graph is not None:
+            graphs.append(p.task1_graph)
+            counts["n_task1_fallback"] += 1
+        else:
+            graphs.append(FALLBACK_GRAPH)
+            counts["n_minimal"] += 1
+            logger.info("sentence %d: no graph could be recovered; wrote %s", i + 1, FALLBACK_GRAPH)
+    return graphs, counts
 
 
 def parse_outputs(template: Template, raw_outputs: Sequence[str]) -> list[Parsed]:

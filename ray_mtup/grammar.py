@@ -30,6 +30,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
+
 from .errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,14 @@ class FreshVariables:
 
     def banned(self, text: bytes) -> list[int]:
         partial, used = self.state(text)
+        return self._banned(partial, used)
+
+    def banned_in(self, row: "_VarState") -> list[int]:
+        """:meth:`banned` of a row's incremental state (its tail holds any partial variable)."""
+        m = _OPEN_VAR.search(row.tail)
+        return self._banned(m.group(1) if m else None, row.used)
+
+    def _banned(self, partial: bytes | None, used: set[bytes]) -> list[int]:
         if partial is None:
             return []
         out: list[int] = []
@@ -153,7 +163,14 @@ def close_partial(text: str) -> str:
 
 
 class PenmanLogitsProcessor:
-    """A transformers logits processor: grammar + fresh variables + closing, one matcher per row."""
+    """A transformers logits processor: grammar + fresh variables + closing, one matcher per row.
+
+    Per step: one transfer of the rows' new tokens to the host, one batched llguidance call that
+    fills every live row's token mask (``fill_next_token_bitmask_par``, on llguidance's thread
+    pool), the fresh-variable and closing rules applied to those masks on the host, then one
+    transfer of the masks to the device and one masking op over all rows. Greedy decoding sees
+    the same allowed tokens as masking each row's scores one by one did.
+    """
 
     def __init__(self, grammar: "Grammar", n_rows: int, prompt_width: int, budget: int):
         import llguidance
@@ -163,60 +180,103 @@ class PenmanLogitsProcessor:
         self.prompt_width = prompt_width
         self.budget = budget
         self.matchers = [llguidance.LLMatcher(grammar.ll_tokenizer, grammar.compiled) for _ in range(n_rows)]
-        self.text = [b""] * n_rows
+        self.vars = [_VarState() for _ in range(n_rows)]
         self.done = [False] * n_rows
         self.bitmask = lt.allocate_token_bitmask(n_rows, grammar.ll_tokenizer.vocab_size)
+        self.bits = self.bitmask.numpy().view(np.uint32)
         self._lt = lt
+        self._device_mask: Any = None
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
-
         step = input_ids.shape[1] - self.prompt_width
-        neg = torch.finfo(scores.dtype).min
-        for row, matcher in enumerate(self.matchers):
-            if step > 0 and not self.done[row]:
-                tok = int(input_ids[row, -1])
-                if tok == self.g.eos_id or not matcher.consume_token(tok):
+        if step > 0:
+            for row, tok in enumerate(input_ids[:, -1].tolist()):  # one transfer for all rows
+                if self.done[row]:
+                    continue
+                if tok == self.g.eos_id or not self.matchers[row].consume_token(tok):
                     self.done[row] = True
                 else:
-                    self.text[row] += self.g.token_bytes[tok]
-            if self.done[row]:
-                scores[row, :] = neg
-                scores[row, self.g.eos_id] = 0.0
-                continue
-            self._lt.fill_next_token_bitmask(matcher, self.bitmask, row)
-        self._lt.apply_token_bitmask_inplace(scores[:, : self.bitmask.shape[1] * 32], self.bitmask.to(scores.device))
-        if scores.shape[1] > self.g.ll_tokenizer.vocab_size:
-            scores[:, self.g.ll_tokenizer.vocab_size:] = neg
+                    self.vars[row].push(self.g.token_bytes[tok])
+        live = [(m, row) for row, m in enumerate(self.matchers) if not self.done[row]]
+        if live:
+            self._lt.fill_next_token_bitmask_par(self.g.executor, live, self.bitmask)
         left = self.budget - step
         for row in range(len(self.matchers)):
             if self.done[row]:
+                self._only(row, [self.g.eos_id])
                 continue
-            banned = self.g.fresh.banned(self.text[row])
-            if left <= depth(self.text[row]) + CLOSING_MARGIN:
-                self._close(row, scores, neg)
+            if left <= self.vars[row].depth + CLOSING_MARGIN:
+                self._close(row)
+            banned = self.g.fresh.banned_in(self.vars[row])
             if banned:
-                keep = scores[row].clone()
-                scores[row, banned] = neg
-                if float(scores[row].max()) <= neg:
-                    scores[row] = keep  # nothing left: the grammar alone decides
+                keep = self.bits[row].copy()
+                _clear(self.bits[row], banned)
+                if not self.bits[row].any():
+                    self.bits[row] = keep  # nothing left: the grammar alone decides
+        if self._device_mask is None or self._device_mask.device != scores.device:
+            self._device_mask = self.bitmask.to(scores.device)
+        else:
+            self._device_mask.copy_(self.bitmask, non_blocking=True)
+        vocab = self.g.ll_tokenizer.vocab_size
+        if scores.shape[1] > vocab:
+            scores[:, vocab:] = torch_min(scores)
+        self._lt.apply_token_bitmask_inplace(scores[:, : self.bitmask.shape[1] * 32], self._device_mask)
         return scores
 
-    def _close(self, row: int, scores: Any, neg: float) -> None:
+    def _only(self, row: int, ids: Sequence[int]) -> None:
+        self.bits[row] = 0
+        _set(self.bits[row], ids)
+
+    def _close(self, row: int) -> None:
         """Closing mode: EOS once complete, else ``)`` when allowed, else no new node or role."""
-        keep = scores[row].clone()
         if self.matchers[row].is_accepting():
-            scores[row, :] = neg
-            scores[row, self.g.eos_id] = 0.0
+            self._only(row, [self.g.eos_id])
             return
-        closers = keep[self.g.closing_ids]
-        if float(closers.max()) > neg:
-            scores[row, :] = neg
-            scores[row, self.g.closing_ids] = closers
+        closers = [i for i in self.g.closing_ids if _has(self.bits[row], i)]
+        if closers:
+            self._only(row, closers)
             return
-        scores[row, self.g.opening_ids] = neg
-        if float(scores[row].max()) <= neg:
-            scores[row] = keep
+        keep = self.bits[row].copy()
+        _clear(self.bits[row], self.g.opening_ids)
+        if not self.bits[row].any():
+            self.bits[row] = keep
+
+
+def torch_min(scores: Any) -> float:
+    import torch
+
+    return torch.finfo(scores.dtype).min
+
+
+def _has(bits: Any, token: int) -> bool:
+    return bool((int(bits[token >> 5]) >> (token & 31)) & 1)
+
+
+def _clear(bits: Any, tokens: Sequence[int]) -> None:
+    idx = np.asarray(tokens, dtype=np.int64)
+    np.bitwise_and.at(bits, idx >> 5, ~(np.uint32(1) << (idx & 31).astype(np.uint32)))
+
+
+def _set(bits: Any, tokens: Sequence[int]) -> None:
+    idx = np.asarray(tokens, dtype=np.int64)
+    np.bitwise_or.at(bits, idx >> 5, np.uint32(1) << (idx & 31).astype(np.uint32))
+
+
+class _VarState:
+    """A row's grammar prefix as :class:`FreshVariables` needs it, kept as tokens arrive: the
+    variables introduced so far, the open parentheses, and a tail long enough to hold a variable
+    being written (the grammar caps variables at :data:`MAX_VAR_LEN`), so a step costs O(1)."""
+
+    __slots__ = ("tail", "used", "depth")
+
+    def __init__(self) -> None:
+        self.tail, self.used, self.depth = b"", set(), 0
+
+    def push(self, piece: bytes) -> None:
+        buf = self.tail + piece
+        self.used.update(_DONE_VAR.findall(buf))
+        self.depth += piece.count(b"(") - piece.count(b")")
+        self.tail = buf[-(MAX_VAR_LEN + 2):]
 
 
 @dataclass
@@ -230,6 +290,7 @@ class Grammar:
     fresh: FreshVariables
     opening_ids: list[int] = field(default_factory=list)
     closing_ids: list[int] = field(default_factory=list)
+    executor: Any = None  # llguidance's thread pool for the batched mask filling
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, n_vocab: int | None = None) -> "Grammar":
@@ -248,7 +309,7 @@ class Grammar:
         opening = [i for i, b in enumerate(token_bytes) if b"(" in b or b":" in b]
         closing = [i for i, b in enumerate(token_bytes) if b and not b.strip(b")")]
         return cls(ll_tok, compiled, token_bytes, int(tokenizer.eos_token_id), FreshVariables(token_bytes),
-                   opening, closing)
+                   opening, closing, llguidance.LLExecutor())
 
 
 _GRAMMARS: dict[int, Grammar] = {}

@@ -35,15 +35,12 @@ from .config import TrainConfig
 from .dataset import load_examples
 from .devices import resolve_device
 from .errors import ConfigError, ModelError, RayMtupError
-from .generation import generate, parse_outputs, prompts_for
+from .generation import FALLBACK_GRAPH, generate, parse_outputs, prompts_for, shipped_graphs
 from .modeling import WeightsSource, base_source, build_model, load_adapter, load_tokenizer
 from .prompts import get_template
+from .replica import merge_and_unload
 
 logger = logging.getLogger(__name__)
-
-#: Written for a sentence whose output cannot be turned into a graph at all.
-FALLBACK_GRAPH = "(a / amr-unknown)"
-
 
 #: ``--raw-input`` warns when more than this share of the lines is unlike the training sentences.
 UNLIKE_CORPUS_WARNING = 0.1
@@ -105,10 +102,11 @@ def load_for_inference(adapter_dir: Path, model_path: str | None = None,
     where = resolve_device(device, cfg.model, torch.cuda.device_count(), where="on this machine")
     device = "cuda" if where == "gpu" else "cpu"
     model = build_model(inference_source(state, cfg), cfg, tokenizer, device)
-    # Merged weights generate about 30% faster than an unmerged adapter (docs/benchmarks.md).
+    # Merged weights generate about 30% faster than an unmerged adapter (docs/benchmarks.md), and
+    # they are merged as evaluation merges them, so the epoch was chosen on this very model.
     model = load_adapter(model, adapter_dir)
     load_trained_base(model, adapter_dir)  # a trained base (lora.train_base), when there is one
-    model = model.merge_and_unload().to(device)
+    model = merge_and_unload(model).to(device)
     model.eval()
     budget = cfg.max_new_tokens or state.get("max_new_tokens")
     if budget is None:
@@ -140,21 +138,8 @@ def parse_sentences(model: Any, tokenizer: Any, cfg: TrainConfig, sentences: Seq
     out = generate(model, tokenizer, prompts_for(template, sentences, retrieved_contexts(cfg, sentences)),
                    batch_size=batch_size, max_new_tokens=max_new_tokens or cfg.max_new_tokens, progress=progress,
                    stop_template=template, constrained=cfg.constrained_decoding)
-    counts = {"n_task2": 0, "n_task2_repaired": 0, "n_task1_fallback": 0, "n_minimal": 0}
-    graphs = []
     parsed = parse_outputs(template, out.texts)
-    for i, p in enumerate(parsed):
-        if p.task2_graph is not None:
-            graphs.append(p.task2_graph)
-            counts["n_task2"] += 1
-            counts["n_task2_repaired"] += int(p.task2_repaired)
-        elif p.task1_graph is not None:
-            graphs.append(p.task1_graph)
-            counts["n_task1_fallback"] += 1
-        else:
-            graphs.append(FALLBACK_GRAPH)
-            counts["n_minimal"] += 1
-            logger.info("sentence %d: no graph could be recovered; wrote %s", i + 1, FALLBACK_GRAPH)
+    graphs, counts = shipped_graphs(parsed)
     return Parses(graphs, [p.task2_graph for p in parsed], list(out.texts), counts)
 
 

@@ -9,11 +9,13 @@ and frees the copy (:func:`merged_replica`).
 
 :func:`plan_generation` picks the path of ``TrainConfig.eval_generation``:
 
-* ``plain``: ZeRO-2 or one worker; the engine's model is already whole, nothing changes;
+* ``plain``: ZeRO-2 or one worker; the engine's model, its LoRA merged in place for the
+  evaluation (:func:`merged_in_place`);
 * ``replica``: the copy above; ``auto`` takes it when it fits on every rank's device
   (:func:`ray_mtup.memory.replica_fits`: the replica's bytes plus the KV cache and activations
   of one evaluation batch, :func:`generation_margin`, against the memory the device reports);
-* ``synced``: generation on the partitioned engine model in lockstep, as before.
+* ``synced``: generation on the partitioned engine model in lockstep, its LoRA merged in
+  place (:func:`merged_in_place`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from .config import TrainConfig
-from .distributed import gather
+from .distributed import all_reduce, gather
 from .errors import ModelError
 from .memory import GIB, HEADROOM, device_memory, replica_bytes, replica_fits
 
@@ -100,6 +102,37 @@ def generation_margin(config: Any, batch: int, seq_len: int, bytes_per_value: in
     scores = batch * heads * seq_len * seq_len * bytes_per_value
     logits = 2 * batch * config.vocab_size * 4
     return kv_cache + activations + scores + logits
+
+
+def rows_that_fit(config: Any, seq_len: int, bytes_per_value: int, free: int, rows: int, floor: int) -> int:
+    """Rows of one generation batch: as many of ``rows`` as :func:`generation_margin` fits in
+    :data:`~ray_mtup.memory.HEADROOM` of ``free`` bytes, and never fewer than ``floor``.
+
+    >>> from transformers import Qwen2Config
+    >>> q7 = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+    ...                  num_attention_heads=28, num_key_value_heads=4, vocab_size=152064)
+    >>> rows_that_fit(q7, 1536, 2, free=100 * GIB, rows=184, floor=32)   # an H200 beside a 7B replica
+    184
+    >>> rows_that_fit(q7, 1536, 2, free=20 * GIB, rows=184, floor=32)
+    43
+    """
+    per_row = generation_margin(config, 1, seq_len, bytes_per_value)
+    return max(floor, min(rows, int(HEADROOM * free) // max(1, per_row)))
+
+
+def generation_batch_size(model: Any, cfg: TrainConfig, device: Any, seq_len: int, rows: int, world: int) -> int:
+    """The evaluation batch: on a GPU the whole shard when it fits beside the weights (decode is
+    memory-bound there, so more rows cost little per step), else what fits; on the CPU
+    ``eval_batch_size`` (compute-bound: a bigger batch spends steps on rows that have ended).
+    The same on every rank (the smallest), as synced generation needs."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return cfg.eval_batch_size
+    per_value = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
+    free, _ = device_memory(device)
+    mine = rows_that_fit(_base_model(model).config, seq_len, per_value, free, rows, cfg.eval_batch_size)
+    return int(-all_reduce([-mine], device, world, "max")[0])
 
 
 def plan_generation(model: Any, cfg: TrainConfig, zero3: bool, world: int, device: Any, seq_len: int) -> GenerationPlan:
@@ -226,14 +259,76 @@ def _copy_merged(base: Any, replica: Any) -> None:
                     mine.copy_(buf)
 
 
-def _copy_lora_layer(layer: Any, target: Any) -> None:
-    """``target.weight = base weight + sum of the active adapters' deltas`` (summed in fp32)."""
+def merged_weight(layer: Any) -> Any:
+    """A LoRA layer's base weight plus its active adapters' deltas, computed in fp32 from the
+    adapter's values (``B @ A * scaling``), in the base weight's dtype: the one merge of
+    evaluation (in place or into a replica) and of ``predict``, so both generate from the same
+    weights whatever dtype each holds the adapter in."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.utils.other import transpose
+
     base_layer = layer.get_base_layer()
     weight = base_layer.weight.detach().float()
     if not layer.disable_adapters:
         for adapter in layer.active_adapters:
             if adapter in layer.lora_A and adapter not in layer.merged_adapters:
-                weight = weight + layer.get_delta_weight(adapter).float()
-    target.weight.copy_(weight)
+                if isinstance(layer, LoraLinear) and not layer.use_dora.get(adapter, False):
+                    delta = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()
+                    delta = transpose(delta, layer.fan_in_fan_out) * layer.scaling[adapter]
+                else:
+                    delta = layer.get_delta_weight(adapter).float()
+                weight = weight + delta
+    return weight.to(base_layer.weight.dtype)
+
+
+def lora_layers(model: Any) -> list[Any]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+@contextlib.contextmanager
+def merged_in_place(model: Any) -> Iterator[Any]:
+    """``model`` (a peft model) generating from merged weights for the block: each LoRA layer's
+    base weight is backed up to the host, overwritten with :func:`merged_weight`, and the
+    adapters are switched off; on exit the exact base weights come back. Costs no device
+    memory (the replica costs a model). Under ZeRO-3 each layer is gathered to merge and the
+    backup is the rank's own partition."""
+    import deepspeed
+    import torch
+
+    layers = lora_layers(model)
+    backups = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.get_base_layer().weight
+                own = weight.ds_tensor if hasattr(weight, "ds_id") else weight.data
+                backups.append((weight, own, own.detach().to("cpu", copy=True)))
+                with deepspeed.zero.GatheredParameters(list(layer.parameters()), modifier_rank=0):
+                    weight.data.copy_(merged_weight(layer))
+        with model.disable_adapter():
+            yield model
+    finally:
+        with torch.no_grad():
+            for _, own, saved in backups:
+                own.copy_(saved.to(own.device))
+
+
+def merge_and_unload(model: Any) -> Any:
+    """The plain model of a peft ``model`` with every LoRA layer merged by :func:`merged_weight`
+    (``predict``'s model: the weights evaluation generated from)."""
+    import torch
+
+    with torch.no_grad():
+        for layer in lora_layers(model):
+            layer.get_base_layer().weight.data.copy_(merged_weight(layer))
+    return model.unload()
+
+
+def _copy_lora_layer(layer: Any, target: Any) -> None:
+    """``target.weight = merged_weight(layer)`` (base weight plus the active adapters' deltas)."""
+    base_layer = layer.get_base_layer()
+    target.weight.copy_(merged_weight(layer))
     if getattr(base_layer, "bias", None) is not None:
         target.bias.copy_(base_layer.bias)

@@ -115,3 +115,14 @@ def test_evaluate_gold_against_itself_is_one_and_repair_is_opt_in(files, capsys,
     repaired = json.loads(capsys.readouterr().out)
     # repair joins 'chủ tịch' into 'chủ_tịch': official charges it, normalised does not
     assert repaired["repair"] is True and (repaired["f1"] == 1.0) == (mode == "normalised")
+
+
+def test_evaluate_reports_sentence_lines_that_differ_from_gold(files, capsys, tmp_path):
+    gold, pred = files
+    dotted = tmp_path / "dotted.txt"
+    dotted.write_text(pred.read_text(encoding="utf-8").replace("câu 2 .", "câu 2 .."), encoding="utf-8")
+    assert main(["evaluate", "--gold", str(gold), "--pred", str(dotted)]) == 0
+    out = capsys.readouterr().out
+    assert "1 #::snt lines differ from the gold sentences" in out and f"{dotted}:" in out
+    assert main(["evaluate", "--gold", str(gold), "--pred", str(dotted), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sentence_mismatches"]["count"] == 1

@@ -184,3 +184,27 @@ def test_replica_and_synced_generate_the_same_under_zero3(qwen_like_checkpoint, 
     # Training after a replica evaluation goes on as after a synced one.
     a, b = (history[mode][1]["train_loss"] for mode in ("replica", "synced"))
     assert abs(a - b) <= 1e-6, (a, b)
+
+
+def test_merged_in_place_is_the_replica_and_predicts_model_and_restores_exactly(lora_model):
+    """Every evaluation path generates from the weights ``predict`` loads: merging in place, into
+    a replica and ``predict``'s merge give identical logits, and the engine's model comes back
+    bit for bit."""
+    import copy
+
+    import torch
+
+    from ray_mtup.replica import build_replica, merge_and_unload, merged_in_place
+
+    model, tokenizer, _ = lora_model
+    ids = torch.tensor([tokenizer("Tôi đi học hôm nay", add_special_tokens=False)["input_ids"]])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        with merged_in_place(model) as merged:
+            in_place = merged(input_ids=ids).logits
+        replica = build_replica(model, "cpu")(input_ids=ids).logits
+        shipped = merge_and_unload(copy.deepcopy(model))(input_ids=ids).logits
+        unmerged = model(input_ids=ids).logits
+    assert torch.equal(in_place, replica) and torch.equal(in_place, shipped)
+    assert torch.allclose(in_place, unmerged, atol=1e-4)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -47,6 +47,44 @@ def test_grammar_admits_every_gold_graph_and_never_bans_its_next_token(tiny):
         assert matcher.is_stopped() or matcher.is_accepting(), ex.id
 
 
+def test_batched_processor_masks_every_row_in_one_call_and_admits_gold(tiny):
+    """The processor fills all rows' masks in one llguidance call and masks the scores in one
+    op: teacher-forced on gold graphs, every row keeps its gold next token and nothing the
+    grammar forbids; a finished row may only write EOS."""
+    import llguidance.torch as lt
+    import torch
+
+    model, tok, train, _ = tiny
+    g = grammar.grammar_for(tok, model.get_output_embeddings().weight.shape[0])
+    rows = [tok(ex.task2, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for ex in train[:6]]
+    prompt = [tok.pad_token_id] * 3
+    proc = grammar.PenmanLogitsProcessor(g, len(rows), len(prompt), budget=10_000)
+    calls = []
+
+    class Counting:  # llguidance's torch helpers, counting the batched mask fills
+        @staticmethod
+        def fill_next_token_bitmask_par(executor, matchers, bitmask):
+            calls.append(len(matchers))
+            lt.fill_next_token_bitmask_par(executor, matchers, bitmask)
+
+        apply_token_bitmask_inplace = staticmethod(lt.apply_token_bitmask_inplace)
+
+    proc._lt = Counting
+    ids = torch.tensor([prompt] * len(rows))
+    n_vocab = model.get_output_embeddings().weight.shape[0]
+    for step in range(max(len(r) for r in rows)):
+        scores = proc(ids, torch.zeros(len(rows), n_vocab))
+        assert len(calls) == step + 1  # one batched call per step
+        for i, r in enumerate(rows):
+            if step < len(r):
+                assert scores[i, r[step]] == 0, (i, step)
+            else:
+                assert (scores[i] > float("-inf")).nonzero().flatten().tolist() == [tok.eos_token_id]
+        col = [r[step] if step < len(r) else tok.pad_token_id for r in rows]
+        ids = torch.cat([ids, torch.tensor(col)[:, None]], dim=1)
+        assert not (scores[:, :n_vocab] > float("-inf")).all(dim=1).any()  # the grammar masks something
+
+
 def test_fresh_variables_bans_completing_a_used_variable():
     tokens = [b"a", b"a ", b"a /", b"ab ", b"b ", b" /", b"(", b"x"]
     fresh = grammar.FreshVariables(tokens)

@@ -376,12 +376,24 @@ def test_evaluate_files_unreadable_prediction_counts_empty_without_repair(tmp_pa
     assert (fixed["n_valid"], fixed["n_repaired"], fixed["f1"]) == (2, 1, 1.0)
 
 
-def test_evaluate_files_sentence_mismatch_is_an_error(tmp_path):
-    gold = _write_corpus(tmp_path / "gold.txt", [AN, CHO])
-    pred = tmp_path / "pred.txt"
-    pred.write_text(f"#::snt câu 1 .\n{CHO}\n\n#::snt câu 0 .\n{AN}\n", encoding="utf-8")
-    with pytest.raises(ScoringError, match=r"pred.txt:1: .*gold gold:1"):
-        evaluate_files(gold, pred)
+def test_evaluate_files_scores_mismatched_sentences_by_order_and_reports_them(tmp_path):
+    """A real submission carried an extra trailing '.' on some #::snt lines: smatch scores it by
+    order, and so does evaluate, reporting the lines rather than refusing the file."""
+    gold = _write_corpus(tmp_path / "gold.txt", [AN, CHO, MEO])
+    preds = [MEO, CHO, AN]
+    same = _write_corpus(tmp_path / "same.txt", preds)
+    dotted = tmp_path / "dotted.txt"
+    dotted.write_text("\n".join(f"#::snt câu {i} .{'.' if i != 1 else ''}\n{g}\n" for i, g in enumerate(preds)),
+                      encoding="utf-8")
+    plain, marked = evaluate_files(gold, same), evaluate_files(gold, dotted)
+    assert plain["sentence_mismatches"] == {"count": 0, "first": None}
+    assert marked["sentence_mismatches"]["count"] == 2
+    assert marked["sentence_mismatches"]["first"].startswith(f"{dotted}:1: ")
+    assert {k: v for k, v in marked.items() if k not in ("pred_path", "sentence_mismatches")} == \
+        {k: v for k, v in plain.items() if k not in ("pred_path", "sentence_mismatches")}
+    assert 0 < plain["f1"] < 1  # scored by order: the swapped graphs cost, the matching one counts
+    with pytest.raises(ScoringError, match="counts must be equal"):
+        evaluate_files(gold, _write_corpus(tmp_path / "short.txt", preds[:2]))
 
 
 def test_paired_bootstrap_needs_the_same_ids():
