@@ -80,12 +80,13 @@ def evaluate_run(run: Path, data_dir: str, constrained: bool, args: argparse.Nam
     from ray_mtup.grammar import ConstrainedStats, well_formed
     from ray_mtup.predict import find_adapter, load_for_inference
     from ray_mtup.prompts import get_template, parse_generation
-    from ray_mtup.dataset import load_examples
+    from ray_mtup.dataset import load_examples, with_retrieval
 
     adapter = find_adapter(run)
     model, tokenizer, cfg = load_for_inference(adapter)
     cfg = cfg.replace(data_dir=data_dir)
-    _, val, gold = load_examples(cfg)
+    train, val, gold = load_examples(cfg)
+    _, val = with_retrieval(cfg, train, val)
     n = len(val) if args.limit is None else min(args.limit, len(val))
     val, gold = val[:n], gold[:n]
     template = get_template(cfg.template)

@@ -485,6 +485,19 @@ def corpus_dir(data_dir: str | Path | None, default: str | Path | None = SAMPLE_
     return Path(found) if found else None
 
 
+def with_data_dir(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its corpus found by :func:`corpus_dir` (``data_dir``, else
+    ``$RAY_MTUP_DATA_DIR``) and made absolute, as the launcher and ``python -m ray_mtup.worker``
+    record it: Ray workers and a later ``predict`` may not share this directory. ``data_dir``
+    stays None when neither is set: the sample corpus shipped with the package, wherever the
+    package is installed.
+    """
+    found = corpus_dir(cfg.data_dir, default=None)
+    if found is None or "://" in str(cfg.data_dir or ""):
+        return cfg
+    return cfg.replace(data_dir=str(found.resolve()))
+
+
 def load_yaml(path: str | Path | Traversable) -> dict[str, Any]:
     """Read a YAML mapping; errors name the file."""
     path = Path(path) if isinstance(path, str) else path

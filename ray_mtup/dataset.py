@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from . import amr, corpus, retrieval
-from .config import SAMPLE_DATA_DIR
+from . import amr, retrieval
+from .config import corpus_dir
 from .corpus import Example, MtupExample, load_corpus, normalise_sentence, read_amr_file
 from .errors import CorpusError
 from .prompts import TEMPLATES, Template, render_training
@@ -172,11 +172,14 @@ def select_and_split(
 def corpus_splits(cfg: Any) -> tuple[list[Example], list[Example], list[Example]]:
     """(train, validation, test) of a run's :class:`~ray_mtup.config.TrainConfig`.
 
-    The test split is ``cfg.test_split`` of the corpus, or the graphs of ``cfg.test_file``
-    when it is set (then nothing more is held out of the corpus). The validation examples
-    come with the fixed evaluation subset first (:func:`eval_subset_first`).
+    The corpus is found by :func:`ray_mtup.config.corpus_dir` (``cfg.data_dir``, else
+    ``$RAY_MTUP_DATA_DIR``, else the sample corpus shipped with the package), the lookup the
+    launcher and the worker make. The test split is ``cfg.test_split`` of the corpus, or the
+    graphs of ``cfg.test_file`` when it is set (then nothing more is held out of the corpus).
+    The validation examples come with the fixed evaluation subset first
+    (:func:`eval_subset_first`; :func:`evaluation_subset` cuts it).
     """
-    examples = load_corpus(Path(cfg.data_dir) if cfg.data_dir else SAMPLE_DATA_DIR)
+    examples = load_corpus(corpus_dir(cfg.data_dir))
     test_split = 0.0 if cfg.test_file else cfg.test_split
     train, val, test = split_corpus(examples, cfg.val_split, test_split, cfg.seed, cfg.max_samples)
     if cfg.test_file:
@@ -186,8 +189,8 @@ def corpus_splits(cfg: Any) -> tuple[list[Example], list[Example], list[Example]
 
 def eval_subset_first(val: Sequence[Example], n: int | None, seed: int) -> list[Example]:
     """``val`` reordered so its first ``n`` are the seeded evaluation subset stratified over
-    the source files (:func:`stratified_indices`); per-epoch generation takes that prefix, so
-    every trial of a search scores the same, representative graphs.
+    the source files (:func:`stratified_indices`); :func:`evaluation_subset` takes that prefix,
+    so every trial of a search scores the same, representative graphs.
 
     >>> val = [Example(f"a:{i}", "x", "(x / y)", "a.txt", i) for i in range(8)]
     >>> val += [Example(f"b:{i}", "x", "(x / y)", "b.txt", i) for i in range(4)]
@@ -199,6 +202,22 @@ def eval_subset_first(val: Sequence[Example], n: int | None, seed: int) -> list[
     chosen = stratified_indices([ex.source for ex in val], n, seed)
     rest = sorted(set(range(len(val))) - set(chosen))
     return [val[i] for i in chosen + rest]
+
+
+def evaluation_subset(cfg: Any, val: Sequence[Any]) -> list[Any]:
+    """The validation items per-epoch generation scores (examples, or their gold graphs): the
+    first ``cfg.eval_max_samples`` of a validation list from :func:`corpus_splits` or
+    :func:`load_examples`, which put the seeded, stratified subset first; all of them when unset.
+    The one place the subset is cut: the training loop's evaluation and the search's
+    most-frequent-graph baseline both take it from here.
+
+    >>> from types import SimpleNamespace
+    >>> evaluation_subset(SimpleNamespace(eval_max_samples=2), "abc"), evaluation_subset(
+    ...     SimpleNamespace(eval_max_samples=None), "abc")
+    (['a', 'b'], ['a', 'b', 'c'])
+    """
+    n = cfg.eval_max_samples
+    return list(val if n is None else val[:n])
 
 
 def to_mtup(examples: Sequence[Example]) -> list[MtupExample]:
@@ -217,15 +236,23 @@ def to_mtup(examples: Sequence[Example]) -> list[MtupExample]:
 
 
 def load_examples(cfg: Any) -> tuple[list[MtupExample], list[MtupExample], list[str]]:
-    """Read the run's corpus (``cfg.data_dir``, else the shipped sample), subset and split it;
-    returns (train, val, raw gold graphs of val).
+    """Read the run's corpus (:func:`corpus_splits`), subset and split it; returns (train,
+    val, raw gold graphs of val), without retrieved context (:func:`with_retrieval`).
 
-    The test split is left out (:func:`corpus_splits`); validation starts with the fixed
-    evaluation subset that per-epoch generation takes.
+    The test split is left out; validation starts with the fixed evaluation subset
+    (:func:`evaluation_subset`).
     """
     train_ex, val_ex, _ = corpus_splits(cfg)
-    train, val = retrieval.attach(cfg.retrieval_k, to_mtup(train_ex), to_mtup(val_ex))
-    return train, val, [e.amr or "" for e in val_ex]
+    return to_mtup(train_ex), to_mtup(val_ex), [e.amr or "" for e in val_ex]
+
+
+def with_retrieval(cfg: Any, train: Sequence[MtupExample], val: Sequence[MtupExample]
+                   ) -> tuple[list[MtupExample], list[MtupExample]]:
+    """``train`` and ``val`` with their ``cfg.retrieval_k`` BM25 neighbours from ``train``
+    attached (:func:`ray_mtup.retrieval.attach`; ``retrieval_k = 0``: unchanged, no index).
+    Where the training data is prepared, and nowhere else: checking the corpus builds no index.
+    """
+    return retrieval.attach(cfg.retrieval_k, train, val)
 
 
 def tokenizer_texts(train: Sequence[MtupExample]) -> list[str]:

@@ -37,11 +37,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RunData:
-    """What a worker builds from the corpus: splits, encodings, and the generation budget."""
+    """What a worker builds from the corpus: splits, encodings, and the generation budget.
+
+    ``val`` (all of it) gives the validation loss; ``eval`` and ``eval_gold``, the subset of
+    :func:`ray_mtup.dataset.evaluation_subset`, are what per-epoch generation scores.
+    """
 
     train: list[MtupExample]
     val: list[MtupExample]
-    val_gold: list[str]
+    eval: list[MtupExample]
+    eval_gold: list[str]
     train_encoded: list[dataset.Encoded]
     val_encoded: list[dataset.Encoded]
     skipped_long: list[str]
@@ -79,11 +84,11 @@ def evaluate_epoch(engine: Any, tokenizer: Any, cfg: TrainConfig, data: RunData,
     model = engine.module
     model.eval()
     val_loss = validation_loss(model, tokenizer, cfg, data, rank, world, device)
-    n_eval = len(data.val) if cfg.eval_max_samples is None else min(cfg.eval_max_samples, len(data.val))
+    n_eval = len(data.eval)
     template = get_template(cfg.template)
     idx, real = shard(n_eval, rank, world)
     t0 = time.perf_counter()
-    prompts = prompts_for(template, [data.val[i].sentence for i in idx], [data.val[i].context for i in idx])
+    prompts = prompts_for(template, [data.eval[i].sentence for i in idx], [data.eval[i].context for i in idx])
     seq_len = max((len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=0)
     plan = plan_generation(model, cfg, cfg.stage() == 3, world, device, seq_len + data.max_new_tokens)
     if rank == 0:
@@ -98,13 +103,13 @@ def evaluate_epoch(engine: Any, tokenizer: Any, cfg: TrainConfig, data: RunData,
     by_index = {i: text for part in gathered for i, text in part}
     parsed = parse_outputs(template, [by_index[i] for i in range(n_eval)])
     new_tokens, hit_limit = all_reduce([sum(out.new_tokens[:real]), sum(out.hit_limit[:real])], device, world)
-    metrics, pairs = score_epoch(cfg, data.val_gold[:n_eval], parsed, val_loss, progress=rank == 0)
+    metrics, pairs = score_epoch(cfg, data.eval_gold, parsed, val_loss, progress=rank == 0)
     shipped, _ = shipped_graphs(parsed)  # what predict writes, as it writes it
     metrics["predict_f1_official"] = scoring.score_corpus(
-        data.val_gold[:n_eval], [concept_style(g, "space") for g in shipped], mode="official").f1
+        data.eval_gold, [concept_style(g, "space") for g in shipped], mode="official").f1
     metrics.update(n_eval=n_eval, hit_token_limit=int(hit_limit), max_new_tokens=data.max_new_tokens,
                    gen_new_tokens_per_s=new_tokens / max(gen_time, 1e-9), eval_generation=plan.path)
-    return metrics, prediction_records(data.val[:n_eval], data.val_gold[:n_eval], parsed, pairs)
+    return metrics, prediction_records(data.eval, data.eval_gold, parsed, pairs)
 
 
 def prediction_records(examples: Sequence[Any], gold: Sequence[str], parsed: Sequence[Parsed],

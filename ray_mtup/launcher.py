@@ -29,10 +29,10 @@ from .config import (
     PRESETS,
     SEARCH_SPACES,
     TrainConfig,
-    corpus_dir,
     packaged_names,
     packaged_yaml,
     resolve_config,
+    with_data_dir,
 )
 from .dataset import load_examples
 from .devices import DEVICES, Cluster, TrialPlan, local_gpus, plan_trials, probe_gpu_memory, ray_gpus
@@ -184,11 +184,10 @@ def _absolute(path: str | None) -> str | None:
 
 def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields the flags set explicitly (``--set`` and the resource flags)."""
-    data_dir = corpus_dir(args.data_dir, default=None)  # None: the sample corpus, wherever the package is
     overrides: dict[str, Any] = {
         # absolute: Ray workers (and a later `predict`) may not share the driver's directory
         "model_path": _absolute(args.model_path),
-        "data_dir": _absolute(str(data_dir)) if data_dir else None,
+        "data_dir": _absolute(args.data_dir),  # else $RAY_MTUP_DATA_DIR: config.with_data_dir
         "test_file": _absolute(args.test_file),
         "zero_stage": args.zero_stage,
         "cpus_per_worker": args.cpus_per_worker,
@@ -205,8 +204,8 @@ def config_from_args(args: argparse.Namespace, space_overrides: Mapping[str, Any
     ``space_overrides``: a search space's ``overrides:``, the layer just below the flags
     (see :func:`ray_mtup.config.resolve_config` for the whole order).
     """
-    return resolve_config(args.model, preset=args.preset, config_file=args.config,
-                          space_overrides=space_overrides, overrides=flag_overrides(args))
+    return with_data_dir(resolve_config(args.model, preset=args.preset, config_file=args.config,
+                                        space_overrides=space_overrides, overrides=flag_overrides(args)))
 
 
 def check_corpus(cfg: TrainConfig) -> None:

@@ -207,7 +207,7 @@ def retrieved_contexts(cfg: TrainConfig, sentences: list[str]) -> list[tuple[tup
     if cfg.retrieval_k == 0:
         return None
     try:
-        train, _, _ = load_examples(cfg.replace(retrieval_k=0))
+        train, _, _ = load_examples(cfg)
     except (OSError, RayMtupError) as exc:
         raise ModelError(f"retrieval_k={cfg.retrieval_k}: the run's training split is needed to retrieve "
                          f"examples, and it cannot be read from data_dir={cfg.data_dir!r}: {exc}") from exc

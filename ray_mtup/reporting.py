@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 from . import objective, scoring, study
 from .checkpointing import PREDICTIONS_JSONL, recorded_memory_plan
 from .config import TrainConfig
-from .dataset import corpus_splits, load_examples
+from .dataset import corpus_splits, evaluation_subset, load_examples
 from .holdout import describe_corpus, format_test_line, score_on_test
 from .trial import SAMPLED_KEYS, apply_sampled
 
@@ -241,10 +241,11 @@ def most_frequent_graph_baseline(cfg: TrainConfig) -> dict[str, Any]:
     """
     from collections import Counter
 
-    train, val, gold = load_examples(cfg)
-    n = len(val) if cfg.eval_max_samples is None else min(cfg.eval_max_samples, len(val))
+    train, _, gold = load_examples(cfg)
+    gold = evaluation_subset(cfg, gold)
+    n = len(gold)
     graph, count = Counter(ex.task2 for ex in train).most_common(1)[0]
-    score = scoring.score_corpus(gold[:n], [graph] * n, mode=cfg.scoring_mode)
+    score = scoring.score_corpus(gold, [graph] * n, mode=cfg.scoring_mode)
     return {"task2_f1": score.f1, "graph": graph, "train_count": count, "n_sentences": n,
             "scoring_mode": score.mode, "method": "the most frequent training graph, answered for every "
                                                   "validation sentence the trials are scored on"}

@@ -45,8 +45,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def prepare_data(cfg: TrainConfig) -> tuple[RunData, WeightsSource, Any]:
-    """Splits, the base weights' source and tokenizer, the encodings and the generation budget."""
+    """Splits (with retrieved context), the base weights' source and tokenizer, the encodings,
+    the evaluation subset and the generation budget."""
     train_ex, val_ex, val_gold = dataset.load_examples(cfg)
+    train_ex, val_ex = dataset.with_retrieval(cfg, train_ex, val_ex)
     source = base_source(cfg, dataset.tokenizer_texts(train_ex))
     tokenizer = build_tokenizer(source)
     template = get_template(cfg.template)
@@ -55,7 +57,9 @@ def prepare_data(cfg: TrainConfig) -> tuple[RunData, WeightsSource, Any]:
     if not train_enc:
         raise TrainingError(f"every training example is longer than max_seq_len={cfg.max_seq_len}")
     budget = cfg.max_new_tokens or derived_max_new_tokens([e.completion_length for e in train_enc])
-    return RunData(train_ex, val_ex, val_gold, train_enc, val_enc, skipped + skipped_val, budget), source, tokenizer
+    data = RunData(train_ex, val_ex, dataset.evaluation_subset(cfg, val_ex), dataset.evaluation_subset(cfg, val_gold),
+                   train_enc, val_enc, skipped + skipped_val, budget)
+    return data, source, tokenizer
 
 
 def plan_schedule(cfg: TrainConfig, micro_batches: int, world: int) -> Schedule:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .checkpointing import ADAPTER_FILE, recorded_memory_plan
-from .config import TrainConfig, load_yaml
+from .config import DATA_DIR_ENV, TrainConfig, load_yaml, with_data_dir
 from .devices import DEVICES, resolve_device
 from .errors import RayMtupError, permanent_error
 from .holdout import score_on_test
@@ -47,6 +47,16 @@ def on_device(cfg: TrainConfig, device: str) -> TrainConfig:
     return cfg.replace(use_gpu=where == "gpu")
 
 
+def corpus_config(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the corpus the launcher would take (:func:`ray_mtup.config.with_data_dir`);
+    training on the shipped sample corpus because nothing names another is said out loud."""
+    cfg = with_data_dir(cfg)
+    if cfg.data_dir is None:
+        logger.warning("data_dir is not set and $%s is unset: training on the small sample corpus shipped "
+                       "with the package", DATA_DIR_ENV)
+    return cfg
+
+
 def run(cfg: TrainConfig, out_dir: Path) -> None:
     """Train ``cfg`` in this process group; rank 0 then writes the run directory."""
     session = TorchrunSession(out_dir)
@@ -69,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        run(on_device(TrainConfig.from_dict(load_yaml(args.config)), args.device), Path(args.output))
+        run(on_device(corpus_config(TrainConfig.from_dict(load_yaml(args.config))), args.device), Path(args.output))
     except RayMtupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

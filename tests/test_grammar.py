@@ -15,7 +15,7 @@ from ray_mtup.config import TrainConfig
 from ray_mtup.generation import generate, prompts_for
 from ray_mtup.modeling import base_source, build_model, build_tokenizer
 from ray_mtup.prompts import get_template, parse_generation
-from ray_mtup.dataset import load_examples, tokenizer_texts
+from ray_mtup.dataset import load_examples, tokenizer_texts, with_retrieval
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "vocab_size": 600}
@@ -25,7 +25,7 @@ SMALL = {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size"
 def tiny():
     """A random tiny model, its tokenizer and the sample corpus split (k = 1 neighbour)."""
     cfg = TrainConfig(tiny=SMALL, retrieval_k=1, seed=3)
-    train, val, _ = load_examples(cfg)
+    train, val = with_retrieval(cfg, *load_examples(cfg)[:2])
     source = base_source(cfg, tokenizer_texts(train))
     tok = build_tokenizer(source)
     return build_model(source, cfg, tok), tok, train, val

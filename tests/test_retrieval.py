@@ -20,8 +20,10 @@ def _pair(i: int, sentence: str) -> MtupExample:
 
 @pytest.fixture(scope="module")
 def split():
-    """The sample corpus's seeded split with k = 2 neighbours attached."""
-    return load_examples(TrainConfig(retrieval_k=2))
+    """The sample corpus's seeded split with k = 2 neighbours attached, as training prepares it."""
+    cfg = TrainConfig(retrieval_k=2)
+    train, val, gold = load_examples(cfg)
+    return (*dataset.with_retrieval(cfg, train, val), gold)
 
 
 def test_training_example_never_retrieves_itself_or_its_duplicates():

@@ -4,13 +4,14 @@ horizon for every trial of a search, and the noise analysis paired by sentence i
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from collections import Counter
 
 import pytest
 
 from ray_mtup import scoring
 from ray_mtup.amr import concept_style
-from ray_mtup.config import SAMPLE_DATA_DIR, TrainConfig
+from ray_mtup.config import SAMPLE_DATA_DIR, TinyModelSettings, TrainConfig
 from ray_mtup.corpus import Example, load_corpus, normalise_sentence, write_amr_file
 from ray_mtup.dataset import corpus_splits, split_corpus, stratified_indices
 from ray_mtup.errors import ConfigError, ScoringError
@@ -144,3 +145,75 @@ def test_predict_writes_space_concepts_by_default(tmp_path):
     f1 = {style: scoring.evaluate_files(gold, write_parses(tmp_path / f"{style}.txt", ["chủ tịch nói ."], ours,
                                                           style))["f1"] for style in ("space", "_")}
     assert f1["space"] == 1.0 and f1["_"] < 1.0
+
+
+def _small_corpus(directory: Path, n1: int, n2: int) -> Path:
+    """A corpus directory laid out like the VLSP one: the sample corpus's first graphs."""
+    from ray_mtup.corpus import DEFAULT_TRAIN_FILES
+
+    directory.mkdir()
+    examples = load_corpus(SAMPLE_DATA_DIR)
+    for name, part in zip(DEFAULT_TRAIN_FILES, (examples[:n1], examples[n1:n1 + n2])):
+        write_amr_file(directory / name, [(e.sentence, e.amr) for e in part])
+    return directory
+
+
+def test_one_corpus_lookup_for_the_splits_the_launcher_and_the_worker(tmp_path, monkeypatch, caplog):
+    """data_dir, else $RAY_MTUP_DATA_DIR, else the sample corpus: in corpus_splits, in the
+    launcher's config and in ``python -m ray_mtup.worker``'s, which warns when it falls back."""
+    from ray_mtup.config import DATA_DIR_ENV
+    from ray_mtup.launcher import build_parser, config_from_args
+    from ray_mtup.worker import corpus_config
+
+    env_dir = _small_corpus(tmp_path / "env", 30, 10)
+    flag_dir = _small_corpus(tmp_path / "flag", 20, 10)
+    monkeypatch.setenv(DATA_DIR_ENV, str(env_dir))
+    train, val, test = corpus_splits(TrainConfig(val_split=0.2, test_split=0.1))
+    assert len(train) + len(val) + len(test) == 40  # the environment's corpus, not the sample
+    launched = config_from_args(build_parser().parse_args(["--model", "tiny"]))
+    assert launched.data_dir == str(env_dir) == corpus_config(TrainConfig()).data_dir
+    flagged = config_from_args(build_parser().parse_args(["--model", "tiny", "--data-dir", str(flag_dir)]))
+    assert corpus_config(flagged).data_dir == flagged.data_dir == str(flag_dir)  # data_dir beats the variable
+    assert sum(map(len, corpus_splits(flagged))) == 30
+
+    monkeypatch.delenv(DATA_DIR_ENV)
+    with caplog.at_level("WARNING", logger="ray_mtup.worker"):
+        assert corpus_config(TrainConfig()).data_dir is None
+    assert "sample corpus" in caplog.text and DATA_DIR_ENV in caplog.text
+    assert sum(map(len, corpus_splits(TrainConfig()))) == len(load_corpus(SAMPLE_DATA_DIR))
+
+
+def test_the_evaluation_subset_is_cut_in_one_place():
+    """The loop scores, and the search's baseline answers, the same validation graphs:
+    dataset.evaluation_subset of the validation split."""
+    from ray_mtup.dataset import evaluation_subset, load_examples
+    from ray_mtup.reporting import most_frequent_graph_baseline
+    from ray_mtup.training import prepare_data
+
+    cfg = TrainConfig(eval_max_samples=12, tiny=TinyModelSettings(hidden_size=32, num_layers=1, num_heads=2,
+                                                                   intermediate_size=64, vocab_size=400))
+    _, val, gold = load_examples(cfg)
+    data = prepare_data(cfg)[0]
+    assert len(val) > 12 and [e.id for e in data.eval] == [e.id for e in evaluation_subset(cfg, val)]
+    assert len(data.eval) == 12 and data.eval_gold == gold[:12] and len(data.val) == len(val)
+    assert most_frequent_graph_baseline(cfg)["n_sentences"] == 12
+    everything = cfg.replace(eval_max_samples=None)
+    assert len(prepare_data(everything)[0].eval) == len(val)
+
+
+def test_checking_the_corpus_builds_no_retrieval_index(monkeypatch):
+    """Only preparing the training data attaches neighbours; the launcher's corpus check and
+    load_examples do not build a BM25 index."""
+    from ray_mtup import retrieval
+    from ray_mtup.dataset import load_examples, with_retrieval
+    from ray_mtup.launcher import check_corpus
+
+    built = []
+    real = retrieval.PairIndex
+    monkeypatch.setattr(retrieval, "PairIndex", lambda train: built.append(len(train)) or real(train))
+    cfg = TrainConfig(retrieval_k=2)
+    check_corpus(cfg)
+    train, val, _ = load_examples(cfg)
+    assert not built and all(e.context == () for e in train + val)
+    train, val = with_retrieval(cfg, train, val)
+    assert built == [len(train)] and all(len(e.context) == 2 for e in val)
