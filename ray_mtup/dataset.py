@@ -23,7 +23,6 @@ import logging
 import random
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from . import amr, retrieval
