@@ -34,12 +34,12 @@ from .config import (
     resolve_config,
     with_data_dir,
 )
-from .dataset import load_examples
+from .dataset import corpus_splits, to_mtup
 from .devices import DEVICES, Cluster, TrialPlan, local_gpus, plan_trials, probe_gpu_memory, ray_gpus
-from .modeling import check_model_files
 from .errors import ConfigError, RayMtupError
-from .holdout import describe, describe_corpus, format_interval, format_test_line, held_out_set
-from .logs import setup_logging
+from .holdout import describe, describe_corpus, format_interval, format_test_line
+from .logs import ray_worker_setup, setup_logging
+from .modeling import check_model_files
 from .outputs import format_epoch_table, with_launch
 from .reporting import local_results_dir
 from .tracking import DEFAULT_TRACKER, TRACKERS, check_tracker, record_single_run, tracker_location
@@ -211,11 +211,13 @@ def config_from_args(args: argparse.Namespace, space_overrides: Mapping[str, Any
 def check_corpus(cfg: TrainConfig) -> None:
     """Read, split and normalise the corpus in the driver, so that a bad file is reported
     (``CorpusError`` naming file and line) before Ray starts, not as a worker traceback."""
-    train, val, _ = load_examples(cfg)
-    logger.info("corpus: %d training and %d validation graphs; %d test graphs in the %s", len(train), len(val),
-                len(held_out_set(cfg)), describe(cfg))
+    train, val, test = corpus_splits(cfg)  # read once; to_mtup normalises every graph
+    logger.info("corpus: %d training and %d validation graphs; %d test graphs in the %s", len(to_mtup(train)),
+                len(to_mtup(val)), len(test), describe(cfg))
 
 
+#: Run in every process of the embedded Ray (it imports ray_mtup through PYTHONPATH).
+RAY_WORKER_SETUP = f"{ray_worker_setup.__module__}.{ray_worker_setup.__name__}"
 #: Environment of every Ray process of a run (cluster/runtime_env.yaml sets the same).
 RUNTIME_ENV_VARS = {
     "TOKENIZERS_PARALLELISM": "false",
@@ -246,7 +248,7 @@ def start_ray(address: str | None) -> None:
     try:
         # address="local": always a new instance, never a `ray start` cluster found in /tmp/ray
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": env_vars})
+                 runtime_env={"env_vars": env_vars, "worker_process_setup_hook": RAY_WORKER_SETUP})
     finally:
         for key, value in saved.items():
             if value is None:

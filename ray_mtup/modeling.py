@@ -24,9 +24,10 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .config import LoraSettings, TinyModelSettings, TrainConfig
 from .errors import ModelError
@@ -384,12 +385,13 @@ def apply_lora(model: Any, lora: LoraSettings) -> Any:
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
     )
-    if getattr(model, "is_gradient_checkpointing", False):
+    if _activation_checkpointing(model):
         model.enable_input_require_grads()
     # The adapter in the base's dtype (bf16 on GPU), whatever the ZeRO stage: peft would upcast it
     # to fp32, which DeepSpeed's bf16 cast undoes under ZeRO-2 but not for a model built under
     # ZeRO-3's zero.Init. DeepSpeed's bf16 optimizer keeps the fp32 master copy under both.
-    peft_model = get_peft_model(model, peft_config, autocast_adapter_dtype=False)
+    with _peft_reads_a_deprecated_property():
+        peft_model = get_peft_model(model, peft_config, autocast_adapter_dtype=False)
     if lora.train_base:
         for param in peft_model.parameters():
             param.requires_grad = True
@@ -410,5 +412,22 @@ def load_adapter(model: Any, adapter_dir: str | Path) -> Any:
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelError(f"{adapter_dir} holds no adapter (adapter_config.json missing)")
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    with _peft_reads_a_deprecated_property():
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+
+
+def _activation_checkpointing(model: Any) -> bool:
+    """Whether the model recomputes activations (transformers 5 renamed the property)."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+@contextlib.contextmanager
+def _peft_reads_a_deprecated_property() -> Iterator[None]:
+    """peft (0.21) wraps a model by reading ``is_gradient_checkpointing``, which transformers 5
+    deprecates with a FutureWarning on every call: that one warning is silenced, nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 from . import objective, reporting
 from .config import MAX_FAILURES, MODELS, TEMPLATE_NAMES, TrainConfig, load_yaml
 from .errors import ConfigError
-from .tracking import MLFLOW_FILE_STORE_ENV, check_tracker, tracker_callbacks
+from .tracking import check_tracker, tracker_callbacks
 from .trial import SAMPLED_KEYS, apply_sampled, trial_function
 
 logger = logging.getLogger(__name__)
@@ -321,6 +321,7 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) 
     common schedule horizon (:func:`common_horizon`); a trial only adds its sampled values.
     """
     import ray
+    import optuna
     from optuna.samplers import TPESampler
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -343,11 +344,10 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) 
         if not tune.Tuner.can_restore(experiment_dir):
             raise ConfigError("resume", f"no experiment to resume at {experiment_dir}")
         logger.info("resuming %s", experiment_dir)
-        # the restored Tuner brings back its MLflow callback, which needs the file store allowed
-        os.environ.setdefault(MLFLOW_FILE_STORE_ENV, "true")
         tuner = tune.Tuner.restore(experiment_dir, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
         first = documented_optimum(space, base)
         searcher = OptunaSearch(metric=objective.METRIC, mode=objective.MODE, points_to_evaluate=[first],
                                 sampler=TPESampler(seed=space.seed))

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .logs import quiet
+
 logger = logging.getLogger(__name__)
 
 STUDY_PLOTS = ("optuna_history.png", "optuna_importances.png", "optuna_slice.png")
@@ -90,7 +92,9 @@ def write_study_plots(records: Sequence[Any], space: Any, out_dir: Path) -> list
             logger.info("%s skipped: parameter importances need >= 2 complete trials whose "
                         "parameters vary (have %d)", name, n)
             continue
-        with warnings.catch_warnings():
+        # Optuna draws a choice parameter (lora_r: 8, 16, 64) as category strings, which matplotlib
+        # notes at INFO on every plot ("Using categorical units ... parsable as floats"): expected here.
+        with warnings.catch_warnings(), quiet("matplotlib.category"):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             warnings.simplefilter("ignore", UserWarning)  # matplotlib on one-valued or categorical axes
             result = draw(study)

@@ -1,7 +1,7 @@
 """Experiment tracking and progress of a search, through Ray Tune's own callbacks.
 
 * :func:`tracker_callbacks` turns ``--tracker`` into Ray's logger callbacks: MLflow
-  (``MLflowLoggerCallback``, a local file store in the experiment directory, the default),
+  (``MLflowLoggerCallback``, a SQLite store in the experiment directory, the default),
   TensorBoard (``TBXLoggerCallback``), Weights & Biases (``WandbLoggerCallback``, needs
   ``WANDB_API_KEY``) or none. Each trial is one run; its sampled hyper-parameters are the
   run's parameters and every reported metric is logged at the trial's epoch.
@@ -13,10 +13,10 @@
 
 Nothing here imports Ray at import time (the launcher reads :data:`TRACKERS` for its flags).
 
-Open the MLflow store with
-``MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri file://<experiment dir>/mlruns``
-(MLflow 3 keeps its file store in maintenance mode and refuses it without that opt-in; the
-file store is what keeps the tracking data inside the experiment directory, with no server).
+Open the MLflow store with ``mlflow ui --backend-store-uri sqlite:///<experiment dir>/mlflow.db``
+(or ``MlflowClient(tracking_uri=...)``): SQLite is the store MLflow recommends (its file store is
+in maintenance mode), and it keeps the tracking data inside the experiment directory, with no
+server; the experiment's artifact root is ``<experiment dir>/mlartifacts``.
 """
 
 from __future__ import annotations
@@ -29,23 +29,36 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import ConfigError
+from .logs import quiet
 
 logger = logging.getLogger(__name__)
 
 TRACKERS = ("mlflow", "tensorboard", "wandb", "none")
 DEFAULT_TRACKER = "mlflow"
-MLFLOW_DIR = "mlruns"
-#: MLflow >= 3.7 refuses a file store unless this is set (its documented opt-in).
-MLFLOW_FILE_STORE_ENV = "MLFLOW_ALLOW_FILE_STORE"
+MLFLOW_DB = "mlflow.db"
+MLFLOW_ARTIFACTS = "mlartifacts"
 
 
 def mlflow_uri(results_dir: str | Path) -> str:
-    """The MLflow file store of an experiment: ``file://<results dir>/mlruns``.
+    """The MLflow store of an experiment: ``sqlite:///<results dir>/mlflow.db``.
 
     >>> mlflow_uri("/data/runs/exp")
-    'file:///data/runs/exp/mlruns'
+    'sqlite:////data/runs/exp/mlflow.db'
     """
-    return (Path(results_dir).resolve() / MLFLOW_DIR).as_uri()
+    return f"sqlite:///{Path(results_dir).resolve() / MLFLOW_DB}"
+
+
+def _mlflow_experiment(results_dir: Path, experiment_name: str) -> None:
+    """Create the store and the experiment, its artifact root inside the experiment directory
+    (Ray's callback would otherwise create it with MLflow's default root, ``./mlruns`` of the
+    current directory). MLflow logs its table creation at INFO: that logger is quieted here."""
+    from mlflow.tracking import MlflowClient
+
+    with quiet("mlflow.store.db.utils", "alembic"):
+        client = MlflowClient(tracking_uri=mlflow_uri(results_dir))
+        if client.get_experiment_by_name(experiment_name) is None:
+            client.create_experiment(experiment_name,
+                                     artifact_location=(results_dir.resolve() / MLFLOW_ARTIFACTS).as_uri())
 
 
 def check_tracker(tracker: str) -> None:
@@ -80,7 +93,7 @@ def tracker_callbacks(tracker: str, results_dir: str | Path, experiment_name: st
         raise ConfigError("tracker", f"mlflow is not installed ({exc}); pip install mlflow, "
                                      "or choose --tracker tensorboard/none") from exc
     Path(results_dir).mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault(MLFLOW_FILE_STORE_ENV, "true")  # the driver logs; workers never touch MLflow
+    _mlflow_experiment(Path(results_dir), experiment_name)  # the driver logs; workers never touch MLflow
     return [MLflowLoggerCallback(tracking_uri=mlflow_uri(results_dir), experiment_name=experiment_name,
                                  tags={"project": "ray_mtup"})]
 
@@ -97,7 +110,7 @@ def _wandb_callback(experiment_name: str) -> Any:
 def tracker_location(tracker: str, results_dir: str | Path) -> str:
     """Where a person opens what ``tracker`` recorded (one line for the closing message)."""
     if tracker == "mlflow":
-        return f"{MLFLOW_FILE_STORE_ENV}=true mlflow ui --backend-store-uri {mlflow_uri(results_dir)}"
+        return f"mlflow ui --backend-store-uri {mlflow_uri(results_dir)}"
     if tracker == "tensorboard":
         return f"tensorboard --logdir {Path(results_dir).resolve()}"
     if tracker == "wandb":

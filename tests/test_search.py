@@ -126,12 +126,13 @@ def _check_single_run_tracked(run_dir: Path, name: str, epochs: int, stdout: str
 
 
 def test_mlflow_store_has_one_run_per_trial_with_params_and_every_epoch(smoke, monkeypatch):
-    """The default tracker: MLflow's client reads the file store back from the experiment dir."""
+    """The default tracker: MLflow's client reads the SQLite store back from the experiment dir,
+    with no setting (MLFLOW_ALLOW_FILE_STORE unset)."""
     from mlflow.tracking import MlflowClient
 
-    from ray_mtup.tracking import MLFLOW_FILE_STORE_ENV, mlflow_uri
+    from ray_mtup.tracking import mlflow_uri
 
-    monkeypatch.setenv(MLFLOW_FILE_STORE_ENV, "true")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     exp, proc = smoke
     rows = {r["trial_id"]: r for r in _rows(exp)}
     client = MlflowClient(tracking_uri=mlflow_uri(exp))

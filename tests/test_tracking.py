@@ -26,10 +26,31 @@ def test_tracker_callbacks_are_rays_own(tmp_path):
 
     (mlflow_cb,) = tracking.tracker_callbacks("mlflow", tmp_path, "exp")
     assert isinstance(mlflow_cb, MLflowLoggerCallback)
-    assert mlflow_cb.tracking_uri == (tmp_path / "mlruns").resolve().as_uri()
+    assert mlflow_cb.tracking_uri == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
     assert mlflow_cb.experiment_name == "exp"
     assert isinstance(tracking.tracker_callbacks("tensorboard", tmp_path, "exp")[0], TBXLoggerCallback)
     assert tracking.tracker_callbacks("none", tmp_path, "exp") == []
+
+
+def test_mlflow_store_is_sqlite_in_the_experiment_directory(tmp_path, monkeypatch):
+    """MLflow's client opens the store as it is (no MLFLOW_ALLOW_FILE_STORE); the database and the
+    artifact root are inside the experiment directory, nothing lands in the current one."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    exp = tmp_path / "exp"
+    tracking.tracker_callbacks("mlflow", exp, "smoke")
+    client = MlflowClient(tracking_uri=tracking.mlflow_uri(exp))
+    experiment = client.get_experiment_by_name("smoke")
+    assert experiment.artifact_location == (exp / "mlartifacts").resolve().as_uri()
+    run = client.create_run(experiment.experiment_id)
+    client.log_metric(run.info.run_id, "task2_f1", 0.25, step=1)
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "task2_f1")] == [(1, 0.25)]
+    tracking.tracker_callbacks("mlflow", exp, "smoke")  # a resumed search finds its experiment
+    assert client.get_experiment_by_name("smoke").experiment_id == experiment.experiment_id
+    assert [p.name for p in tmp_path.iterdir()] == ["exp"] and (exp / "mlflow.db").is_file()
+    assert tracking.tracker_location("mlflow", exp) == f"mlflow ui --backend-store-uri {tracking.mlflow_uri(exp)}"
 
 
 class _Trial:
