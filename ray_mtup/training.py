@@ -9,7 +9,7 @@ the checkpoint (:mod:`ray_mtup.checkpointing`). :func:`train_loop_per_worker` is
 entry; ``python -m ray_mtup.worker`` is torchrun's.
 
 A restarted run continues at the epoch after its latest checkpoint with the saved adapter and
-the schedule at the same step; AdamW's moments restart from zero (documented in the README).
+the schedule at the same step; AdamW's moments restart from zero (docs/faults.md, "Resume semantics").
 """
 
 from __future__ import annotations
