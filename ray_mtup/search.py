@@ -368,6 +368,7 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) 
             run_config=tune.RunConfig(
                 name=settings.name, storage_path=settings.storage_path, callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                verbose=0,  # no Tune tables: EpochProgress prints one line per epoch; errors are still logged
             ),
         )
     logger.info("search %s: up to %d concurrent trial(s)", settings.name, concurrency)
