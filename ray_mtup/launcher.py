@@ -245,9 +245,6 @@ def start_ray(address: str | None) -> None:
     saved = {k: os.environ.get(k) for k in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}
     os.environ["RAY_GCS_SERVER_PORT"] = gcs_address.rsplit(":", 1)[1]
     os.environ["RAY_ADDRESS"] = gcs_address  # inherited by the raylet, so by every worker it starts
-    # Token authentication, which Ray turns on for a new local instance, chosen explicitly: the same
-    # behaviour, without Ray's notice that it chose it (RAY_AUTH_MODE=disabled in the environment wins).
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         # address="local": always a new instance, never a `ray start` cluster found in /tmp/ray
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
