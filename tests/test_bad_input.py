@@ -489,3 +489,19 @@ def test_embedded_ray_dashboard_on_loopback(monkeypatch):
     calls.clear()
     launcher.start_ray("127.0.0.1:6379")
     assert calls[0]["address"] == "127.0.0.1:6379" and "dashboard_host" not in calls[0]
+
+
+def test_wrapping_and_loading_an_adapter_raise_no_future_warning(saved_adapter):
+    """LoRA wrapping (with and without gradient checkpointing) and adapter loading raise no
+    FutureWarning: transformers 5's is_gradient_checkpointing deprecation stays out of make demo."""
+    import warnings
+
+    from ray_mtup.modeling import apply_lora, build_model, load_adapter
+
+    a = saved_adapter
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for cfg in (a.cfg, a.cfg.replace(gradient_checkpointing=True)):
+            model = apply_lora(build_model(a.source, cfg, a.tokenizer, "cpu"), cfg.lora)
+            assert any(p.requires_grad for p in model.parameters())
+        assert load_adapter(build_model(a.source, a.cfg, a.tokenizer, "cpu"), a.dir) is not None
