@@ -25,7 +25,7 @@ def test_tracker_callbacks_are_rays_own(tmp_path):
     from ray.tune.logger import TBXLoggerCallback
 
     (mlflow_cb,) = tracking.tracker_callbacks("mlflow", tmp_path, "exp")
-    assert isinstance(mlflow_cb, MLflowLoggerCallback)
+    assert isinstance(mlflow_cb, MLflowLoggerCallback)  # Ray's, logging each result as one batch
     assert mlflow_cb.tracking_uri == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
     assert mlflow_cb.experiment_name == "exp"
     assert isinstance(tracking.tracker_callbacks("tensorboard", tmp_path, "exp")[0], TBXLoggerCallback)
