@@ -101,9 +101,10 @@ def tracker_callbacks(tracker: str, results_dir: str | Path, experiment_name: st
 def _batched(base: type) -> type:
     """Ray's ``MLflowLoggerCallback`` logging each result's metrics in one ``log_batch`` call.
 
-    Ray logs metric by metric; in SQLite that is one committed transaction per metric, about 8 s
-    for an epoch's 40 metrics on a loaded 2-core machine against 0.1 s for one batch
-    (``bench/bench_tracking.py``, docs/benchmarks.md), time the driver's event loop waits.
+    Ray logs metric by metric; in SQLite that is one committed transaction per metric: an epoch's
+    40 metrics took 9 to 90 times as long as one batch on a shared 2-core machine (7.8 s against
+    0.09 s under heavy load; ``bench/bench_tracking.py``, docs/benchmarks.md), time the search's
+    driver waits on every epoch result.
     """
 
     class BatchedMLflowLoggerCallback(base):

@@ -40,13 +40,21 @@ def test_mlflow_store_is_sqlite_in_the_experiment_directory(tmp_path, monkeypatc
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     monkeypatch.chdir(tmp_path)
     exp = tmp_path / "exp"
-    tracking.tracker_callbacks("mlflow", exp, "smoke")
+    (callback,) = tracking.tracker_callbacks("mlflow", exp, "smoke")
     client = MlflowClient(tracking_uri=tracking.mlflow_uri(exp))
     experiment = client.get_experiment_by_name("smoke")
     assert experiment.artifact_location == (exp / "mlartifacts").resolve().as_uri()
-    run = client.create_run(experiment.experiment_id)
-    client.log_metric(run.info.run_id, "task2_f1", 0.25, step=1)
-    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "task2_f1")] == [(1, 0.25)]
+    # the callback as Tune drives it: one run per trial, every number of a result at its epoch
+    trial = _Trial("a1", 3)
+    callback.setup()
+    callback.log_trial_start(trial)
+    for epoch, f1 in [(1, 0.25), (2, 0.5)]:
+        callback.log_trial_result(epoch, trial, {"training_iteration": epoch, "task2_f1": f1, "packing": False,
+                                                 "eval_generation": "plain", "batch": {"world_size": 1}})
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params["epochs"] == "3"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "task2_f1")] == [(1, 0.25), (2, 0.5)]
+    assert run.data.metrics["batch/world_size"] == 1.0 and "eval_generation" not in run.data.metrics
     tracking.tracker_callbacks("mlflow", exp, "smoke")  # a resumed search finds its experiment
     assert client.get_experiment_by_name("smoke").experiment_id == experiment.experiment_id
     assert [p.name for p in tmp_path.iterdir()] == ["exp"] and (exp / "mlflow.db").is_file()
