@@ -100,6 +100,9 @@ def build_trainer(
                 checkpoint_score_order=objective.MODE,
             ),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            # Ray Train's own INFO lines (worker group start, process group, each checkpoint) stay in
+            # its log files; the console shows the project's lines and Ray Train's warnings
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
 
