@@ -215,10 +215,9 @@ def _mlflow_run(results_dir: str | Path, name: str, params: dict[str, str],
     from mlflow.tracking import MlflowClient
 
     Path(results_dir).mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault(MLFLOW_FILE_STORE_ENV, "true")
+    _mlflow_experiment(Path(results_dir), name)
     client = MlflowClient(tracking_uri=mlflow_uri(results_dir))
-    experiment = client.get_experiment_by_name(name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    experiment_id = client.get_experiment_by_name(name).experiment_id
     run_id = client.create_run(experiment_id, run_name=name, tags={"project": "ray_mtup"}).info.run_id
     items = list(params.items())
     for i in range(0, len(items), 100):  # MLflow takes at most 100 parameters per batch

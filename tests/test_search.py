@@ -110,13 +110,10 @@ def test_best_config_reproduces_its_result(smoke, tmp_path):
 
 def _check_single_run_tracked(run_dir: Path, name: str, epochs: int, stdout: str) -> None:
     """A --no-search run is one MLflow run (the default tracker) with every epoch and the test figure."""
-    import os
-
     from mlflow.tracking import MlflowClient
 
-    from ray_mtup.tracking import MLFLOW_FILE_STORE_ENV, mlflow_uri
+    from ray_mtup.tracking import mlflow_uri
 
-    os.environ.setdefault(MLFLOW_FILE_STORE_ENV, "true")
     client = MlflowClient(tracking_uri=mlflow_uri(run_dir))
     (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
     assert sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, "task2_f1")) == \

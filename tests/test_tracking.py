@@ -164,7 +164,7 @@ def test_trial_progress_one_line_per_ended_trial_with_best_and_time_left():
 def test_single_run_is_one_mlflow_run_with_its_config_epochs_and_test_figure(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv(tracking.MLFLOW_FILE_STORE_ENV, "true")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # the SQLite store needs no setting
     cfg = TrainConfig(epochs=2, learning_rate=3e-4)
     history = [{"epoch": 1, "task2_f1": 0.1, "val_loss": 2.0, "scoring_mode": "normalised"},
                {"epoch": 2, "task2_f1": 0.3, "val_loss": 1.5, "stop_reason": ""}]
