@@ -18,9 +18,17 @@ greedy with the same ``--max-new-tokens``:
   compile the decoding step (automatic on GPU with a static cache; forced on CPU), without it
   compilation is disabled.
 
-New tokens are counted per sequence up to and including its first EOS (a random-init model
-rarely emits EOS, so every row then runs to ``--max-new-tokens``). Prints one JSON object per
-variant and a ``generate_ratio`` line (each variant's new tokens/s over ``hf_default``'s).
+The ``project`` variants generate as the per-epoch evaluation does: with the step-2 stopping
+rule (:class:`ray_mtup.generation.Step2Closed`, ``stop_template``), whose cost is part of the time.
+
+``--real-lengths`` (the GPU check uses it): a random-init model never emits EOS, so every row
+would run to ``--max-new-tokens`` and a batch costs what its budget allows, unlike a trained
+parser. :class:`EndAtRealLength` then forces EOS in each row once it has generated as many
+tokens as a real completion of the corpus (the training split's MTUP completions, encoded with
+the run's tokenizer: step 1, step 2 and EOS), picked per prompt by a hash of its tokens, so both
+variants stop every row at the same length. Without it, new tokens are counted per sequence up
+to and including its first EOS. Prints one JSON object per variant and a ``generate_ratio`` line
+(each variant's new tokens/s over ``hf_default``'s).
 """
 
 from __future__ import annotations
@@ -52,11 +60,62 @@ def new_token_count(row: Sequence[int], eos_id: int) -> int:
     return len(row)
 
 
-class GenerateCounter:
-    """Wraps ``model.generate`` (as an instance attribute) to count what each call produced."""
+def pick_length(prompt_ids: Sequence[int], lengths: Sequence[int]) -> int:
+    """The real completion length assigned to a prompt: ``lengths`` indexed by a hash of its
+    tokens (stable across processes, unlike ``hash``).
 
-    def __init__(self, model: Any, eos_id: int):
-        self.model, self.eos_id = model, eos_id
+    >>> pick_length([5, 6, 7], [10, 20, 30]) == pick_length([5, 6, 7], [10, 20, 30])
+    True
+    >>> pick_length([1], [42])
+    42
+    """
+    import zlib
+
+    return lengths[zlib.crc32(",".join(map(str, prompt_ids)).encode()) % len(lengths)]
+
+
+class EndAtRealLength:
+    """A logits processor that makes EOS the only choice once a row has generated its target
+    number of tokens (:func:`pick_length` of its prompt, left padding stripped).
+
+    A generate call is recognised by its prompts: a call whose first ``width`` columns differ
+    from the previous call's, or whose length is not one more, is a new batch, and its rows'
+    targets are computed once; every later step is one comparison on the device."""
+
+    def __init__(self, lengths: Sequence[int], eos_id: int, pad_id: int):
+        self.lengths, self.eos_id, self.pad_id = list(lengths), eos_id, pad_id
+        self.prompts: Any = None
+        self.targets: Any = None
+        self.last_len = -1
+
+    def _new_batch(self, input_ids: Any) -> bool:
+        if self.prompts is None or input_ids.shape[0] != self.prompts.shape[0]:
+            return True
+        if input_ids.shape[1] != self.last_len + 1:
+            return True
+        return not bool((input_ids[:, : self.prompts.shape[1]] == self.prompts).all())
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self._new_batch(input_ids):
+            self.prompts = input_ids.clone()
+            rows = [[t for t in row if t != self.pad_id] for row in input_ids.tolist()]
+            self.targets = torch.tensor([pick_length(r, self.lengths) for r in rows], device=input_ids.device)
+        self.last_len = input_ids.shape[1]
+        generated = input_ids.shape[1] - self.prompts.shape[1]
+        done = (generated + 1 >= self.targets).unsqueeze(1)
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.eos_id] = 0.0
+        return torch.where(done, forced, scores)
+
+
+class GenerateCounter:
+    """Wraps ``model.generate`` (as an instance attribute) to count what each call produced,
+    and to add ``processor`` (an :class:`EndAtRealLength`) to every call's logits processors."""
+
+    def __init__(self, model: Any, eos_id: int, processor: Any = None):
+        self.model, self.eos_id, self.processor = model, eos_id, processor
         self.inner = model.generate
         self.new_tokens = 0
         self.positions = 0
@@ -70,6 +129,10 @@ class GenerateCounter:
         del self.model.generate  # back to the class's method
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.processor is not None:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), self.processor])
         out = self.inner(*args, **kwargs)
         width = kwargs["input_ids"].shape[1] if "input_ids" in kwargs else args[0].shape[1]
         new = out[:, width:].tolist()
@@ -92,6 +155,16 @@ def hf_default_generate(model: Any, tokenizer: Any, prompts: Sequence[str], batc
         with torch.no_grad():
             model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
                            max_new_tokens=max_new_tokens)
+
+
+def real_completion_lengths(tokenizer: Any, cfg: Any, train: Sequence[Any], cap: int) -> list[int]:
+    """The training split's MTUP completion lengths (step 1, step 2, EOS) in ``tokenizer``'s
+    tokens, each at most ``cap``."""
+    from ray_mtup.dataset import encode_all
+    from ray_mtup.prompts import get_template
+
+    encoded, _ = encode_all(tokenizer, get_template(cfg.template), list(train), cfg.max_seq_len)
+    return sorted(min(cap, e.completion_length) for e in encoded)
 
 
 def load_prompts(args: argparse.Namespace) -> tuple[Any, list[str], str, list[Any]]:
@@ -128,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per variant (the fastest is reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--real-lengths", action="store_true",
+                        help="end each row at the length of a real completion of the corpus (EndAtRealLength)")
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -139,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray_mtup.generation import generate
     from ray_mtup.dataset import tokenizer_texts
     from ray_mtup.modeling import apply_lora, base_source, build_tokenizer
+    from ray_mtup.prompts import get_template
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
@@ -158,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         model = apply_lora(model, cfg.lora)
     model.eval()
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    real = real_completion_lengths(tokenizer, cfg, train, args.max_new_tokens) if args.real_lengths else None
+    ender = EndAtRealLength(real, tokenizer.eos_token_id, tokenizer.pad_token_id) if real else None
+    template = get_template(cfg.template)
 
     variants = args.variants.split(",") if args.variants else \
         ["hf_default", "project"] + (["project_static"] if args.static_cache else [])
@@ -165,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     base = {"model": args.model, "random_init": args.model != "tiny" and args.model_path is None,
             "lora": not args.no_lora, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(), "prompts": len(prompts), "prompt_source": source,
-            "prompt_len_min": min(lengths), "prompt_len_max": max(lengths), "max_new_tokens": args.max_new_tokens}
+            "prompt_len_min": min(lengths), "prompt_len_max": max(lengths), "max_new_tokens": args.max_new_tokens,
+            "real_lengths": bool(real), "stop_rule": "project variants: Step2Closed",
+            **({"real_length_median": real[len(real) // 2], "real_length_max": real[-1]} if real else {})}
     generate(model, tokenizer, prompts[:8], batch_size=8, max_new_tokens=8)  # warm-up: first-call costs
     rates: dict[str, float] = {}
     for variant in variants:
@@ -178,14 +259,15 @@ def main(argv: list[str] | None = None) -> int:
                 gen_config.compile_config._compile_all_devices = True  # transformers compiles on GPU only otherwise
         runs = []
         for _ in range(args.repeats + (1 if variant == "project_static" and args.compile else 0)):
-            with GenerateCounter(model, tokenizer.eos_token_id) as counter:
+            with GenerateCounter(model, tokenizer.eos_token_id, ender) as counter:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0, c0 = time.perf_counter(), time.process_time()
                 if variant == "hf_default":
                     hf_default_generate(model, tokenizer, prompts, args.hf_batch, args.max_new_tokens)
                 else:
-                    generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=args.max_new_tokens)
+                    generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
+                             stop_template=template)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 runs.append((time.perf_counter() - t0, time.process_time() - c0, counter.new_tokens,

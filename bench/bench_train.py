@@ -33,6 +33,14 @@ the first one's, from the median step (``planned_over_micro2``) and the fastest
 (``planned_over_micro2_best``; ``--rounds`` interleaves the variants)::
 
     python bench/bench_train.py --model tiny --seq-len 256 --global-batch 16 --micro-batches 2,auto --steps 3
+
+The plan is made for ``--plan-seq-len`` tokens (the loop plans at the longest training example;
+default ``--seq-len``) and timed at ``--seq-len``. ``--with-plain`` adds ``plain_peft`` at the
+first setting's micro-batch and accumulation (``planned_over_plain``): the GPU check's train step,
+``--micro-batches auto --with-plain``, is the run a user gets against plain peft. Every DeepSpeed
+variant builds its model while a ``HfDeepSpeedConfig`` of its config is alive, as the loop's
+:func:`ray_mtup.engine.build_engine` does, so under ZeRO-3 the base is partitioned as it is built
+(``zero.Init``).
 """
 
 from __future__ import annotations
@@ -143,6 +151,7 @@ def planned_setting(args: argparse.Namespace, micro: str, source: Any, device: A
     from ray_mtup import memory
 
     cfg = train_config(args, "auto", on_gpu, world, micro if micro == "auto" else int(micro), args.global_batch)
+    seq_len = args.plan_seq_len or args.seq_len
     if args.device_memory:
         free = total = args.device_memory
     else:
@@ -152,8 +161,9 @@ def planned_setting(args: argparse.Namespace, micro: str, source: Any, device: A
     path = source.path if source is not None else None
     shape = memory.model_shape(args.model, path, source.kwargs.get("gguf_file") if source is not None else None)
     plan = memory.plan_for_config(cfg, shape, world=world, free_bytes=free, total_bytes=total, on_gpu=on_gpu,
-                                  seq_len=args.seq_len)
+                                  seq_len=seq_len)
     return {"zero_stage": plan.zero_stage, "micro": plan.micro_batch_size, "accum": plan.grad_accum,
+            "gradient_checkpointing": args.gradient_checkpointing, "plan_seq_len": seq_len,
             "requested_micro": micro, "plan_needed_gb": round(plan.chosen.needed / 1e9, 2),
             "plan_free_gb": round(free / 1e9, 2), "plan_fits": plan.fits}
 
@@ -167,11 +177,11 @@ def run_variant(variant: str, args: argparse.Namespace, tokenizer: Any, source: 
     each step accumulating ``accum`` micro-steps."""
     import deepspeed
     import torch
-
-    from ray_mtup.modeling import apply_lora
     from transformers import get_cosine_schedule_with_warmup
+    from transformers.integrations import HfDeepSpeedConfig
 
     from ray_mtup.engine import deepspeed_config, grad_accum
+    from ray_mtup.modeling import apply_lora
 
     if setting is not None:
         cfg = train_config(args, setting["zero_stage"], on_gpu, world, setting["micro"], args.global_batch)
@@ -179,6 +189,9 @@ def run_variant(variant: str, args: argparse.Namespace, tokenizer: Any, source: 
         stage = int(variant[-1]) if variant.startswith("deepspeed") else 2
         cfg = train_config(args, stage, on_gpu, world)
     accum = grad_accum(cfg, cfg.num_workers)
+    ds_config = deepspeed_config(cfg, world, on_gpu)
+    # As the loop's build_engine: the config is alive while the base is built (zero.Init under ZeRO-3).
+    keep_alive = HfDeepSpeedConfig(ds_config) if variant != "plain_peft" else None
     model = apply_lora(build_base_model(args.model, cfg, tokenizer, device, source), cfg.lora)
     vocab = model.get_input_embeddings().weight.shape[0]
     batch = make_batch(vocab, cfg.per_device_batch_size, args.seq_len, args.seed + rank, device)
@@ -196,9 +209,10 @@ def run_variant(variant: str, args: argparse.Namespace, tokenizer: Any, source: 
         sched = get_cosine_schedule_with_warmup(opt, 0, total_steps)
         net.train()
 
-        def step() -> float:
-            loss = net(**batch).loss
-            loss.backward()
+        def step() -> float:  # the same micro-steps per optimizer step as the DeepSpeed variant
+            for _ in range(accum):
+                loss = net(**batch).loss
+                (loss / accum).backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             sched.step()
@@ -209,7 +223,7 @@ def run_variant(variant: str, args: argparse.Namespace, tokenizer: Any, source: 
     else:
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=deepspeed_config(cfg, world, on_gpu),
+            config=ds_config,
             lr_scheduler=lambda o: get_cosine_schedule_with_warmup(o, 0, total_steps),
         )
         engine.train()
@@ -231,7 +245,7 @@ def run_variant(variant: str, args: argparse.Namespace, tokenizer: Any, source: 
     peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if on_gpu else None
     if hasattr(holder, "destroy"):
         holder.destroy()
-    del holder, model, step, batch
+    del holder, model, step, batch, keep_alive
     gc.collect()
     if on_gpu:
         torch.cuda.empty_cache()
@@ -257,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="compare micro-batches at this global batch (see --micro-batches); 0: off")
     parser.add_argument("--micro-batches", default="2,auto",
                         help="with --global-batch: comma-separated micro-batches, 'auto' = the memory plan's")
+    parser.add_argument("--plan-seq-len", type=int, default=0,
+                        help="with --global-batch: plan 'auto' for sequences of this length (default --seq-len)")
+    parser.add_argument("--with-plain", action="store_true",
+                        help="with --global-batch: also time plain peft at the first setting's micro-batch")
     parser.add_argument("--device-memory", type=float, default=0.0,
                         help="with --global-batch: plan 'auto' for this many free bytes per device "
                              "(default: what the device reports)")
@@ -327,12 +345,14 @@ def compare_micro_batches(args: argparse.Namespace, tokenizer: Any, source: Any,
 
     settings = {f"micro_{m.strip()}": planned_setting(args, m.strip(), source, device, world, on_gpu)
                 for m in args.micro_batches.split(",") if m.strip()}
+    if args.with_plain:
+        settings["plain_peft"] = {**next(iter(settings.values())), "zero_stage": None}
     total_steps = args.steps + args.warmup_steps
     runs: dict[str, dict[str, Any]] = {}
     for _ in range(args.rounds):
         for variant, setting in settings.items():
             out = run_variant(variant, args, tokenizer, source, device, world, rank, local_rank, on_gpu,
-                              total_steps, setting)
+                              total_steps, {**setting, "zero_stage": setting["zero_stage"] or 2})
             run = runs.setdefault(variant, {**out, "times": [], "cpu": []})
             run["times"] += out["times"]
             run["cpu"] += out["cpu"]
@@ -360,7 +380,10 @@ def compare_micro_batches(args: argparse.Namespace, tokenizer: Any, source: Any,
               **{f"{v}_over_{first}_best": round(best[v] / best[first], 3) for v in names[1:]},
               **({"planned_over_micro2": round(rates["micro_auto"] / rates["micro_2"], 3),
                   "planned_over_micro2_best": round(best["micro_auto"] / best["micro_2"], 3)}
-                 if {"micro_auto", "micro_2"} <= set(rates) else {})})
+                 if {"micro_auto", "micro_2"} <= set(rates) else {}),
+              **({"planned_over_plain": round(rates["micro_auto"] / rates["plain_peft"], 3),
+                  "planned_over_plain_best": round(best["micro_auto"] / best["plain_peft"], 3)}
+                 if {"micro_auto", "plain_peft"} <= set(rates) else {})})
     dist.destroy_process_group()
     return 0
 

@@ -10,8 +10,11 @@
 # the project's own deps (penman, smatch, bm25s, llguidance, liger-kernel). MLflow, tensorboardX
 # and Ray stay out: the torchrun worker path imports none of them. The project itself is not
 # carried as a wheel: it runs from the working tree (PYTHONPATH), which is copied to the GPU machine.
-# Versions are those of the build venv (the ones the tests run against). The folder must stay
-# well under a 64 MiB budget for what is copied to the GPU machine; its size is printed at the end.
+# Every wheel is pinned: at the build venv's version (the ones the tests run against), or, for
+# what the CPU venv lacks, at the version in PINS below. bench/wheels/MANIFEST lists each carried
+# wheel as name==version; gpu_check.sh's install step fails, naming them, when any is missing. The
+# folder must stay well under the 64 MiB budget copied to the GPU machine; its size is printed at
+# the end.
 #
 # Environment: BUILD_PYTHON (default .venv/bin/python, else python3): the venv whose pip builds
 # and whose versions are pinned; it needs torch to build DeepSpeed's wheel.
@@ -26,12 +29,19 @@ PLATFORMS=(manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_28_x86_64 many
 PACKAGES=(pydantic pydantic-core annotated-types typing-inspection typing-extensions
           hjson ninja py-cpuinfo msgpack einops nvidia-ml-py
           penman smatch bm25s llguidance liger-kernel)
+# Pins of what the build venv does not have (the CPU venv has no liger-kernel or nvidia-ml-py).
+# liger-kernel: modeling.apply_liger imports its private _apply_liger_kernel_to_instance, so the
+# version is the one checked (pyproject's gpu extra has the same pin).
+PINS=(liger-kernel==0.8.5 nvidia-ml-py==13.615.71)
 DEEPSPEED_VERSION=$("$PY" -c 'import importlib.metadata as m; print(m.version("deepspeed"))' 2>/dev/null || echo 0.19.8)
 
-pin() {  # NAME==VERSION as installed in the build venv, else NAME
-    local v
+pin() {  # NAME==VERSION as installed in the build venv, else from PINS; never unpinned
+    local v p
     v=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1" 2>/dev/null) \
-        && echo "$1==$v" || echo "$1"
+        && { echo "$1==$v"; return; }
+    for p in "${PINS[@]}"; do [ "${p%%==*}" = "$1" ] && { echo "$p"; return; }; done
+    echo "build_wheels.sh: no version for $1: install it in the build venv or add it to PINS" >&2
+    exit 1
 }
 platform_args() { local p; for p in "${PLATFORMS[@]}"; do printf -- '--platform\n%s\n' "$p"; done; }
 mapfile -t PLATFORM_ARGS < <(platform_args)
@@ -54,6 +64,11 @@ for name in "${PACKAGES[@]}"; do
         "$PY" -m pip wheel -q --no-deps -w "$OUT" "$req" || { cat "$TMP/err"; exit 1; }
     fi
 done
+
+# The MANIFEST: every carried wheel as name==version (gpu_check.py check-wheels reads it).
+for w in "$OUT"/*.whl; do basename "$w" | awk -F- '{print $1 "==" $2}'; done >"$OUT/MANIFEST"
+echo "== MANIFEST: $(wc -l <"$OUT/MANIFEST") wheels"
+"$PY" bench/gpu_check.py check-wheels "$OUT"
 
 echo "== check: every wheel installs for CPython $TARGET_PY manylinux x86_64 (dry run, --no-index)"
 names=()

@@ -7,6 +7,7 @@ Nothing here is imported by the library.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
@@ -86,7 +87,8 @@ def build_base_model(name: str, cfg: Any, tokenizer: Any, device: Any, source: A
     ``source`` (:func:`ray_mtup.modeling.base_source`).
     A Qwen2.5 name without weights: a random-init ``Qwen2ForCausalLM`` of the real shape, built
     directly on ``device`` in bf16 on GPU (fp32 on CPU), with the same generation and
-    gradient-checkpointing settings build_model applies.
+    gradient-checkpointing settings build_model applies; partitioned as it is built (zero.Init)
+    while a ZeRO-3 ``HfDeepSpeedConfig`` is alive, as ``from_pretrained`` is in the loop.
     """
     import torch
 
@@ -96,13 +98,18 @@ def build_base_model(name: str, cfg: Any, tokenizer: Any, device: Any, source: A
         return build_model(source, cfg, tokenizer, device.type).to(device)
     from transformers import Qwen2ForCausalLM
 
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(cfg.seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
+    # _from_config, as from_pretrained does, builds under zero.Init while a ZeRO-3 HfDeepSpeedConfig
+    # is alive (the caller's): each rank then allocates only its shard, as the loop's load does.
+    zero3 = is_deepspeed_zero3_enabled()
     try:
-        with torch.device(device):
-            model = Qwen2ForCausalLM(qwen25_config(name))
+        with contextlib.nullcontext() if zero3 else torch.device(device):
+            model = Qwen2ForCausalLM._from_config(qwen25_config(name), dtype=dtype)
     finally:
         torch.set_default_dtype(previous)
     return finish_model(model, tokenizer, cfg)

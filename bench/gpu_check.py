@@ -1,16 +1,19 @@
-"""Helpers of ``bench/gpu_check.sh`` (issue 13's one-shot GPU check): results file, wheels,
-the random-init checkpoint and config of the loop step, and the 7B projection.
+"""Helpers of ``bench/gpu_check.sh`` (the one-shot GPU check): results file, wheels, the
+random-init checkpoint and config of the loop steps, and the 7B projection.
 
+    python bench/gpu_check.py check-wheels bench/wheels      # fails, naming them, if wheels are missing
     python bench/gpu_check.py wheels bench/wheels            # carried wheels this Python lacks
+    python bench/gpu_check.py installed bench/wheels [W...]  # the install step's record (JSON line)
     python bench/gpu_check.py imports                        # the worker path imports (JSON line)
     python bench/gpu_check.py checkpoint --shape qwen2.5-1.5b --out DIR --device cuda
     python bench/gpu_check.py loop-config --checkpoint DIR --out run.yaml --device cuda [--set K=V ...]
-    python bench/gpu_check.py loop-record RUN_DIR            # the run's epoch figures (JSON line)
+    python bench/gpu_check.py loop-record RUN_DIR [--config run.yaml]   # the run's figures and options
     python bench/gpu_check.py record --results R --step NAME --stdout F --stderr F --rc N --started T --ended T
     python bench/gpu_check.py project --results R            # projection + targets into R
 
 The results file is one JSON object keyed by step (``env``, ``install``, ``imports``,
-``train``, ``generate``, ``loop``, ``projection``); each step holds the JSON lines its
+``train``, ``generate``, ``checkpoint``, ``loop``, ``replica``, ``resume``, ``speedups``,
+``projection``); each step holds the JSON lines its
 commands printed (``records``), its exit code, start and end times and, when it failed, the
 tail of its standard error (``error``). It is rewritten after every step, so a check cut
 short keeps what it measured. Nothing here imports Ray, DeepSpeed or pydantic at module level:
@@ -38,8 +41,16 @@ TOKENS_PER_EPOCH_7B = 300_000
 EVAL_GRAPHS = 184
 EVAL_NEW_TOKENS = 128
 PROJECTED_EPOCHS = 10
-#: Issue 13's targets.
-TARGETS = {"train_zero2_over_plain": 1.0, "generate_project_over_hf_default": 5.0, "projected_minutes_7b": 15.0}
+#: The targets: the planned DeepSpeed step at least as fast as plain peft, evaluation generation
+#: 5x HF's default, 7B full_training within 15 minutes on one GPU.
+TARGETS = {"train_planned_over_plain": 1.0, "generate_project_over_hf_default": 5.0, "projected_minutes_7b": 15.0}
+
+#: Distributions bench/build_wheels.sh carries (its MANIFEST lists them with their pinned
+#: versions); the install step fails, naming them, when any is absent.
+REQUIRED_WHEELS = ("deepspeed", "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
+                   "typing-extensions", "hjson", "ninja", "py-cpuinfo", "msgpack", "einops", "nvidia-ml-py",
+                   "penman", "smatch", "bm25s", "llguidance", "liger-kernel")
+MANIFEST = "MANIFEST"
 
 #: Modules the torchrun worker path needs (checked by ``imports``); Ray and MLflow must stay out.
 WORKER_MODULES = ("torch", "transformers", "peft", "deepspeed", "pydantic", "penman", "smatch", "yaml",
@@ -127,13 +138,66 @@ def versions(names: Sequence[str]) -> dict[str, str | None]:
     return out
 
 
-def env_record(shape: str, device: str) -> dict[str, Any]:
+def env_record(shape: str, device: str, caps: Sequence[str] = ()) -> dict[str, Any]:
     import platform
 
+    step_caps = {k: int(v) for k, _, v in (c.partition("=") for c in caps)}
     return {"started": now(), "shape": shape, "device": device, "gpu": gpu_name(),
+            "caps_s": step_caps, "caps_total_s": sum(step_caps.values()),
             "python": platform.python_version(), "host_cpus": os.cpu_count(),
             "loadavg_1m": round(os.getloadavg()[0], 2),
             **versions(("torch", "transformers", "peft", "accelerate", "triton", "deepspeed", "pydantic"))}
+
+
+def _canonical(name: str) -> str:
+    """A distribution name in canonical form (PEP 503).
+
+    >>> _canonical("Py_CPUInfo"), _canonical("pydantic_core")
+    ('py-cpuinfo', 'pydantic-core')
+    """
+    import re
+
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_manifest(folder: Path) -> dict[str, str]:
+    """``{distribution: version}`` from the folder's MANIFEST (``name==version`` per line)."""
+    out = {}
+    for line in (folder / MANIFEST).read_text(encoding="utf-8").splitlines():
+        name, sep, version = line.strip().partition("==")
+        if sep:
+            out[_canonical(name)] = version.strip()
+    return out
+
+
+def missing_wheels(folder: Path) -> list[str]:
+    """What the carried wheels folder lacks, one message each (empty: complete).
+
+    Complete means: the folder and its MANIFEST exist, every MANIFEST entry has its wheel file,
+    and every distribution of :data:`REQUIRED_WHEELS` is in the MANIFEST.
+    """
+    if not folder.is_dir():
+        return [f"{folder} is missing: run `bash bench/build_wheels.sh` where the package registry is "
+                f"reachable, and carry {folder} with the tree"]
+    if not (folder / MANIFEST).is_file():
+        return [f"{folder / MANIFEST} is missing: {folder} was not filled by bench/build_wheels.sh"]
+    manifest = read_manifest(folder)
+    present: dict[str, str] = {}
+    for wheel in folder.glob("*.whl"):
+        name, version = wheel.name.split("-")[:2]
+        present[_canonical(name)] = version
+    problems = [f"{name}=={version}: no wheel in {folder}" for name, version in sorted(manifest.items())
+                if present.get(name) != version]
+    problems += [f"{name}: not in {folder / MANIFEST}" for name in REQUIRED_WHEELS if name not in manifest]
+    return problems
+
+
+def installed_record(folder: Path, installed: Sequence[str]) -> dict[str, Any]:
+    """The install step's record: the manifest's pins, what was installed, what the image had."""
+    manifest = read_manifest(folder)
+    names = {Path(w).name for w in installed}
+    return {"bench": "install", "manifest": manifest, "installed": sorted(names),
+            "already_present": sorted(n for n in manifest if not any(_canonical(w.split("-")[0]) == n for w in names))}
 
 
 def wheels_to_install(folder: Path) -> list[Path]:
@@ -276,16 +340,31 @@ def write_checkpoint(shape: str, out: Path, device: str, seed: int = 42) -> dict
             "bytes": size, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def loop_record(run_dir: Path) -> dict[str, Any]:
-    """The figures of the loop step's run directory (``summary.json`` and ``metrics.jsonl``)."""
+#: The options a loop run asks for, recorded beside what the run resolved them to.
+REQUESTED_OPTIONS = ("zero_stage", "per_device_batch_size", "global_batch_size", "packing", "liger_kernel",
+                     "eval_generation", "gradient_checkpointing", "epochs")
+
+
+def loop_record(run_dir: Path, config: Path | None = None) -> dict[str, Any]:
+    """The figures of a loop run directory: every key of the last epoch's metrics (the resolved
+    stage, micro-batch, accumulation, packing, Liger, evaluation path and attention among them),
+    what the config asked for, the memory plan, the epochs this invocation trained (a resumed
+    run starts after its checkpoint) and the test figure."""
+    import yaml
+
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     last = history[-1]
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     test = summary.get("test") or {}
-    keys = ("epoch", "global_step", "train_loss", "val_loss", "tokens_per_s", "useful_token_fraction",
-            "epoch_time_s", "eval_time_s", "n_eval", "max_new_tokens", "task2_f1", "validity",
-            "global_batch_size", "micro_batch_size", "grad_accum", "world_size", "stop_reason")
-    return {"bench": "loop", **{k: last.get(k) for k in keys},
+    requested = {}
+    if config is not None and config.is_file():
+        cfg = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        requested = {k: cfg.get(k) for k in REQUESTED_OPTIONS}
+    plan = summary.get("memory_plan") or {}
+    return {"bench": "loop", **last, "requested": requested,
+            "epochs_recorded": [h.get("epoch") for h in history],
+            "memory_plan": {k: plan.get(k) for k in ("zero_stage", "micro_batch_size", "grad_accum", "fits",
+                                                     "seq_len", "gradient_checkpointing")} if plan else None,
             "test_time_s": test.get("time_s"), "test_graphs": test.get("n_graphs"), "test_error": test.get("error"),
             "adapter_written": (run_dir / "adapter" / "adapter_model.safetensors").is_file()}
 
@@ -303,37 +382,48 @@ def _find(results: dict[str, Any], step: str, bench: str, variant: str | None = 
 def projection(results: dict[str, Any]) -> dict[str, Any]:
     """The 7B full_training projection and the targets, from the measured figures.
 
-    Per epoch: ``TOKENS_PER_EPOCH_7B`` at the engine's ZeRO-2 training tokens/s, plus
-    ``EVAL_GRAPHS`` x ``EVAL_NEW_TOKENS`` new tokens at the project generation's rate; times
-    ``PROJECTED_EPOCHS``. Only a 7B-shaped check measures the 7B figure (``shape``).
+    Per epoch: ``TOKENS_PER_EPOCH_7B`` at the planned DeepSpeed step's training tokens/s (the
+    train step's ``micro_auto`` variant), plus the evaluation generation's seconds for
+    ``EVAL_GRAPHS`` graphs (the generate step's ``project`` variant, scaled from the prompts it
+    ran; its new tokens per graph are those of real completions); times ``PROJECTED_EPOCHS``.
+    ``arithmetic`` spells it out. Only a 7B-shaped check measures the 7B figure (``shape``).
 
     >>> r = {"env": {"shape": "gpu"},
-    ...      "train": {"records": [{"bench": "train", "variant": "deepspeed_zero2", "tokens_per_s": 2000.0},
-    ...                            {"bench": "train_ratio", "deepspeed_zero2_over_plain": 1.1}]},
-    ...      "generate": {"records": [{"bench": "generate", "variant": "project", "new_tokens_per_s": 2000.0},
+    ...      "train": {"records": [{"bench": "train_micro_batch", "variant": "micro_auto", "tokens_per_s": 2000.0,
+    ...                             "zero_stage": 2, "micro": 8, "accum": 2},
+    ...                            {"bench": "micro_batch_ratio", "planned_over_plain": 1.1}]},
+    ...      "generate": {"records": [{"bench": "generate", "variant": "project", "seconds": 23.0, "prompts": 184,
+    ...                                "new_tokens": 23552, "new_tokens_per_s": 1024.0},
     ...                               {"bench": "generate_ratio", "project_over_hf_default": 6.0}]}}
     >>> p = projection(r)
     >>> p["minutes"], p["targets_met"]
-    (26.96, {'train_zero2_over_plain': True, 'generate_project_over_hf_default': True, 'projected_minutes_7b': False})
+    (28.83, {'train_planned_over_plain': True, 'generate_project_over_hf_default': True, 'projected_minutes_7b': False})
+    >>> p["arithmetic"]
+    '10 epochs x (300000 tokens / 2000.0 tokens/s = 150.0 s + 184 graphs x 23.0 s / 184 graphs = 23.0 s) = 1730.0 s = 28.83 min'
     """
-    train = _find(results, "train", "train", "deepspeed_zero2")
-    ratio = _find(results, "train", "train_ratio")
+    train = _find(results, "train", "train_micro_batch", "micro_auto")
+    ratio = _find(results, "train", "micro_batch_ratio")
     gen = _find(results, "generate", "generate", "project")
     gen_ratio = _find(results, "generate", "generate_ratio")
     out: dict[str, Any] = {
         "shape": (results.get("env") or {}).get("shape"), "epochs": PROJECTED_EPOCHS,
-        "tokens_per_epoch": TOKENS_PER_EPOCH_7B, "eval_graphs": EVAL_GRAPHS, "eval_new_tokens": EVAL_NEW_TOKENS,
-        "train_tokens_per_s_zero2": train.get("tokens_per_s"),
+        "tokens_per_epoch": TOKENS_PER_EPOCH_7B, "eval_graphs": EVAL_GRAPHS,
+        "train_tokens_per_s_planned": train.get("tokens_per_s"),
+        "train_plan": {k: train.get(k) for k in ("zero_stage", "micro", "accum", "gradient_checkpointing")},
         "generate_new_tokens_per_s": gen.get("new_tokens_per_s"),
         "note": "padding, validation loss, checkpoints and the test scoring are left out; "
                 "a figure from a shape other than 7B is not the 7B projection",
     }
-    if train.get("tokens_per_s") and gen.get("new_tokens_per_s"):
+    if train.get("tokens_per_s") and gen.get("seconds") and gen.get("prompts"):
         train_s = TOKENS_PER_EPOCH_7B / train["tokens_per_s"]
-        eval_s = EVAL_GRAPHS * EVAL_NEW_TOKENS / gen["new_tokens_per_s"]
+        eval_s = EVAL_GRAPHS * gen["seconds"] / gen["prompts"]
+        total = PROJECTED_EPOCHS * (train_s + eval_s)
         out.update(train_s_per_epoch=round(train_s, 1), eval_s_per_epoch=round(eval_s, 1),
-                   minutes=round(PROJECTED_EPOCHS * (train_s + eval_s) / 60, 2))
-    measured = {"train_zero2_over_plain": ratio.get("deepspeed_zero2_over_plain"),
+                   minutes=round(total / 60, 2),
+                   arithmetic=(f"{PROJECTED_EPOCHS} epochs x ({TOKENS_PER_EPOCH_7B} tokens / {train['tokens_per_s']} "
+                               f"tokens/s = {train_s:.1f} s + {EVAL_GRAPHS} graphs x {gen['seconds']} s / "
+                               f"{gen['prompts']} graphs = {eval_s:.1f} s) = {total:.1f} s = {total / 60:.2f} min"))
+    measured = {"train_planned_over_plain": ratio.get("planned_over_plain"),
                 "generate_project_over_hf_default": gen_ratio.get("project_over_hf_default"),
                 "projected_minutes_7b": out.get("minutes")}
     out["targets"] = TARGETS
@@ -350,8 +440,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--results", type=Path, required=True)
     p.add_argument("--shape", required=True)
     p.add_argument("--device", required=True)
+    p.add_argument("--caps", nargs="*", default=[], metavar="STEP=SECONDS")
     p = sub.add_parser("wheels")
     p.add_argument("folder", type=Path)
+    p = sub.add_parser("check-wheels")
+    p.add_argument("folder", type=Path)
+    p = sub.add_parser("installed")
+    p.add_argument("folder", type=Path)
+    p.add_argument("wheels", nargs="*")
     sub.add_parser("imports")
     p = sub.add_parser("checkpoint")
     p.add_argument("--shape", required=True)
@@ -364,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p = sub.add_parser("loop-record")
     p.add_argument("run_dir", type=Path)
+    p.add_argument("--config", type=Path, default=None)
     p = sub.add_parser("record")
     p.add_argument("--results", type=Path, required=True)
     p.add_argument("--step", required=True)
@@ -377,7 +474,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "env":
-        write_results(args.results, {"env": env_record(args.shape, args.device)})
+        write_results(args.results, {"env": env_record(args.shape, args.device, args.caps)})
+    elif args.command == "check-wheels":
+        problems = missing_wheels(args.folder)
+        for problem in problems:
+            print(f"missing wheel: {problem}", file=sys.stderr)
+        return 1 if problems else 0
+    elif args.command == "installed":
+        print(json.dumps(installed_record(args.folder, args.wheels)), flush=True)
     elif args.command == "wheels":
         print("\n".join(str(w) for w in wheels_to_install(args.folder)))
     elif args.command == "imports":
@@ -387,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "loop-config":
         loop_config(args.checkpoint, args.device, args.set).write_yaml(args.out, "the GPU check's loop step")
     elif args.command == "loop-record":
-        print(json.dumps(loop_record(args.run_dir)), flush=True)
+        print(json.dumps(loop_record(args.run_dir, args.config), default=str), flush=True)
     elif args.command == "record":
         read = lambda p: p.read_text(encoding="utf-8", errors="replace") if p.is_file() else ""  # noqa: E731
         results = read_results(args.results)

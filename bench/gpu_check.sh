@@ -1,85 +1,98 @@
 #!/usr/bin/env bash
-# One-shot GPU check (issue 13), <= 8 minutes on one H200:
+# One-shot GPU check: every figure from one call, <= 420 s of step caps (8 minutes with start-up).
 #
-#   bash bench/build_wheels.sh          # here (network): fills bench/wheels/
-#   bash bench/gpu_check.sh             # on the GPU machine (no registry): installs them, then measures
+#   bash bench/build_wheels.sh          # here (package registry): fills bench/wheels/ and its MANIFEST
+#   bash bench/gpu_check.sh             # on the GPU machine (no registry; bench/wheels travels with the tree)
 #
-# Steps, each appending its JSON lines to the results file (default bench/results/h200.json,
-# one JSON object keyed by step; a failed step records its error and the check goes on):
-#   install   pip install --no-index --no-deps the carried wheels this Python lacks
-#   imports   the torchrun worker path imports (no Ray, no MLflow)
-#   train     (a) bench_train.py: engine tokens/s under ZeRO-2 and ZeRO-3 vs plain peft
-#             (Qwen2.5-7B shape, random init, bf16, gradient checkpointing, seq 370, batch 2)
-#   generate  (b) bench_generate.py: project generation vs HF default generate (7B shape,
-#             184 prompts x 128 new tokens, as one evaluation of the VLSP split)
-#   loop      (c) one short epoch of the real loop in bf16 through
-#             torchrun -m ray_mtup.worker on a random-init Qwen2.5-1.5B-shaped checkpoint
-#   speedups  bench_packing.py: padding-free packing and Liger's kernels, each against "off"
-#             (Qwen2.5-1.5B shape, bf16; what is left of the budget, at most 70 s)
-#   projection  7B full_training (10 epochs) minutes from (a) and (b), and the targets
+# Steps, in order; each is recorded in the results file as soon as it ends (its JSON lines, exit
+# code, times and, when it failed, the tail of its standard error), so a check cut off by its time
+# limit still returns every finished step:
+#   install     pip install --no-index --no-deps --target $WORK/site the carried wheels this Python
+#               lacks; fails, naming them, when bench/wheels or any wheel of its MANIFEST is missing
+#   imports     the torchrun worker path imports (no Ray, no MLflow)
+#   train       bench_train.py on the 7B shape at the memory plan's ZeRO stage and micro-batch for this
+#               device (global batch 16, planned at 1,024 tokens, timed at 256), the loop's engine path
+#               (HfDeepSpeedConfig alive, zero.Init under ZeRO-3), against plain peft at the same micro-batch
+#   generate    bench_generate.py on the 7B shape: the evaluation path (length-sorted batches, step-2
+#               stopping rule) against HF's default generate, 184 validation prompts, each row ended at the
+#               length of a real completion of the corpus (--real-lengths)
+#   checkpoint  a random-init Qwen2.5-1.5B-shaped checkpoint directory (the loop steps load it)
+#   loop        one short epoch of the real loop, torchrun -m ray_mtup.worker, with every option as a user
+#               gets it (zero_stage, micro-batch and eval_generation auto; packing and Liger on)
+#   replica     the same under ZeRO-3 (zero.Init load) with eval_generation=replica, one epoch
+#   resume      the replica run continued to epoch 2 from its checkpoint (a fresh torchrun)
+#   speedups    bench_packing.py: padding-free packing and Liger's kernels, each against "off"
+#   projection  7B full_training (10 epochs with evaluation) from train and generate, with its arithmetic
+#
+# Where results go: with $OUT set (the GPU machine), $OUT/gpu_check.json (results) and
+# $OUT/gpu_check.log (this script's lines, then each step's output as it ends); without it,
+# bench/results/h200.json and $WORK/gpu_check.log. Scratch (checkpoints, runs, site) stays in $WORK.
 #
 # Environment:
-#   GPU_CHECK_SHAPE=gpu|tiny    gpu (default): the Qwen2.5 shapes above; tiny: the tiny model (CPU test)
+#   GPU_CHECK_SHAPE=gpu|tiny    gpu (default): the shapes above; tiny: the tiny model (the CPU test)
 #   GPU_CHECK_DEVICE=cuda|cpu   default cuda
+#   GPU_CHECK_STEPS=a,b         run only these steps (default: all); the projection always runs
 #   GPU_CHECK_SKIP_INSTALL=1    skip the wheel install (a venv that has everything)
-#   GPU_CHECK_RESULTS=PATH      default bench/results/h200.json
+#   GPU_CHECK_WHEELS=DIR        default bench/wheels
+#   GPU_CHECK_RESULTS=PATH      default $OUT/gpu_check.json, else bench/results/h200.json
 #   GPU_CHECK_PYTHON=PATH       default python3 (the image's Python)
-#   GPU_CHECK_BUDGET_S=N        the whole check's time limit, default 480
-#   GPU_CHECK_WORK=DIR          scratch (checkpoint, run directory, logs); default a new temp dir
+#   GPU_CHECK_BUDGET_S=N        the whole check's time limit, default 420
+#   GPU_CHECK_WORK=DIR          scratch; default a new temp dir
 set -u
 cd "$(dirname "$0")/.."
 REPO=$PWD
 SHAPE=${GPU_CHECK_SHAPE:-gpu}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-RESULTS=${GPU_CHECK_RESULTS:-bench/results/h200.json}
+OUTDIR=${OUT:-}
+if [ -n "$OUTDIR" ]; then DEFAULT_RESULTS=$OUTDIR/gpu_check.json; else DEFAULT_RESULTS=bench/results/h200.json; fi
+RESULTS=${GPU_CHECK_RESULTS:-$DEFAULT_RESULTS}
+WHEELS=${GPU_CHECK_WHEELS:-bench/wheels}
 PY=${GPU_CHECK_PYTHON:-python3}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-420}
+STEPS=${GPU_CHECK_STEPS:-}
 WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
 mkdir -p "$WORK" "$(dirname "$RESULTS")"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # the project runs from the carried tree
-export TOKENIZERS_PARALLELISM=false
+LOG=${OUTDIR:+$OUTDIR/gpu_check.log}
+LOG=${LOG:-$WORK/gpu_check.log}
+SITE=$WORK/site  # where the carried wheels are installed (never the image's own site-packages)
+# The project runs from the carried tree; the carried wheels come before the image's packages.
+export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 if [ "$DEVICE" = cuda ]; then export DS_ACCELERATOR=cuda; else export DS_ACCELERATOR=cpu; fi
 
 if [ "$SHAPE" = tiny ]; then  # the CPU test: the same steps in a minute or two
-    TRAIN_ARGS=(--model tiny --seq-len 64 --batch 2 --steps 2 --warmup-steps 1 --lora-r 8)
-    GENERATE_ARGS=(--model tiny --n-prompts 8 --max-new-tokens 16 --batch-size 8 --hf-batch 8 --repeats 1)
+    TRAIN_ARGS=(--model tiny --seq-len 64 --plan-seq-len 64 --global-batch 4 --micro-batches auto --with-plain
+                --steps 1 --warmup-steps 1 --lora-r 8)
+    GENERATE_ARGS=(--model tiny --n-prompts 8 --max-new-tokens 16 --batch-size 8 --hf-batch 8 --repeats 1 --real-lengths)
     LOOP_SHAPE=tiny
     SPEEDUP_ARGS=(--model tiny --max-samples 32 --batch 4 --batches 2 --warmup 1 --rounds 1)
-    CAPS=(install=60 imports=60 train=120 generate=90 loop=150 speedups=60)
+    CAPS=(install=30 imports=60 train=120 generate=90 checkpoint=60 loop=150 replica=150 resume=150 speedups=60)
 else
-    TRAIN_ARGS=(--model qwen2.5-7b --seq-len 370 --batch 2 --gradient-checkpointing --steps 8 --warmup-steps 2)
-    GENERATE_ARGS=(--model qwen2.5-7b --n-prompts 184 --max-new-tokens 128 --batch-size 64 --hf-batch 64 --repeats 1)
+    TRAIN_ARGS=(--model qwen2.5-7b --seq-len 256 --plan-seq-len 1024 --global-batch 16 --micro-batches auto
+                --with-plain --steps 3 --warmup-steps 1)
+    GENERATE_ARGS=(--model qwen2.5-7b --n-prompts 184 --max-new-tokens 384 --hf-batch 64 --repeats 1 --real-lengths)
     LOOP_SHAPE=qwen2.5-1.5b
-    SPEEDUP_ARGS=(--model qwen2.5-1.5b --max-samples 256 --batch 8 --batches 6 --warmup 2 --rounds 1 --liger)
-    CAPS=(install=45 imports=45 train=150 generate=110 loop=130 speedups=70)
+    SPEEDUP_ARGS=(--model qwen2.5-1.5b --max-samples 128 --batch 8 --batches 4 --warmup 1 --rounds 1 --liger)
+    # 15 + 20 + 90 + 75 + 20 + 75 + 55 + 40 + 30 = 420 s
+    CAPS=(install=15 imports=20 train=90 generate=75 checkpoint=20 loop=75 replica=55 resume=40 speedups=30)
 fi
 [ "$DEVICE" = cpu ] && GENERATE_ARGS+=(--device cpu --threads "$(nproc)")
 
-# ---- Options of issue 13's other parts: switch these on once their branches land ------------
-# (names as the issue gives them; check them against config.py / the bench scripts' --help)
-LOOP_SET=(
-    "eval_generation=auto"            # (1) replica: evaluation generation without the ZeRO-3 lockstep
-    "zero_stage=auto"                 # (2) memplan: stage 2 when it fits, else 3
-    "per_device_batch_size=auto"      # (3) memplan: micro-batch chosen for throughput
-    "packing=true"                    # (4) packing: padding-free packing
-    "liger_kernel=true"               # (4) packing: Liger fused linear cross-entropy
-)
-TRAIN_EXTRA=(
-    # --packing --liger-kernel        # (4) if bench_train.py grows these switches
-)
-GENERATE_EXTRA=(
-    # --static-cache --compile        # the static-cache variant (costs compile time)
-)
-# ----------------------------------------------------------------------------------------------
+# The loop step's options, as a user's run resolves them (auto) with the speed-ups on; the replica
+# step forces the ZeRO-3 path (zero.Init load, LoRA-merged replica evaluation).
+LOOP_SET=(eval_generation=auto zero_stage=auto per_device_batch_size=auto packing=true liger_kernel=true)
+REPLICA_SET=(eval_generation=replica zero_stage=3 per_device_batch_size=auto)
 
 T0=$(date +%s)
-stamp() { echo "[gpu_check $(date +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*"; }
+stamp() { echo "[gpu_check $(date +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 cap() { local kv; for kv in "${CAPS[@]}"; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; }
+wanted() { [ -z "$STEPS" ] || [[ ",$STEPS," == *",$1,"* ]]; }
 
 # step NAME CMD...: run CMD under the step's time cap (and what is left of the budget), then
-# record its JSON lines, exit code and times in the results file.
+# record its JSON lines, exit code and times in the results file, and append its output to the log.
 step() {
     local name=$1; shift
+    wanted "$name" || return 0
     local left=$(( BUDGET_S - ($(date +%s) - T0) )) limit
     limit=$(cap "$name"); [ "$left" -lt "$limit" ] && limit=$left
     local out="$WORK/$name.out" err="$WORK/$name.err" started ended rc
@@ -88,12 +101,13 @@ step() {
         echo "no time left of the ${BUDGET_S}s budget" >"$err"; : >"$out"; rc=124
     else
         stamp "$name: start (limit ${limit}s)"
-        timeout --kill-after=15 "$limit" "$@" >"$out" 2>"$err"; rc=$?
+        timeout --kill-after=10 "$limit" "$@" >"$out" 2>"$err"; rc=$?
     fi
     ended=$(date +%s.%N)
     "$PY" bench/gpu_check.py record --results "$RESULTS" --step "$name" --stdout "$out" --stderr "$err" \
         --rc "$rc" --started "$started" --ended "$ended" \
         || stamp "$name: could not record the step (see $out, $err)"
+    { echo "---- $name: stdout"; cat "$out"; echo "---- $name: stderr (last 200 lines)"; tail -n 200 "$err"; } >>"$LOG"
     grep -h '^{' "$out" || true
     [ "$rc" -eq 0 ] || { stamp "$name: FAILED (rc $rc)"; tail -n 15 "$err"; }
     stamp "$name: done (rc $rc)"
@@ -101,39 +115,43 @@ step() {
 
 install_wheels() {
     local wheels
-    wheels=$("$PY" bench/gpu_check.py wheels bench/wheels) || return 1
-    if [ -z "$wheels" ]; then echo '{"bench": "install", "installed": []}'; return 0; fi
-    # --no-deps: nothing may try to touch torch/transformers, which the image has. A system
-    # Python (PEP 668) is allowed; where site-packages is not writable, the user site is used.
-    # shellcheck disable=SC2086
-    PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --no-index --no-deps --find-links bench/wheels $wheels >&2 \
-        || PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --user --no-index --no-deps --find-links bench/wheels $wheels >&2 \
-        || return 1
-    "$PY" - "$wheels" <<'EOF'
-import json, sys
-print(json.dumps({"bench": "install", "installed": [w.rsplit("/", 1)[-1] for w in sys.argv[1].split()]}))
-EOF
+    "$PY" bench/gpu_check.py check-wheels "$WHEELS" || return 1
+    wheels=$("$PY" bench/gpu_check.py wheels "$WHEELS") || return 1
+    if [ -n "$wheels" ]; then
+        # --no-deps: nothing may touch torch/transformers, which the image has; --target: the
+        # image's site-packages are left as they are (PYTHONPATH above puts $SITE first).
+        # shellcheck disable=SC2086
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" $wheels >&2 || return 1
+    fi
+    "$PY" bench/gpu_check.py installed "$WHEELS" $wheels
 }
 
-loop_step() {
-    rm -rf "$WORK/checkpoint" "$WORK/run"
-    "$PY" bench/gpu_check.py checkpoint --shape "$LOOP_SHAPE" --out "$WORK/checkpoint" --device "$DEVICE" || return 1
-    "$PY" bench/gpu_check.py loop-config --checkpoint "$WORK/checkpoint" --out "$WORK/run.yaml" \
-        --device "$DEVICE" ${LOOP_SET[@]+"${LOOP_SET[@]/#/--set=}"} || return 1
+# run_loop NAME EPOCHS SET...: the real loop (torchrun -m ray_mtup.worker) on the step's
+# checkpoint, into $WORK/NAME (a run directory that a later call continues from its checkpoint).
+run_loop() {
+    local run=$1 epochs=$2; shift 2
+    "$PY" bench/gpu_check.py loop-config --checkpoint "$WORK/checkpoint" --out "$WORK/$run.yaml" \
+        --device "$DEVICE" --set "epochs=$epochs" "${@/#/--set=}" || return 1
     "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
-        -m ray_mtup.worker --config "$WORK/run.yaml" --output "$WORK/run" \
+        -m ray_mtup.worker --config "$WORK/$run.yaml" --output "$WORK/$run" \
         --device "$([ "$DEVICE" = cuda ] && echo gpu || echo cpu)" >&2 || return 1
-    "$PY" bench/gpu_check.py loop-record "$WORK/run"
+    "$PY" bench/gpu_check.py loop-record "$WORK/$run" --config "$WORK/$run.yaml"
 }
 
 case "${1:-}" in  # the steps that are shell functions, run by `step` as `bash gpu_check.sh __NAME`
     __install) install_wheels; exit $? ;;
-    __loop) loop_step; exit $? ;;
+    __checkpoint) rm -rf "$WORK/checkpoint"
+        "$PY" bench/gpu_check.py checkpoint --shape "$LOOP_SHAPE" --out "$WORK/checkpoint" --device "$DEVICE"
+        exit $? ;;
+    __loop) rm -rf "$WORK/loop"; run_loop loop 1 "${LOOP_SET[@]}"; exit $? ;;
+    __replica) rm -rf "$WORK/replica"; run_loop replica 1 "${REPLICA_SET[@]}"; exit $? ;;
+    __resume) [ -d "$WORK/replica" ] || { echo "no replica run to resume (the replica step did not run)" >&2; exit 1; }
+        run_loop replica 2 "${REPLICA_SET[@]}"; exit $? ;;
 esac
 export GPU_CHECK_WORK=$WORK
 
-stamp "shape $SHAPE, device $DEVICE, results $RESULTS, scratch $WORK, budget ${BUDGET_S}s"
-"$PY" bench/gpu_check.py env --results "$RESULTS" --shape "$SHAPE" --device "$DEVICE" \
+stamp "shape $SHAPE, device $DEVICE, results $RESULTS, log $LOG, scratch $WORK, budget ${BUDGET_S}s"
+"$PY" bench/gpu_check.py env --results "$RESULTS" --shape "$SHAPE" --device "$DEVICE" --caps "${CAPS[@]}" \
     || stamp "env: could not write $RESULTS"
 if [ "${GPU_CHECK_SKIP_INSTALL:-0}" = 1 ]; then
     stamp "install: skipped (GPU_CHECK_SKIP_INSTALL=1)"
@@ -141,10 +159,12 @@ else
     step install bash "$REPO/bench/gpu_check.sh" __install
 fi
 step imports "$PY" bench/gpu_check.py imports
-step train "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 bench/bench_train.py \
-    "${TRAIN_ARGS[@]}" ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}
-step generate "$PY" bench/bench_generate.py "${GENERATE_ARGS[@]}" ${GENERATE_EXTRA[@]+"${GENERATE_EXTRA[@]}"}
+step train "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 bench/bench_train.py "${TRAIN_ARGS[@]}"
+step generate "$PY" bench/bench_generate.py "${GENERATE_ARGS[@]}"
+step checkpoint bash "$REPO/bench/gpu_check.sh" __checkpoint
 step loop bash "$REPO/bench/gpu_check.sh" __loop
+step replica bash "$REPO/bench/gpu_check.sh" __replica
+step resume bash "$REPO/bench/gpu_check.sh" __resume
 step speedups "$PY" bench/bench_packing.py "${SPEEDUP_ARGS[@]}"
-"$PY" bench/gpu_check.py project --results "$RESULTS" || stamp "projection: failed"
-stamp "finished; results in $RESULTS"
+"$PY" bench/gpu_check.py project --results "$RESULTS" | tee -a "$LOG" || stamp "projection: failed"
+stamp "finished; results in $RESULTS, log in $LOG"

@@ -212,6 +212,7 @@ def train_epoch(w: Worker, batches: list[list[int]], schedule: Schedule, epoch: 
                "useful_token_fraction": real_tokens / max(padded_tokens, 1), "epoch_time_s": seconds,
                "skipped_long": len(w.data.skipped_long), **batch_metrics(cfg, world),
                "packing": w.packing, "liger_kernel": liger_applied(engine.module),
+               "attn_implementation": getattr(engine.module.config, "_attn_implementation", None),
                "stop_reason": oom or (f"non-finite loss at epoch {epoch}, step {step}" if nonfinite else "")}
     if metrics["stop_reason"]:
         metrics.update(task1_f1=0.0, task2_f1=0.0, validity=0.0, val_loss=float("nan"), **{objective.METRIC: -1.0})

@@ -1,12 +1,15 @@
-"""bench/gpu_check.sh (issue 13's one-shot GPU check) in its CPU tiny mode, and its helpers."""
+"""bench/gpu_check.sh (the one-shot GPU check) in its CPU tiny mode, and its helpers."""
 
 from __future__ import annotations
 
 import doctest
 import json
 import os
+import re
 import subprocess
 import sys
+import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -18,14 +21,54 @@ if str(REPO) not in sys.path:
 from bench import gpu_check  # noqa: E402
 
 
+STEPS = ("imports", "train", "generate", "checkpoint", "loop", "replica", "resume", "speedups")
+
+
 def _run_check(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, dict]:
-    results = tmp_path / "h200.json"
+    """Run the check in tiny CPU mode with ``$OUT`` set, as on the GPU machine; its results come
+    from ``$OUT/gpu_check.json``."""
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
     full_env = {**os.environ, "GPU_CHECK_SHAPE": "tiny", "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_SKIP_INSTALL": "1",
-                "GPU_CHECK_PYTHON": sys.executable, "GPU_CHECK_RESULTS": str(results),
+                "GPU_CHECK_PYTHON": sys.executable, "OUT": str(out),
                 "GPU_CHECK_WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": str(os.cpu_count() or 1), **env}
+    full_env.pop("GPU_CHECK_RESULTS", None)
     done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], env=full_env, capture_output=True,
-                          text=True, timeout=600)
-    return done, json.loads(results.read_text())
+                          text=True, timeout=900)
+    return done, json.loads((out / "gpu_check.json").read_text())
+
+
+def _wheel(folder: Path, name: str, version: str, real: bool) -> None:
+    """A wheel file of ``name`` ``version``: a valid one holding only its metadata (``real``), or an
+    empty file standing for a distribution this venv has at that version (never installed)."""
+    dist = re.sub(r"[-_.]+", "_", name)
+    path = folder / f"{dist}-{version}-py3-none-any.whl"
+    if not real:
+        path.write_bytes(b"")
+        return
+    info = f"{dist}-{version}.dist-info"
+    files = {f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{n},,\n" for n in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(path, "w") as z:
+        for n, text in files.items():
+            z.writestr(n, text)
+
+
+def _complete_wheels(folder: Path) -> Path:
+    """A wheels folder with every required distribution and its MANIFEST: those this venv has, at
+    its version (nothing to install), the others as metadata-only wheels (installed)."""
+    folder.mkdir()
+    lines = []
+    for name in gpu_check.REQUIRED_WHEELS:
+        try:
+            version, real = metadata.version(name), False
+        except metadata.PackageNotFoundError:
+            version, real = "0.0.1", True
+        _wheel(folder, name, version, real)
+        lines.append(f"{re.sub(r'[-_.]+', '_', name)}=={version}")
+    (folder / gpu_check.MANIFEST).write_text("\n".join(lines) + "\n")
+    return folder
 
 
 def test_helpers_doctests():
@@ -35,12 +78,45 @@ def test_helpers_doctests():
 def test_a_step_past_the_budget_is_recorded_as_an_error_and_the_check_goes_on(tmp_path):
     done, results = _run_check(tmp_path, GPU_CHECK_BUDGET_S="3")
     assert done.returncode == 0, done.stderr[-2000:]
-    for step in ("imports", "train", "generate", "loop", "speedups"):
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.json", "gpu_check.log"]
+    for step in STEPS:
         assert results[step]["rc"] == 124
         assert "no time left" in results[step]["error"]
         assert results[step]["records"] == []
     assert results["env"]["shape"] == "tiny" and results["env"]["torch"]
     assert results["projection"]["targets_met"] == dict.fromkeys(gpu_check.TARGETS)
+
+
+def test_the_gpu_caps_add_up_to_at_most_420_s():
+    script = (REPO / "bench" / "gpu_check.sh").read_text()
+    caps = re.findall(r"^\s*CAPS=\((.*)\)", script, re.M)
+    assert len(caps) == 2  # the tiny (CPU test) line, then the GPU line
+    gpu = {k: int(v) for k, v in (kv.split("=") for kv in caps[1].split())}
+    assert set(gpu) == {"install", *STEPS} and sum(gpu.values()) <= 420
+
+
+def test_missing_wheels_fail_the_install_step_naming_the_folder(tmp_path):
+    done, results = _run_check(tmp_path, GPU_CHECK_SKIP_INSTALL="0", GPU_CHECK_STEPS="install",
+                               GPU_CHECK_WHEELS=str(tmp_path / "no_wheels"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert results["install"]["rc"] == 1
+    assert f"{tmp_path / 'no_wheels'} is missing" in results["install"]["error"]
+    assert "bench/build_wheels.sh" in results["install"]["error"]
+    assert "is missing" in (tmp_path / "out" / "gpu_check.log").read_text()
+    assert set(results) == {"env", "install", "projection"}  # GPU_CHECK_STEPS ran only the install
+
+
+def test_an_incomplete_wheels_folder_names_what_is_missing(tmp_path):
+    folder = _complete_wheels(tmp_path / "wheels")
+    assert gpu_check.missing_wheels(folder) == []
+    next(folder.glob("liger_kernel-*.whl")).unlink()
+    manifest = (folder / gpu_check.MANIFEST).read_text().splitlines()
+    (folder / gpu_check.MANIFEST).write_text("\n".join(m for m in manifest if not m.startswith("smatch=")) + "\n")
+    problems = gpu_check.missing_wheels(folder)
+    assert problems == [f"liger-kernel==0.0.1: no wheel in {folder}", f"smatch: not in {folder / 'MANIFEST'}"]
+    (folder / gpu_check.MANIFEST).unlink()
+    assert gpu_check.missing_wheels(folder) == [f"{folder / 'MANIFEST'} is missing: {folder} was not filled by "
+                                                "bench/build_wheels.sh"]
 
 
 def test_wheels_to_install_skips_what_is_installed_and_foreign_platforms(tmp_path):
@@ -83,23 +159,37 @@ def test_loop_config_takes_set_overrides(tmp_path):
 
 
 @pytest.mark.integration
-def test_gpu_check_cpu_tiny_mode_measures_the_three_steps(tmp_path):
-    done, results = _run_check(tmp_path)
+def test_gpu_check_cpu_tiny_mode_returns_every_step_under_out(tmp_path):
+    wheels = _complete_wheels(tmp_path / "wheels")
+    done, results = _run_check(tmp_path, GPU_CHECK_SKIP_INSTALL="0", GPU_CHECK_WHEELS=str(wheels))
     assert done.returncode == 0, done.stderr[-3000:]
-    for step in ("imports", "train", "generate", "loop", "speedups"):
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.json", "gpu_check.log"]
+    for step in ("install", *STEPS):
         assert results[step]["rc"] == 0 and "error" not in results[step], (step, results[step].get("error"))
+    install = results["install"]["records"][0]
+    assert install["installed"] == ["liger_kernel-0.0.1-py3-none-any.whl"] and "deepspeed" in install["already_present"]
     assert results["imports"]["records"][0]["ray_imported"] is False
-    train = {r["variant"]: r for r in results["train"]["records"] if r["bench"] == "train"}
-    assert set(train) == {"plain_peft", "deepspeed_zero2", "deepspeed_zero3"}
-    assert all(isinstance(r["tokens_per_s"], float) and r["tokens_per_s"] > 0 for r in train.values())
+    train = {r["variant"]: r for r in results["train"]["records"] if r["bench"] == "train_micro_batch"}
+    assert set(train) == {"micro_auto", "plain_peft"}
+    assert train["micro_auto"]["zero_stage"] in (2, 3) and train["micro_auto"]["micro"] * train["micro_auto"]["accum"] == 4
+    assert all(r["tokens_per_s"] > 0 for r in train.values())
     generate = {r["variant"]: r for r in results["generate"]["records"] if r["bench"] == "generate"}
-    assert set(generate) == {"hf_default", "project"}
-    assert all(r["new_tokens_per_s"] > 0 for r in generate.values())
+    assert set(generate) == {"hf_default", "project"} and all(r["real_lengths"] for r in generate.values())
+    assert generate["project"]["new_tokens"] == generate["hf_default"]["new_tokens"]  # every row ends at its length
     loop = next(r for r in results["loop"]["records"] if r["bench"] == "loop")
     assert loop["tokens_per_s"] > 0 and loop["epoch"] == 1 and loop["stop_reason"] == ""
     assert loop["n_eval"] == gpu_check.LOOP_OVERRIDES["eval_max_samples"] and loop["adapter_written"]
+    for option in ("zero_stage", "micro_batch_size", "grad_accum", "packing", "liger_kernel", "eval_generation",
+                   "attn_implementation"):
+        assert loop[option] is not None, option
+    assert loop["requested"]["zero_stage"] == "auto" and loop["requested"]["packing"] is True
+    replica = next(r for r in results["replica"]["records"] if r["bench"] == "loop")
+    assert (replica["zero_stage"], replica["eval_generation"], replica["epochs_recorded"]) == (3, "replica", [1])
+    resume = next(r for r in results["resume"]["records"] if r["bench"] == "loop")
+    assert resume["epochs_recorded"] == [1, 2] and resume["resumed_from_epoch"] == 1
     ratio = next(r for r in results["speedups"]["records"] if r["bench"] == "packing_ratio")
     assert ratio["packed_over_padded"] > 0 and abs(ratio["first_loss_packed_minus_padded"]) < 1e-4
     projection = results["projection"]
     assert projection["shape"] == "tiny" and projection["minutes"] > 0
-    assert projection["train_tokens_per_s_zero2"] == train["deepspeed_zero2"]["tokens_per_s"]
+    assert projection["train_tokens_per_s_planned"] == train["micro_auto"]["tokens_per_s"]
+    assert projection["arithmetic"].endswith(f"= {projection['minutes']:.2f} min")
