@@ -42,12 +42,13 @@ def test_loop_figure_equals_predict_then_evaluate(qwen_like_checkpoint: Path, tm
     assert epoch["eval_generation"] == "plain"
 
     data, _, _ = prepare_data(cfg)
-    rows = data.val[:6]
+    rows = data.eval  # the evaluation subset the loop generated for (eval_max_samples)
     (tmp_path / "val.txt").write_text("\n".join(ex.sentence for ex in rows) + "\n", encoding="utf-8")
     (tmp_path / "gold.txt").write_text(
-        "\n".join(f"#::snt {ex.sentence}\n{gold}\n" for ex, gold in zip(rows, data.val_gold)), encoding="utf-8")
+        "\n".join(f"#::snt {ex.sentence}\n{gold}\n" for ex, gold in zip(rows, data.eval_gold)), encoding="utf-8")
     checkpoint = session.checkpoints()[0]
-    predict_file(checkpoint, tmp_path / "val.txt", tmp_path / "pred.txt", batch_size=cfg.eval_batch_size)
+    predict_file(checkpoint, tmp_path / "val.txt", tmp_path / "pred.txt", batch_size=cfg.eval_batch_size,
+                 raw_input=True, device="cpu")
     scored = evaluate_files(tmp_path / "gold.txt", tmp_path / "pred.txt")
     assert scored["sentence_mismatches"]["count"] == 0
     assert scored["f1"] == epoch["predict_f1_official"]
