@@ -51,3 +51,27 @@ def test_candidates_must_cover_the_same_sentences():
         select([[DOG, DOG], [DOG]])
     with pytest.raises(ConfigError):
         select([])
+
+
+def test_search_settings_check_the_ensemble_and_the_checkpoints_kept(capsys):
+    from ray_mtup.errors import ConfigError
+    from ray_mtup.launcher import main
+    from ray_mtup.search import SearchSettings
+
+    with pytest.raises(ConfigError, match="ensemble"):
+        SearchSettings(name="x", storage_path="runs", num_samples=3, ensemble=5)
+    with pytest.raises(ConfigError, match="keep_checkpoints"):
+        SearchSettings(name="x", storage_path="runs", keep_checkpoints=0)
+    assert SearchSettings(name="x", storage_path="runs", num_samples=5, ensemble=5).ensemble == 5
+    # a flag that does not apply is an error, before anything starts
+    assert main(["--model", "tiny", "--no-search", "--ensemble", "3"]) == 2
+    assert "does not apply to --no-search" in capsys.readouterr().err
+
+
+def test_the_ensemble_command_names_a_directory_that_is_not_a_search(tmp_path, capsys):
+    from ray_mtup.cli import main
+
+    assert main(["ensemble", "--run", str(tmp_path), "--top", "3"]) == 2
+    assert "results.csv not found" in capsys.readouterr().err
+    assert main(["predict", "--adapter", str(tmp_path), "--ensemble", "3", "--input", "x", "--output", "y"]) == 2
+    assert "give --run" in capsys.readouterr().err
