@@ -10,6 +10,9 @@ selection (:func:`ray_mtup.ensemble.select`) keeps one graph per sentence.
 A trial's parses of a split are written once, to ``<experiment>/ensemble/<trial_id>/<split>.json``
 (with the checkpoint they came from and the sentence ids), and reused while both still match.
 
+The selection sees predict's minimal fallback graph (no graph could be recovered) as the
+empty graph (:func:`as_candidate`); the figures score every graph as predict writes it.
+
 Scores are corpus SMATCH in the run's scoring mode, paired with gold by sentence id
 (:func:`ray_mtup.scoring.score_by_id`), each with its bootstrap interval
 (:func:`ray_mtup.scoring.bootstrap_ci`), and the ensemble against the best trial as a paired
@@ -35,7 +38,7 @@ from .corpus import Example
 from .dataset import corpus_splits, to_mtup
 from .ensemble import Selection, select
 from .errors import ConfigError, ModelError
-from .predict import find_adapter, load_for_inference, parse_sentences
+from .predict import FALLBACK_GRAPH, find_adapter, load_for_inference, parse_sentences
 
 logger = logging.getLogger(__name__)
 
@@ -177,11 +180,22 @@ def cached_parses(experiment_dir: str | Path, member: Member, split: str, exampl
     return graphs
 
 
+def as_candidate(graph: str | None) -> str | None:
+    """A parse as the selection sees it: predict's minimal fallback graph (no graph could be
+    recovered) is the empty graph, so that trials that failed alike do not outvote the others."""
+    return None if graph is None or graph == FALLBACK_GRAPH else graph
+
+
+def as_written(graph: str | None) -> str:
+    """A selected graph as predict writes it: the empty graph becomes the minimal fallback graph."""
+    return FALLBACK_GRAPH if graph is None else graph
+
+
 def lookup_graphs(cfg: TrainConfig, sentences: Sequence[str]) -> list[str]:
     """The graph of the BM25-nearest training sentence of each sentence (the run's training split)."""
     from .retrieval import PairIndex
 
-    train, _, _ = corpus_splits(cfg.replace(retrieval_k=0))
+    train, _, _ = corpus_splits(cfg)
     index = PairIndex(to_mtup(train))
     return [index.neighbours(s, 1)[0].task2 for s in sentences]
 
@@ -213,11 +227,11 @@ def ensemble_split(experiment_dir: str | Path, top: int, split: str, retrieval: 
         names.append(LOOKUP)
     mode = cfg.scoring_mode
     t0 = time.perf_counter()
-    chosen: Selection = select(candidates, mode)
+    chosen: Selection = select([[as_candidate(g) for g in c] for c in candidates], mode)
     selection_s = time.perf_counter() - t0
     gold = {ex.id: ex.amr or "" for ex in examples}
     per_candidate = [_scored(gold, ids, c, mode) for c in candidates]
-    ensemble_pairs = _scored(gold, ids, chosen.graphs, mode)
+    ensemble_pairs = _scored(gold, ids, [as_written(g) for g in chosen.graphs], mode)
     ens = _figure("ensemble", ensemble_pairs, mode)
     wins = chosen.wins(len(candidates))
     cands = [{**_figure(n, p, mode), "rank": i + 1, "kept_for": wins[i]}
@@ -285,5 +299,5 @@ def predict_ensemble(experiment_dir: str | Path, top: int, sentences: Sequence[s
     if retrieval:
         candidates.append(list(lookup_graphs(cfg, sentences)))
         names.append(LOOKUP)
-    chosen = select(candidates, cfg.scoring_mode)
-    return [g or "" for g in chosen.graphs], chosen, names
+    chosen = select([[as_candidate(g) for g in c] for c in candidates], cfg.scoring_mode)
+    return [as_written(g) for g in chosen.graphs], chosen, names

@@ -75,3 +75,14 @@ def test_the_ensemble_command_names_a_directory_that_is_not_a_search(tmp_path, c
     assert "results.csv not found" in capsys.readouterr().err
     assert main(["predict", "--adapter", str(tmp_path), "--ensemble", "3", "--input", "x", "--output", "y"]) == 2
     assert "give --run" in capsys.readouterr().err
+
+
+def test_trials_that_recovered_no_graph_do_not_outvote_the_others():
+    from ray_mtup.ensemble_run import as_candidate, as_written
+    from ray_mtup.predict import FALLBACK_GRAPH
+
+    column = [FALLBACK_GRAPH, FALLBACK_GRAPH, DOG, DOG_VARIANT]
+    assert select([[g] for g in column]).choice == [0]  # taken as graphs, the two fallbacks agree most
+    chosen = select([[as_candidate(g)] for g in column])
+    assert chosen.choice == [2] and as_written(chosen.graphs[0]) == DOG
+    assert as_written(None) == FALLBACK_GRAPH  # predict --ensemble always writes a graph
