@@ -39,6 +39,7 @@ from .dataset import corpus_splits, to_mtup
 from .ensemble import Selection, select
 from .errors import ConfigError, ModelError
 from .predict import FALLBACK_GRAPH, find_adapter, load_for_inference, parse_sentences
+from .retrieval import PairIndex
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +194,6 @@ def as_written(graph: str | None) -> str:
 
 def lookup_graphs(cfg: TrainConfig, sentences: Sequence[str]) -> list[str]:
     """The graph of the BM25-nearest training sentence of each sentence (the run's training split)."""
-    from .retrieval import PairIndex
-
     train, _, _ = corpus_splits(cfg)
     index = PairIndex(to_mtup(train))
     return [index.neighbours(s, 1)[0].task2 for s in sentences]
