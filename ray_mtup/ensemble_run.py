@@ -260,25 +260,25 @@ def format_result(r: dict[str, Any]) -> str:
     ...                    {"name": "b", "rank": 2, "f1": 0.4, "ci95": [0.3, 0.5], "kept_for": 0}],
     ...     "smatch_pairs": 2, "selection_time_s": 0.1}))
     ensemble of the top 2 trials on val (2 graphs, normalised)
-      candidate            F1   95% CI            kept for
-      1 a              0.4500   [0.3000, 0.5000]  2
-      2 b              0.4000   [0.3000, 0.5000]  0
-      ensemble         0.5000   [0.4000, 0.6000]
-      best trial a     0.4500   [0.3000, 0.5000]
-      ensemble - best  [0.0000, 0.1000] (paired bootstrap)
+      candidate             F1      95% CI              kept for
+      1 a                   0.4500  [0.3000, 0.5000]    2
+      2 b                   0.4000  [0.3000, 0.5000]    0
+      ensemble              0.5000  [0.4000, 0.6000]
+      best trial a          0.4500  [0.3000, 0.5000]
+      ensemble - best               [0.0000, 0.1000]    (paired bootstrap)
       2 SMATCH pairs for the selection in 0.1 s
     """
+    def row(label: str, f1: float | None, ci: Sequence[float], tail: str = "") -> str:
+        value = f"{f1:.4f}" if f1 is not None else ""
+        return f"  {label:<22}{value:<8}[{ci[0]:.4f}, {ci[1]:.4f}]    {tail}".rstrip()
+
     what = f"the top {r['top']} trials" + (" and the BM25 lookup" if r["retrieval"] else "")
     lines = [f"ensemble of {what} on {r['split']} ({r['n_graphs']} graphs, {r['scoring_mode']})",
-             f"  {'candidate':<16}{'F1':>7}   {'95% CI':<18}kept for"]
-    for c in r["candidates"]:
-        lines.append(f"  {c['rank']} {c['name']:<14}{c['f1']:.4f}   "
-                     f"[{c['ci95'][0]:.4f}, {c['ci95'][1]:.4f}]  {c['kept_for']}")
-    lines.append(f"  {'ensemble':<16}{r['ensemble_f1']:.4f}   [{r['ensemble_ci95'][0]:.4f}, {r['ensemble_ci95'][1]:.4f}]")
-    lines.append(f"  {'best trial ' + r['best_trial']:<16} {r['best_trial_f1']:.4f}   "
-                 f"[{r['best_trial_ci95'][0]:.4f}, {r['best_trial_ci95'][1]:.4f}]")
-    d = r["ensemble_minus_best_ci95"]
-    lines.append(f"  ensemble - best  [{d[0]:.4f}, {d[1]:.4f}] (paired bootstrap)")
+             f"  {'candidate':<22}{'F1':<8}{'95% CI':<20}kept for"]
+    lines += [row(f"{c['rank']} {c['name']}", c["f1"], c["ci95"], str(c["kept_for"])) for c in r["candidates"]]
+    lines.append(row("ensemble", r["ensemble_f1"], r["ensemble_ci95"]))
+    lines.append(row(f"best trial {r['best_trial']}", r["best_trial_f1"], r["best_trial_ci95"]))
+    lines.append(row("ensemble - best", None, r["ensemble_minus_best_ci95"], "(paired bootstrap)"))
     lines.append(f"  {r['smatch_pairs']} SMATCH pairs for the selection in {r['selection_time_s']:.1f} s")
     return "\n".join(lines)
 
