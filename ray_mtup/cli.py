@@ -178,13 +178,13 @@ def _run_predict_ensemble(args: argparse.Namespace) -> int:
         raise ConfigError("retrieval", "--retrieval is a candidate of --ensemble K; give --ensemble too")
     if args.run is None:
         raise ConfigError("ensemble", "--ensemble takes a search's experiment directory: give --run, not --adapter")
-    if args.max_new_tokens is not None or args.constrained is not None:
-        raise ConfigError("ensemble", "--max-new-tokens and --constrained do not apply to --ensemble: "
-                                      "each trial parses with its own settings")
+    if args.max_new_tokens is not None or args.constrained is not None or args.raw_input:
+        raise ConfigError("ensemble", "--max-new-tokens, --constrained and --raw-input do not apply to --ensemble: "
+                                      "each trial parses the sentences' corpus form with its own settings")
     sentences = [ex.sentence for ex in corpus.read_sentences(args.input)]
     graphs, chosen, names = predict_ensemble(args.run, args.ensemble, sentences, retrieval=args.retrieval,
                                              batch_size=args.batch_size, data_dir=args.data_dir,
-                                             model_path=args.model_path)
+                                             model_path=args.model_path, device=args.device)
     out = write_parses(args.output, sentences, graphs, args.concept_style)
     report = {"n_sentences": len(sentences), "output": str(out), "candidates": names,
               "kept_for": chosen.wins(len(names))}

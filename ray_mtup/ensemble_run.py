@@ -38,7 +38,7 @@ from .corpus import Example
 from .dataset import corpus_splits, to_mtup
 from .ensemble import Selection, select
 from .errors import ConfigError, ModelError
-from .predict import FALLBACK_GRAPH, find_adapter, load_for_inference, parse_sentences
+from .predict import FALLBACK_GRAPH, find_adapter, load_for_inference, model_inputs, parse_sentences
 from .retrieval import PairIndex
 
 logger = logging.getLogger(__name__)
@@ -142,22 +142,23 @@ def split_examples(cfg: TrainConfig, split: str) -> list[Example]:
 
 
 def parse_with(member: Member, sentences: Sequence[str], batch_size: int = 32, data_dir: str | None = None,
-               model_path: str | None = None) -> list[str]:
+               model_path: str | None = None, device: str = "auto") -> list[str]:
     """The member's graph of each sentence, through predict's path (one graph per sentence)."""
     with checkpoint_dir(member) as d:
-        model, tokenizer, cfg = load_for_inference(find_adapter(d), model_path)
+        model, tokenizer, cfg = load_for_inference(find_adapter(d), model_path, device)
     if data_dir is not None:
         cfg = cfg.replace(data_dir=data_dir)
     logger.info("trial %s (rank %d) parses %d sentences", member.trial_id, member.rank, len(sentences))
-    graphs, counts = parse_sentences(model, tokenizer, cfg, list(sentences), batch_size, progress=False)
-    logger.info("trial %s: %s", member.trial_id, counts)
+    parses = parse_sentences(model, tokenizer, cfg, model_inputs(sentences), batch_size, progress=False)
+    logger.info("trial %s: %s", member.trial_id, parses.counts)
     del model
     gc.collect()
-    return graphs
+    return parses.graphs
 
 
 def cached_parses(experiment_dir: str | Path, member: Member, split: str, examples: Sequence[Example],
-                  batch_size: int = 32, data_dir: str | None = None, model_path: str | None = None) -> list[str]:
+                  batch_size: int = 32, data_dir: str | None = None, model_path: str | None = None,
+                  device: str = "auto") -> list[str]:
     """The member's parses of ``split``: read from its cache file when it holds this
     checkpoint's parses of these ids, else generated once and written there."""
     path = Path(experiment_dir) / ENSEMBLE_DIR / member.trial_id / f"{split}.json"
@@ -171,7 +172,7 @@ def cached_parses(experiment_dir: str | Path, member: Member, split: str, exampl
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.warning("ignoring the unreadable cache %s: %s", path, exc)
         logger.info("the cache %s is stale; parsing again", path)
-    graphs = parse_with(member, [ex.sentence for ex in examples], batch_size, data_dir, model_path)
+    graphs = parse_with(member, [ex.sentence for ex in examples], batch_size, data_dir, model_path, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"trial_id": member.trial_id, "checkpoint": member.checkpoint, "split": split,
                "parses": [{"id": ex.id, "sentence": ex.sentence, "graph": g} for ex, g in zip(examples, graphs)]}
@@ -212,14 +213,15 @@ def _figure(name: str, pairs: dict[str, scoring.PairCounts], mode: str) -> dict[
 
 def ensemble_split(experiment_dir: str | Path, top: int, split: str, retrieval: bool = False,
                    batch_size: int = 32, data_dir: str | None = None, model_path: str | None = None,
-                   members: Sequence[Member] | None = None) -> dict[str, Any]:
+                   members: Sequence[Member] | None = None, device: str = "auto") -> dict[str, Any]:
     """Corpus F of the ensemble, of each candidate and of the best trial on ``split``."""
     members = list(members) if members is not None else top_members(experiment_dir, top)
     cfg = split_config(members, data_dir)
     examples = split_examples(cfg, split)
     ids = [ex.id for ex in examples]
     candidates: list[list[str | None]] = [
-        list(cached_parses(experiment_dir, m, split, examples, batch_size, data_dir, model_path)) for m in members]
+        list(cached_parses(experiment_dir, m, split, examples, batch_size, data_dir, model_path, device))
+        for m in members]
     names = [m.trial_id for m in members]
     if retrieval:
         candidates.append(list(lookup_graphs(cfg, [ex.sentence for ex in examples])))
@@ -285,11 +287,11 @@ def format_result(r: dict[str, Any]) -> str:
 
 def predict_ensemble(experiment_dir: str | Path, top: int, sentences: Sequence[str], retrieval: bool = False,
                      batch_size: int = 32, data_dir: str | None = None,
-                     model_path: str | None = None) -> tuple[list[str], Selection, list[str]]:
+                     model_path: str | None = None, device: str = "auto") -> tuple[list[str], Selection, list[str]]:
     """The ensemble's graph of each new sentence (input order), the selection, and the
     candidates' names (the trials, best first, then the lookup)."""
     members = top_members(experiment_dir, top)
-    candidates: list[list[str | None]] = [list(parse_with(m, sentences, batch_size, data_dir, model_path))
+    candidates: list[list[str | None]] = [list(parse_with(m, sentences, batch_size, data_dir, model_path, device))
                                           for m in members]
     names = [m.trial_id for m in members]
     cfg = member_config(members[0])

@@ -65,7 +65,7 @@ def test_search_settings_check_the_ensemble_and_the_checkpoints_kept(capsys):
     assert SearchSettings(name="x", storage_path="runs", num_samples=5, ensemble=5).ensemble == 5
     # a flag that does not apply is an error, before anything starts
     assert main(["--model", "tiny", "--no-search", "--ensemble", "3"]) == 2
-    assert "does not apply to --no-search" in capsys.readouterr().err
+    assert "--ensemble: applies to a search only" in capsys.readouterr().err
 
 
 def test_the_ensemble_command_names_a_directory_that_is_not_a_search(tmp_path, capsys):
