@@ -16,10 +16,12 @@ import logging
 import sys
 from typing import Sequence
 
+from ray_mtup import corpus
 from ray_mtup.devices import DEVICES
-from ray_mtup.errors import RayMtupError
+from ray_mtup.ensemble_run import ensemble_split, format_result, predict_ensemble
+from ray_mtup.errors import ConfigError, RayMtupError
 from ray_mtup.logs import setup_logging
-from ray_mtup.predict import predict_file
+from ray_mtup.predict import predict_file, write_parses
 from ray_mtup.scoring import MODES, evaluate_files
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_evaluate(subparsers)
     _add_predict(subparsers)
+    _add_ensemble(subparsers)
     return parser
 
 
@@ -142,11 +145,19 @@ def _add_predict(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="gpu, cpu, or auto: the GPU when there is one, else the CPU for the tiny model and an "
                         "error for a real model (pass --device cpu) (default: %(default)s)")
+    p.add_argument("--ensemble", type=int, metavar="K",
+                   help="with --run <experiment>: the consensus of the search's K best trials, sentence by "
+                        "sentence (docs/ensemble.md)")
+    p.add_argument("--retrieval", action="store_true",
+                   help="with --ensemble: the graph of the BM25-nearest training sentence is one more candidate")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(handler=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    if args.ensemble is not None or args.retrieval:
+        return _run_predict_ensemble(args)
+
     report = predict_file(args.run or args.adapter, args.input, args.output, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens, model_path=args.model_path,
                           concept_style=args.concept_style, constrained=args.constrained, data_dir=args.data_dir,
@@ -159,6 +170,61 @@ def _run_predict(args: argparse.Namespace) -> int:
         print(f"wrote {report.n_sentences} graphs to {report.output}: {report.n_task2} from Task 2 "
               f"({report.n_task2_repaired} repaired), {report.n_task1_fallback} from Task 1, "
               f"{report.n_minimal} minimal fallback graphs; {normalised}")
+    return 0
+
+
+def _run_predict_ensemble(args: argparse.Namespace) -> int:
+    if args.ensemble is None:
+        raise ConfigError("retrieval", "--retrieval is a candidate of --ensemble K; give --ensemble too")
+    if args.run is None:
+        raise ConfigError("ensemble", "--ensemble takes a search's experiment directory: give --run, not --adapter")
+    if args.max_new_tokens is not None or args.constrained is not None or args.raw_input:
+        raise ConfigError("ensemble", "--max-new-tokens, --constrained and --raw-input do not apply to --ensemble: "
+                                      "each trial parses the sentences' corpus form with its own settings")
+    sentences = [ex.sentence for ex in corpus.read_sentences(args.input)]
+    graphs, chosen, names = predict_ensemble(args.run, args.ensemble, sentences, retrieval=args.retrieval,
+                                             batch_size=args.batch_size, data_dir=args.data_dir,
+                                             model_path=args.model_path, device=args.device)
+    out = write_parses(args.output, sentences, graphs, args.concept_style)
+    report = {"n_sentences": len(sentences), "output": str(out), "candidates": names,
+              "kept_for": chosen.wins(len(names))}
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        kept = ", ".join(f"{n} {w}" for n, w in zip(names, report["kept_for"]))
+        print(f"wrote {len(sentences)} graphs to {out}: the consensus of {len(names)} candidates (kept: {kept})")
+    return 0
+
+
+# --------------------------------------------------------------------------- ensemble
+
+
+def _add_ensemble(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "ensemble",
+        help="the consensus of a search's K best trials on its validation or test split (MBSE)",
+        description="Maximum Bayes SMATCH Ensemble: the K best trials of a search each parse the split with "
+        "their best checkpoint (written once under <experiment>/ensemble/ and reused); per sentence the "
+        "candidate with the highest mean SMATCH F against the other candidates is kept (ties: the better "
+        "trial; an unparsable graph is empty). Prints the corpus F of the ensemble, of every candidate and of "
+        "the best trial, each with a bootstrap interval (docs/ensemble.md).",
+    )
+    p.add_argument("--run", required=True, help="a search's experiment directory (results.csv, summary.json)")
+    p.add_argument("--top", type=int, required=True, metavar="K", help="how many of the best trials take part")
+    p.add_argument("--retrieval", action="store_true",
+                   help="the graph of the BM25-nearest training sentence is one more candidate")
+    p.add_argument("--split", choices=("val", "test"), default="val", help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="generation batch (default: %(default)s)")
+    p.add_argument("--data-dir", help="the corpus the search read (default: the one its trials recorded)")
+    p.add_argument("--model-path", help="local base weights, when the search used a hub id")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(handler=_run_ensemble)
+
+
+def _run_ensemble(args: argparse.Namespace) -> int:
+    result = ensemble_split(args.run, args.top, args.split, retrieval=args.retrieval, batch_size=args.batch_size,
+                            data_dir=args.data_dir, model_path=args.model_path)
+    print(json.dumps(result, ensure_ascii=False) if args.json else format_result(result))
     return 0
 
 

@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experiment tracker of a search's trials or of the --no-search run: an MLflow store in "
                         "the experiment directory, TensorBoard, Weights & Biases (needs WANDB_API_KEY) or none "
                         "(default: %(default)s)")
+    p.add_argument("--ensemble", type=int, default=0, metavar="K",
+                   help="also score the ensemble of the K best trials (per sentence, the graph they agree on "
+                        "most) on the validation and test splits, in the leaderboard and summary.json "
+                        "(docs/ensemble.md)")
+    p.add_argument("--keep-checkpoints", type=int, metavar="N",
+                   help="checkpoints each trial keeps: its N best epochs by the objective, and its latest "
+                        "(adapter, tokenizer, state; no optimizer state). Disk budget: docs/ensemble.md "
+                        "(default: 2)")
     p.add_argument("--smoke-test", action="store_true",
                    help=f"a few tiny trials with short epochs, for CPU (the {SMOKE_SPACE} search space)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
@@ -117,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Flags that only a search reads (argparse dest -> flag): with --no-search each is an error.
 SEARCH_ONLY_FLAGS = {"search_space": "--search-space", "num_samples": "--num-samples", "resume": "--resume",
-                     "smoke_test": "--smoke-test"}
+                     "smoke_test": "--smoke-test", "ensemble": "--ensemble",
+                     "keep_checkpoints": "--keep-checkpoints"}
 
 
 def check_single_run_flags(args: argparse.Namespace) -> None:
@@ -298,7 +307,8 @@ def _main(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, space.overrides if space is not None else None)
     settings = None if space is None else search.SearchSettings(  # validated before anything starts
         name=_name(args, cfg), storage_path=storage, max_failures=args.max_failures, num_samples=args.num_samples,
-        resume=args.resume, tracker=args.tracker)
+        resume=args.resume, tracker=args.tracker, ensemble=args.ensemble,
+        **({} if args.keep_checkpoints is None else {"keep_checkpoints": args.keep_checkpoints}))
     remote = bool(args.address) and not args.dry_run and args.num_gpus is None
     launch = None if remote else plan_launch(args, cfg, given_cluster(args))
     if args.dry_run:

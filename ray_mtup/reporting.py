@@ -22,6 +22,8 @@ from . import objective, scoring, study
 from .checkpointing import PREDICTIONS_JSONL, recorded_memory_plan
 from .config import TrainConfig
 from .dataset import corpus_splits, evaluation_subset, load_examples
+from .ensemble_run import SPLITS, ensemble_split, top_members
+from .errors import RayMtupError
 from .holdout import describe_corpus, format_test_line, score_on_test
 from .trial import SAMPLED_KEYS, apply_sampled
 
@@ -324,10 +326,47 @@ def local_results_dir(run_path: str) -> Path:
     return Path(run_path) if "://" not in run_path else Path("runs") / Path(run_path).name
 
 
+def ensemble_summary(out_dir: Path, top: int) -> dict[str, Any]:
+    """The ensemble of the ``top`` best trials on the whole validation and test splits, without
+    and with the BM25 lookup as a candidate (:mod:`ray_mtup.ensemble_run`); each trial parses
+    each split once. A failure is logged and returned as ``{"error": ...}``."""
+    out: dict[str, Any] = {"top": top}
+    try:
+        members = top_members(out_dir, top)
+        for split in SPLITS:
+            for retrieval in (False, True):
+                r = ensemble_split(out_dir, top, split, retrieval=retrieval, members=members)
+                key = f"{split}_retrieval" if retrieval else split
+                out[key] = {k: r[k] for k in ("ensemble_f1", "ensemble_ci95", "best_trial", "best_trial_f1",
+                                              "best_trial_ci95", "ensemble_minus_best_ci95", "n_graphs",
+                                              "scoring_mode", "candidates")}
+                print(format_ensemble_line(split, retrieval, r), flush=True)
+    except (RayMtupError, OSError, RuntimeError) as exc:
+        logger.error("the ensemble could not be scored: %s", exc)
+        out["error"] = str(exc)
+    return out
+
+
+def format_ensemble_line(split: str, retrieval: bool, r: Mapping[str, Any]) -> str:
+    """One leaderboard footer line of the ensemble.
+
+    >>> print(format_ensemble_line("val", True, {"top": 3, "ensemble_f1": 0.31, "ensemble_ci95": [0.29, 0.33],
+    ...     "best_trial_f1": 0.28, "best_trial_ci95": [0.26, 0.30], "n_graphs": 184}))
+    ensemble of the top 3 + BM25 lookup: val Task 2 F1 0.3100 (95% CI 0.2900-0.3300) against the best trial's 0.2800 (0.2600-0.3000), 184 graphs
+    """
+    lookup = " + BM25 lookup" if retrieval else ""
+    lo, hi = r["ensemble_ci95"]
+    blo, bhi = r["best_trial_ci95"]
+    return (f"ensemble of the top {r['top']}{lookup}: {split} Task 2 F1 {r['ensemble_f1']:.4f} "
+            f"(95% CI {lo:.4f}-{hi:.4f}) against the best trial's {r['best_trial_f1']:.4f} "
+            f"({blo:.4f}-{bhi:.4f}), {r['n_graphs']} graphs")
+
+
 def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, space: Any,
-                         launch: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                         launch: Mapping[str, Any] | None = None, ensemble: int = 0) -> dict[str, Any]:
     """Leaderboard to the terminal; results.csv, summary.json (with ``launch``, the launcher's
-    device decision), best_config.yaml, best_adapter/, plots."""
+    device decision), best_config.yaml, best_adapter/, plots; with ``ensemble`` = K, the ensemble
+    of the K best trials on validation and test (:func:`ensemble_summary`)."""
     out_dir = local_results_dir(experiment_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records = collect_trials(grid, base)
@@ -379,6 +418,8 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
             summary["test"] = score_on_test(dest, best.best.get("checkpoint_path"), best.config.use_gpu, out_dir)
             print(f"best trial {best.trial_id}: " + format_test_line(best.best.get("task2_f1"), summary["test"]),
                   flush=True)
+        if ensemble:
+            summary["ensemble"] = ensemble_summary(out_dir, ensemble)
         summary["plots"] = plot(records, out_dir, baseline["task2_f1"] if baseline else None)
         summary["plots"] += study.write_study_plots(records, space, out_dir)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str),

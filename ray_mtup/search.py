@@ -225,8 +225,9 @@ class SearchSettings:
     gpus_per_trial: int = 0
     cpus_per_worker: float = 1.0
     max_failures: int = MAX_FAILURES
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # per trial, its best by the objective (docs/ensemble.md: disk budget)
     num_samples: int | None = None
+    ensemble: int = 0  # K > 0: the summary scores the ensemble of the K best trials (ray_mtup.ensemble_run)
     resume: bool = False
     tracker: str = "mlflow"  # ray_mtup.tracking.TRACKERS
     launch: dict[str, Any] | None = None  # the launcher's device decision (ray_mtup.devices.TrialPlan.to_dict)
@@ -239,7 +240,13 @@ class SearchSettings:
         check_gpu_split(self.gpus_per_trial, self.workers_per_trial)
         if self.num_samples is not None and self.num_samples < 1:
             raise ConfigError("num_samples", f"must be >= 1, got {self.num_samples}")
-
+        if self.keep_checkpoints < 1:
+            raise ConfigError("keep_checkpoints", f"must be >= 1 (each trial's best), got {self.keep_checkpoints}")
+        if self.ensemble < 0:
+            raise ConfigError("ensemble", f"must be >= 0, got {self.ensemble}")
+        if self.ensemble and self.num_samples is not None and self.ensemble > self.num_samples:
+            raise ConfigError("ensemble", f"the ensemble of {self.ensemble} trials needs at least as many trials; "
+                                          f"num_samples is {self.num_samples}")
         check_tracker(self.tracker)
 
 
@@ -373,4 +380,5 @@ def run_search(base: TrainConfig, space: SearchSpace, settings: SearchSettings) 
         )
     logger.info("search %s: up to %d concurrent trial(s)", settings.name, concurrency)
     grid = tuner.fit()
-    return reporting.write_search_results(grid, base, experiment_dir, space, settings.launch)
+    return reporting.write_search_results(grid, base, experiment_dir, space, settings.launch,
+                                          ensemble=settings.ensemble)

@@ -34,7 +34,9 @@ def _run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     storage = tmp_path_factory.mktemp("storage")
-    proc = _run("--model", "tiny", "--smoke-test", "--storage-path", str(storage), "--name", "smoke")
+    # --ensemble 3: the summary scores the ensemble of the 3 best trials (tests/test_ensemble.py
+    # reads it, and reuses the parses it wrote)
+    proc = _run("--model", "tiny", "--smoke-test", "--storage-path", str(storage), "--name", "smoke", "--ensemble", "3")
     return storage / "smoke", proc
 
 
@@ -166,3 +168,69 @@ def test_progress_lines_baseline_and_optuna_plots(smoke):
     assert summary["best_metrics"]["task2_f1"] > baseline["task2_f1"] + 0.05
     for png in ("optuna_history.png", "optuna_importances.png", "optuna_slice.png"):
         assert (exp / png).read_bytes()[:4] == b"\x89PNG"
+
+
+# --------------------------------------------------------------------------- the ensemble (MBSE)
+
+
+def test_summary_scores_the_ensemble_of_the_top_trials(smoke):
+    exp, proc = smoke
+    ranked = sorted(_rows(exp), key=lambda r: (-float(r["best_objective"]), int(r["trial_index"])))
+    ensemble = json.loads((exp / "summary.json").read_text(encoding="utf-8"))["ensemble"]
+    assert ensemble["top"] == 3 and "error" not in ensemble
+    for key in ("val", "test", "val_retrieval", "test_retrieval"):
+        r = ensemble[key]
+        names = [c["name"] for c in r["candidates"]]
+        assert names[:3] == [row["trial_id"] for row in ranked[:3]]
+        assert names[3:] == (["bm25_lookup"] if key.endswith("retrieval") else [])
+        assert sum(c["kept_for"] for c in r["candidates"]) == r["n_graphs"] > 0
+        assert r["best_trial_f1"] == r["candidates"][0]["f1"]
+        lo, hi = r["ensemble_ci95"]
+        assert 0.0 <= lo <= r["ensemble_f1"] <= hi <= 1.0
+        assert f"{r['ensemble_f1']:.4f}" in proc.stdout  # the leaderboard's footer line
+    # each trial parsed each split once, under the experiment directory
+    for row in ranked[:3]:
+        assert {p.name for p in (exp / "ensemble" / row["trial_id"]).iterdir()} == {"val.json", "test.json"}
+
+
+def test_ensemble_command_reuses_the_parses_and_agrees_with_the_summary(smoke, capsys):
+    from ray_mtup.cli import main
+
+    exp, _ = smoke
+    cached = {p: p.stat().st_mtime_ns for p in (exp / "ensemble").rglob("*.json")}
+    assert main(["ensemble", "--run", str(exp), "--top", "3", "--retrieval", "--split", "val", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    expected = json.loads((exp / "summary.json").read_text(encoding="utf-8"))["ensemble"]["val_retrieval"]
+    assert result["ensemble_f1"] == expected["ensemble_f1"] and result["n_graphs"] == expected["n_graphs"]
+    assert [c["f1"] for c in result["candidates"]] == [c["f1"] for c in expected["candidates"]]
+    assert result["best_trial_f1"] == result["candidates"][0]["f1"]
+    assert result["smatch_pairs"] == result["n_graphs"] * 4 * 3 // 2
+    assert {p: p.stat().st_mtime_ns for p in (exp / "ensemble").rglob("*.json")} == cached  # nothing re-parsed
+    # the table names every candidate, the ensemble and the best trial
+    assert main(["ensemble", "--run", str(exp), "--top", "2", "--split", "test"]) == 0
+    table = capsys.readouterr().out
+    assert "ensemble of the top 2 trials on test" in table and "best trial" in table
+
+
+def test_ensemble_asks_for_more_trials_than_the_search_has(smoke, capsys):
+    from ray_mtup.cli import main
+
+    assert main(["ensemble", "--run", str(smoke[0]), "--top", "99", "--split", "val"]) == 2
+    assert "fewer than the 99 asked for" in capsys.readouterr().err
+
+
+def test_predict_ensemble_writes_one_graph_per_sentence_in_input_order(smoke, fixtures_dir, tmp_path, capsys):
+    from ray_mtup.cli import main
+    from ray_mtup.scoring import read_blocks, score_pair
+
+    sentences = [ln.strip() for ln in (fixtures_dir / "mini_sentences.txt").read_text(encoding="utf-8").splitlines()
+                 if ln.strip()]
+    out = tmp_path / "ensemble.txt"
+    assert main(["predict", "--run", str(smoke[0]), "--ensemble", "3", "--retrieval",
+                 "--input", str(fixtures_dir / "mini_sentences.txt"), "--output", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    blocks = read_blocks(out)
+    assert [b.sentence for b in blocks] == sentences and report["n_sentences"] == len(sentences)
+    assert sum(report["kept_for"]) == len(sentences) and len(report["candidates"]) == 4
+    for b in blocks:  # every written graph is one smatch reads
+        assert score_pair(b.graph, b.graph).matched > 0
