@@ -264,6 +264,9 @@ def _main(args: argparse.Namespace) -> int:
               f"{time.time() - t0:.0f} s; run directory {summary.run_dir}")
         print(format_test_line(best["task2_f1"], summary.test))
         print(f"corpus:  {describe_corpus(cfg)}\ntracker: {tracker_location(args.tracker, out_dir)}")
+        if "://" in storage:
+            print(f"results: {storage.rstrip('/')}/{name} (config.yaml, metrics.csv, adapter/, summary.json; "
+                  f"a copy of {summary.run_dir})")
         return 0
     # the resource flags first: GPUs that cannot be split over the workers is the error to report
     search.check_gpu_split(args.gpus_per_trial, args.workers_per_trial or (args.gpus_per_trial or 1))

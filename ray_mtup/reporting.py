@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 from . import objective, scoring, study
 from .checkpointing import PREDICTIONS_JSONL, recorded_memory_plan
+from .outputs import upload_results
 from .config import TrainConfig
 from .dataset import corpus_splits, load_examples
 from .holdout import describe_corpus, format_test_line, score_on_test
@@ -381,18 +382,6 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str),
                                           encoding="utf-8")
     if "://" in experiment_dir:
-        _upload(out_dir, experiment_dir)
+        upload_results(out_dir, experiment_dir)
     logger.info("results in %s", out_dir)
     return summary
-
-
-def _upload(local_dir: Path, uri: str) -> None:
-    """Copy the results next to the trials on remote storage (s3://, gs://, ...)."""
-    import pyarrow.fs
-
-    try:
-        fs, path = pyarrow.fs.FileSystem.from_uri(uri.rstrip("/"))
-        pyarrow.fs.copy_files(str(local_dir.resolve()), path, destination_filesystem=fs)
-        logger.info("results copied to %s", uri)
-    except (OSError, ValueError) as exc:
-        logger.error("could not copy the results to %s (%s); they are in %s", uri, exc, local_dir)
