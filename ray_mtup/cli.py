@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_evaluate(subparsers)
     _add_predict(subparsers)
+    _add_export(subparsers)
     return parser
 
 
@@ -221,6 +222,40 @@ def _run_predict(args: argparse.Namespace) -> int:
         print(f"wrote {report.n_sentences} graphs to {report.output}: {report.n_task2} from Task 2 "
               f"({report.n_task2_repaired} repaired), {report.n_task1_fallback} from Task 1, "
               f"{report.n_minimal} minimal fallback graphs; {normalised}")
+    return 0
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a run's chosen adapter merged into its base, for transformers or vLLM",
+        description="Loads the run's adapter onto its base as predict does, merges it (peft merge_and_unload) "
+        "and writes a transformers checkpoint: safetensors weights, the tokenizer, generation_config.json with "
+        "the project's greedy decoding, the run's config and a model card (README.md) with the validation "
+        "and test F and their intervals.",
+    )
+    p.add_argument("--run", required=True,
+                   help="a run directory (adapter/), a search's experiment directory (best_adapter/) or a checkpoint")
+    p.add_argument("--output", required=True, help="a new (or empty) directory for the merged model")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                   help="weights' dtype (auto: the base model's, e.g. bfloat16 for Qwen2.5) (default: %(default)s)")
+    p.add_argument("--model-path", help="local base weights, when the run used a hub id")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from ray_mtup.export import export_model
+
+    report = export_model(args.run, args.output, model_path=args.model_path, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(report.to_dict(), ensure_ascii=False))
+    else:
+        print(f"exported {report.adapter} merged into {report.base} ({report.dtype}) to {report.output}: "
+              f"{', '.join(report.files)}")
     return 0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Collection, Mapping, Sequence
 
 from . import objective
+from .cards import figures_from_summary, write_card
 from .config import TrainConfig
 from .holdout import describe_corpus
 
@@ -104,6 +105,8 @@ def with_test_score(summary: RunSummary, cfg: TrainConfig, test: dict[str, Any])
     """``summary`` with its test figure (:func:`ray_mtup.holdout.score_on_test`), rewritten to disk."""
     summary = replace(summary, test=test)
     _write_summary(summary, cfg)
+    if summary.adapter_dir is not None:  # the adapter's card, now with the test figure
+        write_card(summary.adapter_dir, cfg, figures_from_summary(summary.to_dict()), "adapter")
     return summary
 
 

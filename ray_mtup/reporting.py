@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import objective, scoring, study
+from .cards import figures_from_summary, write_card
 from .checkpointing import PREDICTIONS_JSONL, recorded_memory_plan
-from .outputs import upload_results
 from .config import TrainConfig
 from .dataset import corpus_splits, load_examples
 from .holdout import describe_corpus, format_test_line, score_on_test
+from .outputs import upload_results
 from .trial import SAMPLED_KEYS, apply_sampled
 
 logger = logging.getLogger(__name__)
@@ -375,6 +376,7 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
             summary["best_adapter"] = str(dest)
             summary["best_memory_plan"] = recorded_memory_plan(dest)
             summary["test"] = score_on_test(dest, best.best.get("checkpoint_path"), best.config.use_gpu, out_dir)
+            write_card(dest, best.config, figures_from_summary(summary), "adapter")
             print(f"best trial {best.trial_id}: " + format_test_line(best.best.get("task2_f1"), summary["test"]),
                   flush=True)
         summary["plots"] = plot(records, out_dir, baseline["task2_f1"] if baseline else None)
