@@ -168,3 +168,36 @@ def test_progress_lines_baseline_and_optuna_plots(smoke):
     assert summary["best_metrics"]["task2_f1"] > baseline["task2_f1"] + 0.05
     for png in ("optuna_history.png", "optuna_importances.png", "optuna_slice.png"):
         assert (exp / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_export_of_the_best_trial_loads_in_transformers_and_parses_like_predict(smoke, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ray_mtup.cli import main
+    from ray_mtup.config import TrainConfig, load_yaml
+    from ray_mtup.predict import parse_sentences, predict_file, write_parses
+
+    exp, _ = smoke
+    out = tmp_path / "merged"
+    assert main(["export", "--run", str(exp), "--output", str(out)]) == 0
+    assert f"exported {exp / 'best_adapter'} merged into" in capsys.readouterr().out
+    summary = json.loads((exp / "summary.json").read_text(encoding="utf-8"))
+    cfg = TrainConfig.from_dict(load_yaml(out / "ray_mtup_config.yaml"))
+    assert cfg.to_dict() == {**TrainConfig.from_dict(summary["best_config"]).to_dict(),
+                             "max_new_tokens": cfg.max_new_tokens}
+    # the card: the search's validation interval (noise analysis) and the best trial's test figure
+    card = (out / "README.md").read_text(encoding="utf-8")
+    ci, test = summary["noise"]["ci95"], summary["test"]
+    assert f"| {summary['best_metrics']['task2_f1']:.4f} | {ci[0]:.4f} - {ci[1]:.4f} |" in card
+    assert f"| {test['task2_f1']:.4f} | {test['ci95'][0]:.4f} - {test['ci95'][1]:.4f} |" in card
+    best_card = (exp / "best_adapter" / "README.md").read_text(encoding="utf-8")  # the project's, not peft's
+    assert "library_name: peft" in best_card and f"| {test['task2_f1']:.4f} |" in best_card
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    sentences = ["tôi đi học .", "con mèo ngủ trên ghế ."]
+    (tmp_path / "in.txt").write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    predict_file(exp, tmp_path / "in.txt", tmp_path / "predict.txt", batch_size=2)
+    graphs, _ = parse_sentences(model, tokenizer, cfg, sentences, batch_size=2, progress=False)
+    write_parses(tmp_path / "exported.txt", sentences, graphs, "space")
+    assert (tmp_path / "exported.txt").read_text(encoding="utf-8") == (tmp_path / "predict.txt").read_text(
+        encoding="utf-8")
