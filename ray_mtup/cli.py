@@ -17,6 +17,7 @@ import sys
 from typing import Sequence
 
 from ray_mtup.errors import ConfigError, RayMtupError
+from ray_mtup.export import DTYPES, export_model
 from ray_mtup.logs import setup_logging
 from ray_mtup.predict import predict_file
 from ray_mtup.scoring import COMPARISON_RESAMPLES, MODES, compare_files, evaluate_files
@@ -240,7 +241,7 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True,
                    help="a run directory (adapter/), a search's experiment directory (best_adapter/) or a checkpoint")
     p.add_argument("--output", required=True, help="a new (or empty) directory for the merged model")
-    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="weights' dtype (auto: the base model's, e.g. bfloat16 for Qwen2.5) (default: %(default)s)")
     p.add_argument("--model-path", help="local base weights, when the run used a hub id")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -248,8 +249,6 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from ray_mtup.export import export_model
-
     report = export_model(args.run, args.output, model_path=args.model_path, dtype=args.dtype)
     if args.json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))
