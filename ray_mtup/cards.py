@@ -26,8 +26,22 @@ CARD_FIELDS = ("model", "model_path", "template", "learning_rate", "epochs", "gl
                "seed", "max_samples", "val_split", "test_split", "retrieval_k", "constrained_decoding",
                "scoring_mode")
 
-SAMPLE_CORPUS_NOTE = ("the small synthetic sample corpus shipped with ray_mtup: its scores say nothing about "
-                      "Vietnamese AMR parsing")
+#: What a run on the shipped sample corpus says of itself, in its closing summary.
+SAMPLE_CORPUS_NOTE = ("the sample corpus shipped with the package (synthetic sentences: its scores say nothing "
+                      "about Vietnamese AMR; pass --data-dir for the VLSP corpus)")
+
+
+def describe_corpus(cfg: TrainConfig) -> str:
+    """The corpus a run trained on, for its closing summary and its cards.
+
+    >>> describe_corpus(TrainConfig(data_dir="/data/vlsp2025"))
+    '/data/vlsp2025'
+    >>> describe_corpus(TrainConfig()) == SAMPLE_CORPUS_NOTE
+    True
+    """
+    if cfg.data_dir is None or Path(cfg.data_dir).resolve() == SAMPLE_DATA_DIR.resolve():
+        return SAMPLE_CORPUS_NOTE
+    return str(cfg.data_dir)
 
 
 def base_name(cfg: TrainConfig, recorded: str | None = None) -> str:
@@ -42,10 +56,9 @@ def base_name(cfg: TrainConfig, recorded: str | None = None) -> str:
 
 
 def data_description(cfg: TrainConfig) -> str:
-    """The corpus a run trained on, saying so when it is the shipped sample corpus."""
-    if cfg.data_dir is None or Path(cfg.data_dir).resolve() == SAMPLE_DATA_DIR.resolve():
-        return SAMPLE_CORPUS_NOTE
-    return f"the corpus in `{cfg.data_dir}` (train_amr_*.txt)"
+    """The corpus a run trained on, as a card says it (:func:`describe_corpus`)."""
+    described = describe_corpus(cfg)
+    return described if described == SAMPLE_CORPUS_NOTE else f"the corpus in `{described}` (train_amr_*.txt)"
 
 
 def figures_from_summary(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

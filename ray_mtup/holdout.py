@@ -34,8 +34,9 @@ from typing import Any, Sequence
 
 from . import scoring
 from .amr import CONCEPT_STYLES, concept_style
+from .cards import SAMPLE_CORPUS_NOTE, describe_corpus  # noqa: F401 (the closing summaries' names)
 from .checkpointing import PREDICTIONS_JSONL
-from .config import SAMPLE_DATA_DIR, TrainConfig
+from .config import TrainConfig
 from .corpus import Example
 from .dataset import corpus_splits
 from .errors import RayMtupError
@@ -61,24 +62,6 @@ def describe(cfg: TrainConfig) -> str:
     if cfg.test_file:
         return f"test file {cfg.test_file}"
     return f"test split ({cfg.test_split:.0%} of the corpus, seed {cfg.seed})"
-
-
-#: What a run on the shipped sample corpus says of itself, in its closing summary.
-SAMPLE_CORPUS_NOTE = ("the sample corpus shipped with the package (synthetic sentences: its scores say nothing "
-                      "about Vietnamese AMR; pass --data-dir for the VLSP corpus)")
-
-
-def describe_corpus(cfg: TrainConfig) -> str:
-    """The corpus a run trained on, for its closing summary.
-
-    >>> describe_corpus(TrainConfig(data_dir="/data/vlsp2025"))
-    '/data/vlsp2025'
-    >>> describe_corpus(TrainConfig()) == SAMPLE_CORPUS_NOTE
-    True
-    """
-    if cfg.data_dir is None or Path(cfg.data_dir).resolve() == SAMPLE_DATA_DIR.resolve():
-        return SAMPLE_CORPUS_NOTE
-    return str(cfg.data_dir)
 
 
 def evaluate_adapter(adapter_dir: str | Path, model_path: str | None = None) -> dict[str, Any]:
