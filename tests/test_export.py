@@ -90,7 +90,7 @@ def test_export_of_a_single_run_loads_in_transformers_and_parses_like_predict(si
     sentences = tmp_path / "in.txt"
     sentences.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
     predict_file(run, sentences, tmp_path / "predict.txt", batch_size=2)
-    graphs, _ = parse_sentences(model, tokenizer, cfg, SENTENCES, batch_size=2, progress=False)
+    graphs = parse_sentences(model, tokenizer, cfg, SENTENCES, batch_size=2, progress=False).graphs
     write_parses(tmp_path / "exported.txt", SENTENCES, graphs, "space")
     assert (tmp_path / "exported.txt").read_text(encoding="utf-8") == (tmp_path / "predict.txt").read_text(
         encoding="utf-8")

@@ -198,7 +198,7 @@ def test_export_of_the_best_trial_loads_in_transformers_and_parses_like_predict(
     sentences = ["tôi đi học .", "con mèo ngủ trên ghế ."]
     (tmp_path / "in.txt").write_text("\n".join(sentences) + "\n", encoding="utf-8")
     predict_file(exp, tmp_path / "in.txt", tmp_path / "predict.txt", batch_size=2)
-    graphs, _ = parse_sentences(model, tokenizer, cfg, sentences, batch_size=2, progress=False)
+    graphs = parse_sentences(model, tokenizer, cfg, sentences, batch_size=2, progress=False).graphs
     write_parses(tmp_path / "exported.txt", sentences, graphs, "space")
     assert (tmp_path / "exported.txt").read_text(encoding="utf-8") == (tmp_path / "predict.txt").read_text(
         encoding="utf-8")
