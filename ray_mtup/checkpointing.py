@@ -1,7 +1,7 @@
 """Checkpoint I/O of a training run: atomic writes, validated reads, fallback on resume.
 
 A checkpoint directory holds the LoRA adapter (``adapter_model.safetensors`` and
-``adapter_config.json``), the tokenizer, the trainer state (``trainer_state.json``: epoch,
+``adapter_config.json``) with the project's model card (``README.md``, :mod:`ray_mtup.cards`), the tokenizer, the trainer state (``trainer_state.json``: epoch,
 step, history, config), the epoch's validation predictions, and with ``lora.train_base`` the
 trained base weights (``base_model.safetensors``).
 
@@ -35,6 +35,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .cards import CARD_FILE, figures_from_summary, render_card
+from .config import TrainConfig
 from .errors import CheckpointError, TrainingError
 
 logger = logging.getLogger(__name__)
@@ -115,6 +117,9 @@ def save_checkpoint(directory: Path, model: Any, tokenizer: Any, state: dict[str
     """
     def write(tmp: Path) -> None:
         _write_model_files(tmp, model, tokenizer, weights, before_write)
+        if "config" in state:  # the project's card in place of peft's blank one (rewritten with the test F later)
+            _write_text(tmp, CARD_FILE, render_card(TrainConfig.from_dict(state["config"]), figures_from_summary(
+                {"best": (state.get("history") or [{}])[-1]}), "adapter", state.get("base_source")), before_write)
         _write_text(tmp, STATE_FILE, json.dumps(state, indent=2, ensure_ascii=False), before_write)
         _write_text(tmp, PREDICTIONS_JSONL,
                     "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), before_write)

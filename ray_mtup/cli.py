@@ -20,9 +20,10 @@ from ray_mtup import corpus
 from ray_mtup.devices import DEVICES
 from ray_mtup.ensemble_run import ensemble_split, format_result, predict_ensemble
 from ray_mtup.errors import ConfigError, RayMtupError
+from ray_mtup.export import DTYPES, export_model
 from ray_mtup.logs import setup_logging
 from ray_mtup.predict import predict_file, write_parses
-from ray_mtup.scoring import MODES, evaluate_files
+from ray_mtup.scoring import COMPARISON_RESAMPLES, MODES, compare_files, evaluate_files
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(subparsers)
     _add_predict(subparsers)
     _add_ensemble(subparsers)
+    _add_export(subparsers)
     return parser
 
 
@@ -44,15 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "evaluate",
-        help="corpus SMATCH of a predictions file against a gold file",
+        help="corpus SMATCH of one predictions file against a gold file, or of two compared",
         description="Corpus-level SMATCH (summed triples, smatch 1.0.4 alignment, deterministic). "
         "Both files are in the corpus format (#::snt line, PENMAN graph, blank line); pairs are aligned by order "
         "(a #::snt that differs from the gold sentence is reported, as smatch aligns them, and only a different "
         "number of graphs is an error). The predictions are scored as they are, "
-        "like the shared task's scorer: a graph smatch cannot read counts as empty.",
+        "like the shared task's scorer: a graph smatch cannot read counts as empty. With two --pred files, "
+        "both are scored and compared: F(A) - F(B) with a paired bootstrap interval over the same gold sentences.",
     )
     p.add_argument("--gold", required=True, help="gold graphs, corpus format")
-    p.add_argument("--pred", required=True, help="predicted graphs, corpus format")
+    p.add_argument("--pred", required=True, action="append", metavar="PRED",
+                   help="predicted graphs, corpus format; give it twice (--pred A --pred B) to compare two "
+                        "systems: both F, F(A) - F(B) and its paired bootstrap 95%% interval")
     p.add_argument(
         "--mode",
         choices=MODES,
@@ -64,17 +69,28 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
                    help="repair every prediction first, as the project does with its own raw outputs (this "
                         "rewrites multi-word concepts with '_', which official mode then charges against "
                         "gold written with spaces)")
-    p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="N bootstrap resamples for a 95%% interval of F1 (0: none)")
+    p.add_argument("--bootstrap", type=int, default=None, metavar="N",
+                   help="N bootstrap resamples for 95%% intervals (default: none for one file, "
+                        f"{COMPARISON_RESAMPLES} when comparing two)")
+    p.add_argument("--show", type=int, default=0, metavar="N",
+                   help="list the N worst sentences (sentence, gold, prediction, per-sentence F) of each file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(handler=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    result = evaluate_files(args.gold, args.pred, mode=args.mode, bootstrap=args.bootstrap, repair=args.repair)
-    if args.json:
-        print(json.dumps(result, ensure_ascii=False, sort_keys=True))
+    if len(args.pred) > 2:
+        raise ConfigError("pred", f"give one --pred file, or two to compare; got {len(args.pred)}")
+    if len(args.pred) == 2:
+        bootstrap = COMPARISON_RESAMPLES if args.bootstrap is None else args.bootstrap
+        result = compare_files(args.gold, *args.pred, mode=args.mode, bootstrap=bootstrap, repair=args.repair,
+                               show=args.show)
+        text = format_comparison
     else:
-        print(format_evaluation(result))
+        result = evaluate_files(args.gold, args.pred[0], mode=args.mode, bootstrap=args.bootstrap or 0,
+                                repair=args.repair, show=args.show)
+        text = format_evaluation
+    print(json.dumps(result, ensure_ascii=False, sort_keys=True) if args.json else text(result))
     return 0
 
 
@@ -106,6 +122,63 @@ def format_evaluation(result: dict) -> str:
             f"  ({result['ci_resamples']} resamples)"
         )
         lines.append(f"  note: {result['ci_note']}")
+    if "worst" in result:
+        lines.append(format_worst(result["worst"], result["n_pairs"]))
+    return "\n".join(lines)
+
+
+def format_worst(rows: list[dict], n_pairs: int) -> str:
+    """The worst sentences of a result, one block each, graphs on one line.
+
+    >>> print(format_worst([{"id": "g:2", "sentence": "mèo .", "gold": "(m / mèo)", "prediction": "(c / chó)",
+    ...     "f1": 0.0, "matched": 0, "predicted_triples": 2, "gold_triples": 2, "valid": True}], 3))
+      worst 1 of 3 sentences (per-sentence F):
+      g:2  F 0.0000  (0 of 2 gold triples matched, 2 predicted)
+        sentence    mèo .
+        gold        (m / mèo)
+        prediction  (c / chó)
+    """
+    lines = [f"  worst {len(rows)} of {n_pairs} sentences (per-sentence F):"]
+    for r in rows:
+        counts = f"{r['matched']} of {r['gold_triples']} gold triples matched, " + (
+            f"{r['predicted_triples']} predicted" if r["valid"] else "not a graph: scored as empty")
+        lines += [f"  {r['id']}  F {r['f1']:.4f}  ({counts})",
+                  f"    sentence    {r['sentence']}",
+                  f"    gold        {' '.join(r['gold'].split())}",
+                  f"    prediction  {' '.join(r['prediction'].split()) or '(empty)'}"]
+    return "\n".join(lines)
+
+
+def format_comparison(result: dict) -> str:
+    """Both scores of a :func:`~ray_mtup.scoring.compare_files` result, their difference and its interval.
+
+    >>> a = {"pred_path": "a.txt", "f1": 0.5, "precision": 0.6, "recall": 0.43, "n_valid": 3, "n_pairs": 3}
+    >>> b = {**a, "pred_path": "b.txt", "f1": 0.4}
+    >>> print(format_comparison({"mode": "official", "n_pairs": 3, "gold_path": "g.txt", "systems": [a, b],
+    ...     "delta_f1": 0.1, "delta_ci_low": -0.05, "delta_ci_high": 0.2, "ci_level": 0.95, "ci_resamples": 1000,
+    ...     "beyond_noise": False}))
+    SMATCH comparison (mode: official) on the 3 graphs of g.txt
+      A  a.txt  f1 0.5000  (precision 0.6000, recall 0.4300, valid graphs 3 of 3)
+      B  b.txt  f1 0.4000  (precision 0.6000, recall 0.4300, valid graphs 3 of 3)
+      A - B     +0.1000  95% CI [-0.0500, +0.2000]  (paired bootstrap over the same sentences, 1000 resamples)
+      within noise: the interval contains 0
+    """
+    lines = [f"SMATCH comparison (mode: {result['mode']}"
+             f"{', predictions repaired' if result['systems'][0].get('repair') else ''}) "
+             f"on the {result['n_pairs']} graphs of {result['gold_path']}"]
+    for name, s in zip("AB", result["systems"]):
+        lines.append(f"  {name}  {s['pred_path']}  f1 {s['f1']:.4f}  (precision {s['precision']:.4f}, "
+                     f"recall {s['recall']:.4f}, valid graphs {s['n_valid']} of {s['n_pairs']})")
+    lines.append(f"  A - B     {result['delta_f1']:+.4f}  {100 * result['ci_level']:.0f}% CI "
+                 f"[{result['delta_ci_low']:+.4f}, {result['delta_ci_high']:+.4f}]  "
+                 f"(paired bootstrap over the same sentences, {result['ci_resamples']} resamples)")
+    if result["beyond_noise"]:
+        lines.append(f"  beyond noise: {'A' if result['delta_f1'] > 0 else 'B'} is better (the interval excludes 0)")
+    else:
+        lines.append("  within noise: the interval contains 0")
+    for name, s in zip("AB", result["systems"]):
+        if "worst" in s:
+            lines.append(f"  {name}:" + format_worst(s["worst"], s["n_pairs"])[1:])
     return "\n".join(lines)
 
 
@@ -225,6 +298,38 @@ def _run_ensemble(args: argparse.Namespace) -> int:
     result = ensemble_split(args.run, args.top, args.split, retrieval=args.retrieval, batch_size=args.batch_size,
                             data_dir=args.data_dir, model_path=args.model_path)
     print(json.dumps(result, ensure_ascii=False) if args.json else format_result(result))
+    return 0
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a run's chosen adapter merged into its base, for transformers or vLLM",
+        description="Loads the run's adapter onto its base as predict does, merges it (peft merge_and_unload) "
+        "and writes a transformers checkpoint: safetensors weights, the tokenizer, generation_config.json with "
+        "the project's greedy decoding, the run's config and a model card (README.md) with the validation "
+        "and test F and their intervals.",
+    )
+    p.add_argument("--run", required=True,
+                   help="a run directory (adapter/), a search's experiment directory (best_adapter/) or a checkpoint")
+    p.add_argument("--output", required=True, help="a new (or empty) directory for the merged model")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weights' dtype (auto: the base model's, e.g. bfloat16 for Qwen2.5) (default: %(default)s)")
+    p.add_argument("--model-path", help="local base weights, when the run used a hub id")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    report = export_model(args.run, args.output, model_path=args.model_path, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(report.to_dict(), ensure_ascii=False))
+    else:
+        print(f"exported {report.adapter} merged into {report.base} ({report.dtype}) to {report.output}: "
+              f"{', '.join(report.files)}")
     return 0
 
 

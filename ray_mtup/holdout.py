@@ -34,7 +34,9 @@ from typing import Any, Sequence
 
 from . import scoring
 from .amr import CONCEPT_STYLES, concept_style
-from .config import SAMPLE_DATA_DIR, TrainConfig
+from .cards import SAMPLE_CORPUS_NOTE, describe_corpus  # noqa: F401 (the closing summaries' names)
+from .checkpointing import PREDICTIONS_JSONL
+from .config import TrainConfig
 from .corpus import Example
 from .dataset import corpus_splits
 from .errors import RayMtupError
@@ -60,24 +62,6 @@ def describe(cfg: TrainConfig) -> str:
     if cfg.test_file:
         return f"test file {cfg.test_file}"
     return f"test split ({cfg.test_split:.0%} of the corpus, seed {cfg.seed})"
-
-
-#: What a run on the shipped sample corpus says of itself, in its closing summary.
-SAMPLE_CORPUS_NOTE = ("the sample corpus shipped with the package (synthetic sentences: its scores say nothing "
-                      "about Vietnamese AMR; pass --data-dir for the VLSP corpus)")
-
-
-def describe_corpus(cfg: TrainConfig) -> str:
-    """The corpus a run trained on, for its closing summary.
-
-    >>> describe_corpus(TrainConfig(data_dir="/data/vlsp2025"))
-    '/data/vlsp2025'
-    >>> describe_corpus(TrainConfig()) == SAMPLE_CORPUS_NOTE
-    True
-    """
-    if cfg.data_dir is None or Path(cfg.data_dir).resolve() == SAMPLE_DATA_DIR.resolve():
-        return SAMPLE_CORPUS_NOTE
-    return str(cfg.data_dir)
 
 
 def evaluate_adapter(adapter_dir: str | Path, model_path: str | None = None, device: str = "auto") -> dict[str, Any]:
@@ -162,6 +146,25 @@ def write_test_predictions(test: dict[str, Any], out_dir: str | Path) -> dict[st
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return {**{k: v for k, v in test.items() if k != "predictions"}, "predictions_file": str(path)}
+
+
+def validation_interval(cfg: TrainConfig, adapter_dir: str | Path) -> dict[str, Any] | None:
+    """Task 2 F1 of the validation predictions a checkpoint saved, with its bootstrap 95%
+    interval (paired with the run's validation gold by sentence id); None when the checkpoint
+    saved none or the run's corpus cannot be read here."""
+    path = Path(adapter_dir) / PREDICTIONS_JSONL
+    if not path.is_file():
+        return None
+    preds = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        gold = {ex.id: ex.amr or "" for ex in corpus_splits(cfg)[1]}
+    except (OSError, RayMtupError) as exc:
+        logger.warning("no validation interval: the run's corpus cannot be read (%s)", exc)
+        return None
+    pairs = scoring.score_by_id(gold, {p["id"]: p["task2_graph"] for p in preds}, cfg.scoring_mode)
+    lo, hi = scoring.bootstrap_ci(pairs, n_resamples=N_RESAMPLES)
+    return {"task2_f1": scoring.Score.from_pairs(list(pairs.values()), cfg.scoring_mode).f1, "ci95": [lo, hi],
+            "n": len(pairs)}
 
 
 def _evaluate_checkpoint(checkpoint_path: str) -> dict[str, Any]:

@@ -391,6 +391,9 @@ def _single(args: argparse.Namespace, cfg: TrainConfig, storage: str, launch: Tr
           f"{time.time() - t0:.0f} s; run directory {summary.run_dir}")
     print(format_test_line(best["task2_f1"], summary.test))
     print(f"corpus:  {describe_corpus(cfg)}\ntracker: {tracker_location(args.tracker, out_dir)}")
+    if "://" in storage:
+        print(f"results: {storage.rstrip('/')}/{name} (config.yaml, metrics.csv, adapter/, summary.json; "
+              f"a copy of {summary.run_dir})")
     return 0
 
 

@@ -1,20 +1,26 @@
 """What a finished run leaves behind, however it was launched (Ray or torchrun):
 ``config.yaml``, ``metrics.csv``, ``adapter/`` (the best epoch's checkpoint) and ``summary.json``
 (which holds the run's memory plan: the ZeRO stage and micro-batch its workers resolved, and
-the arithmetic behind them, :class:`ray_mtup.memory.MemoryPlan`)."""
+the arithmetic behind them, :class:`ray_mtup.memory.MemoryPlan`). With remote storage
+(``--storage-path s3://...``) the run directory is written locally and then copied next to
+the run's checkpoints (:func:`upload_results`), as a search's results are."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Collection, Mapping, Sequence
 
 from . import objective
+from .cards import figures_from_summary, write_card
 from .config import TrainConfig
 from .holdout import describe_corpus
+
+logger = logging.getLogger(__name__)
 
 EPOCH_COLUMNS = ("epoch", "train_loss", "val_loss", "task1_f1", "task2_f1", "validity", "tokens_per_s",
                  "useful_token_fraction", "epoch_time_s", "eval_time_s")
@@ -100,6 +106,8 @@ def with_test_score(summary: RunSummary, cfg: TrainConfig, test: dict[str, Any])
     """``summary`` with its test figure (:func:`ray_mtup.holdout.score_on_test`), rewritten to disk."""
     summary = replace(summary, test=test)
     _write_summary(summary, cfg)
+    if summary.adapter_dir is not None:  # the adapter's card, now with the test figure
+        write_card(summary.adapter_dir, cfg, figures_from_summary(summary.to_dict()), "adapter")
     return summary
 
 
@@ -115,3 +123,21 @@ def _write_summary(summary: RunSummary, cfg: TrainConfig) -> None:
         {**summary.to_dict(), "corpus": describe_corpus(cfg), "config": cfg.to_dict(),
          "history": list(summary.history)}, indent=2,
         ensure_ascii=False), encoding="utf-8")
+
+
+def upload_results(local_dir: Path, uri: str) -> bool:
+    """Copy ``local_dir`` (a run's or a search's result files) to ``uri`` on remote storage
+    (``s3://``, ``gs://``, ``file://``: any URI pyarrow opens), next to the checkpoints.
+
+    A failure is logged, not raised (the results stay in ``local_dir``); returns whether the copy
+    was made."""
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(uri.rstrip("/"))
+        pyarrow.fs.copy_files(str(Path(local_dir).resolve()), path, destination_filesystem=fs)
+    except (OSError, ValueError) as exc:
+        logger.error("could not copy the results to %s (%s); they are in %s", uri, exc, local_dir)
+        return False
+    logger.info("results copied to %s", uri)
+    return True

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import objective, scoring, study
+from .cards import figures_from_summary, write_card
 from .checkpointing import PREDICTIONS_JSONL, recorded_memory_plan
 from .config import TrainConfig
 from .dataset import corpus_splits, evaluation_subset, load_examples
 from .ensemble_run import SPLITS, ensemble_split, top_members
 from .errors import RayMtupError
 from .holdout import describe_corpus, format_test_line, score_on_test
+from .outputs import upload_results
 from .trial import SAMPLED_KEYS, apply_sampled
 
 logger = logging.getLogger(__name__)
@@ -416,6 +418,7 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
             summary["best_adapter"] = str(dest)
             summary["best_memory_plan"] = recorded_memory_plan(dest)
             summary["test"] = score_on_test(dest, best.best.get("checkpoint_path"), best.config.use_gpu, out_dir)
+            write_card(dest, best.config, figures_from_summary(summary), "adapter")
             print(f"best trial {best.trial_id}: " + format_test_line(best.best.get("task2_f1"), summary["test"]),
                   flush=True)
         if ensemble:
@@ -425,18 +428,6 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str),
                                           encoding="utf-8")
     if "://" in experiment_dir:
-        _upload(out_dir, experiment_dir)
+        upload_results(out_dir, experiment_dir)
     logger.info("results in %s", out_dir)
     return summary
-
-
-def _upload(local_dir: Path, uri: str) -> None:
-    """Copy the results next to the trials on remote storage (s3://, gs://, ...)."""
-    import pyarrow.fs
-
-    try:
-        fs, path = pyarrow.fs.FileSystem.from_uri(uri.rstrip("/"))
-        pyarrow.fs.copy_files(str(local_dir.resolve()), path, destination_filesystem=fs)
-        logger.info("results copied to %s", uri)
-    except (OSError, ValueError) as exc:
-        logger.error("could not copy the results to %s (%s); they are in %s", uri, exc, local_dir)

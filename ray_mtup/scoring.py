@@ -639,32 +639,35 @@ def sentence_mismatches(examples: Sequence[Any], blocks: Sequence[Block], pred_p
     return {"count": count, "first": first}
 
 
-def evaluate_files(
+@dataclass(frozen=True)
+class ScoredFile:
+    """A predictions file scored against gold: the gold examples, the blocks and their counts
+    (all in gold order), the corpus score, how many predictions were repaired, and the
+    ``#::snt`` lines that differ from gold (scored by order all the same)."""
+
+    examples: list[Any]
+    blocks: list[Block]
+    pairs: list[PairCounts]
+    score: Score
+    n_repaired: int
+    mismatches: dict  # sentence_mismatches(): count and the first #::snt that differs from gold
+
+    def by_id(self) -> dict[str, PairCounts]:
+        """The counts keyed by gold sentence id (for a paired bootstrap)."""
+        return {ex.id: pair for ex, pair in zip(self.examples, self.pairs)}
+
+
+def score_file(
     gold_path: str | Path,
     pred_path: str | Path,
     mode: str = "official",
-    bootstrap: int = 0,
     *,
     repair: bool = False,
     restarts: int = DEFAULT_RESTARTS,
     seed: int = DEFAULT_SEED,
-) -> dict:
-    """Score a predictions file against a gold file, both in the corpus format, aligned by order.
-
-    The predictions are scored as they are (a graph smatch cannot parse counts as empty),
-    as the shared task's scorer does; ``repair=True`` repairs each one first (the
-    project's own convention for its raw outputs, which rewrites ``chủ tịch`` as ``chủ_tịch``).
-    A prediction block whose ``#::snt`` differs from its gold sentence is reported (as
-    ``sentence_mismatches``: the count and the first one) and scored by its position, as smatch
-    scores it; only a different number of graphs is a ScoringError.
-
-    Returns :meth:`Score.to_dict` plus ``gold_path``, ``pred_path``, ``repair``,
-    ``n_repaired``, ``sentence_mismatches`` and, when ``bootstrap > 0``, ``ci_low``, ``ci_high``, ``ci_level``,
-    ``ci_resamples`` and ``ci_note``.
-    """
+) -> ScoredFile:
+    """Score a predictions file against a gold file (see :func:`evaluate_files` for the rules)."""
     _check_mode(mode)
-    if bootstrap < 0:
-        raise ConfigError("bootstrap", f"must be >= 0, got {bootstrap}")
     examples = read_amr_file(gold_path)
     blocks = read_blocks(pred_path)
     if len(examples) != len(blocks):
@@ -686,10 +689,115 @@ def evaluate_files(
         for ex, pair in zip(examples, pairs):
             if not pair.valid:
                 logger.info("prediction for %s is not a graph smatch can read; counted as empty", ex.id)
-    result = {**score.to_dict(), "repair": repair, "n_repaired": n_repaired, "sentence_mismatches": mismatches,
+    return ScoredFile(examples, blocks, pairs, score, n_repaired, mismatches)
+
+
+def worst_sentences(scored: ScoredFile, n: int) -> list[dict[str, Any]]:
+    """The ``n`` sentences with the lowest per-sentence F (ties: the most gold triples missed
+    first, then file order): id, sentence, gold, prediction, f1 and the triple counts."""
+    if n < 0:
+        raise ConfigError("show", f"must be >= 0, got {n}")
+    order = sorted(range(len(scored.pairs)),
+                   key=lambda i: (scored.pairs[i].f1, scored.pairs[i].matched - scored.pairs[i].gold, i))
+    rows = []
+    for i in order[:n]:
+        ex, block, pair = scored.examples[i], scored.blocks[i], scored.pairs[i]
+        rows.append({"id": ex.id, "sentence": ex.sentence, "gold": ex.amr, "prediction": block.graph,
+                     "f1": pair.f1, "matched": pair.matched, "predicted_triples": pair.predicted,
+                     "gold_triples": pair.gold, "valid": pair.valid})
+    return rows
+
+
+def evaluate_files(
+    gold_path: str | Path,
+    pred_path: str | Path,
+    mode: str = "official",
+    bootstrap: int = 0,
+    *,
+    repair: bool = False,
+    show: int = 0,
+    restarts: int = DEFAULT_RESTARTS,
+    seed: int = DEFAULT_SEED,
+) -> dict:
+    """Score a predictions file against a gold file, both in the corpus format, aligned by order.
+
+    The predictions are scored as they are (a graph smatch cannot parse counts as empty),
+    as the shared task's scorer does; ``repair=True`` repairs each one first (the
+    project's own convention for its raw outputs, which rewrites ``chủ tịch`` as ``chủ_tịch``).
+    A prediction block whose ``#::snt`` differs from its gold sentence is reported (as
+    ``sentence_mismatches``: the count and the first one) and scored by its position, as smatch
+    scores it; only a different number of graphs is a ScoringError.
+
+    Returns :meth:`Score.to_dict` plus ``gold_path``, ``pred_path``, ``repair``,
+    ``n_repaired``, ``sentence_mismatches``; when ``bootstrap > 0``, ``ci_low``, ``ci_high``, ``ci_level``,
+    ``ci_resamples`` and ``ci_note``; when ``show > 0``, ``worst`` (:func:`worst_sentences`).
+    """
+    if bootstrap < 0:
+        raise ConfigError("bootstrap", f"must be >= 0, got {bootstrap}")
+    if show < 0:
+        raise ConfigError("show", f"must be >= 0, got {show}")
+    scored = score_file(gold_path, pred_path, mode, repair=repair, restarts=restarts, seed=seed)
+    return _file_result(scored, gold_path, pred_path, repair, bootstrap, show, seed)
+
+
+def _file_result(scored: ScoredFile, gold_path: str | Path, pred_path: str | Path, repair: bool, bootstrap: int,
+                 show: int, seed: int) -> dict:
+    result = {**scored.score.to_dict(), "repair": repair, "n_repaired": scored.n_repaired,
+              "sentence_mismatches": scored.mismatches,
               "gold_path": str(gold_path), "pred_path": str(pred_path)}
     if bootstrap > 0:
         level = 0.95
-        low, high = bootstrap_ci(dict(zip(ids, pairs)), n_resamples=bootstrap, seed=seed, level=level)
+        low, high = bootstrap_ci(scored.by_id(), n_resamples=bootstrap, seed=seed, level=level)
         result.update(ci_low=low, ci_high=high, ci_level=level, ci_resamples=bootstrap, ci_note=CI_NOTE)
+    if show > 0:
+        result["worst"] = worst_sentences(scored, show)
     return result
+
+
+COMPARISON_RESAMPLES = 1000
+"""Resamples of the paired bootstrap of :func:`compare_files` when none are asked for."""
+
+
+def compare_files(
+    gold_path: str | Path,
+    pred_a: str | Path,
+    pred_b: str | Path,
+    mode: str = "official",
+    bootstrap: int = COMPARISON_RESAMPLES,
+    *,
+    repair: bool = False,
+    show: int = 0,
+    restarts: int = DEFAULT_RESTARTS,
+    seed: int = DEFAULT_SEED,
+) -> dict:
+    """Two predictions files against one gold file: both scores, ``delta_f1`` = F(A) - F(B)
+    and its paired bootstrap interval (:func:`bootstrap_ci` with B as the baseline; both
+    sides resampled over the same gold sentence ids).
+
+    Each file is read and checked as :func:`evaluate_files` does. Returns ``systems``
+    (the two :func:`evaluate_files` results, A first, each with its own interval), ``delta_f1``,
+    ``delta_ci_low``/``delta_ci_high``, ``ci_level``, ``ci_resamples``, ``beyond_noise``
+    (the interval excludes 0), ``n_pairs``, ``mode`` and ``gold_path``.
+    """
+    if bootstrap < 1:
+        raise ConfigError("bootstrap", f"a comparison needs >= 1 bootstrap resamples, got {bootstrap}")
+    if show < 0:
+        raise ConfigError("show", f"must be >= 0, got {show}")
+    scored = [score_file(gold_path, p, mode, repair=repair, restarts=restarts, seed=seed) for p in (pred_a, pred_b)]
+    level = 0.95
+    low, high = bootstrap_ci(scored[0].by_id(), n_resamples=bootstrap, seed=seed, level=level,
+                             baseline=scored[1].by_id())
+    return {
+        "mode": mode,
+        "gold_path": str(gold_path),
+        "n_pairs": scored[0].score.n_pairs,
+        "systems": [_file_result(s, gold_path, p, repair, bootstrap, show, seed)
+                    for s, p in zip(scored, (pred_a, pred_b))],
+        "delta_f1": scored[0].score.f1 - scored[1].score.f1,
+        "delta_ci_low": low,
+        "delta_ci_high": high,
+        "ci_level": level,
+        "ci_resamples": bootstrap,
+        "beyond_noise": low > 0 or high < 0,
+        "ci_note": "paired bootstrap: both files resampled over the same gold sentences",
+    }

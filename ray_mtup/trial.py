@@ -9,7 +9,8 @@
 * :func:`run_single` runs layer 2 directly, without a search (``--no-search``), and writes
   the run's directory: ``config.yaml``, ``metrics.csv``, ``adapter/`` and ``summary.json``,
   which reports the best epoch's adapter scored once on the held-out test set
-  (:func:`ray_mtup.holdout.score_on_test`) beside the validation F that chose it.
+  (:func:`ray_mtup.holdout.score_on_test`) beside the validation F that chose it; with a
+  remote ``storage_path`` (s3://) that directory is then copied to ``<storage_path>/<name>``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .checkpointing import ADAPTER_FILE, STATE_FILE
 from .config import MAX_FAILURES, TrainConfig
 from .errors import ConfigError, TrainingError, permanent_error
 from .holdout import score_on_test
-from .outputs import RunSummary, best_epoch, with_test_score, write_run_outputs
+from .outputs import RunSummary, best_epoch, upload_results, with_test_score, write_run_outputs
 from .training import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,11 @@ def run_single(cfg: TrainConfig, name: str, storage_path: str, output_dir: str |
     with best.as_directory() as best_dir:
         summary = write_run_outputs(Path(output_dir), cfg, history, Path(best_dir), state.get("memory_plan"))
     # the figure to report: the chosen epoch's adapter, scored once on the held-out test set
-    return with_test_score(summary, cfg, score_on_test(summary.adapter_dir, best.path, cfg.use_gpu, out_dir=output_dir))
+    summary = with_test_score(summary, cfg, score_on_test(summary.adapter_dir, best.path, cfg.use_gpu,
+                                                             out_dir=output_dir))
+    if "://" in storage_path:  # remote storage: the run directory goes next to the checkpoints, like a search's
+        upload_results(Path(output_dir), f"{storage_path.rstrip('/')}/{name}")
+    return summary
 
 
 def _has_adapter(checkpoint: Any) -> bool:

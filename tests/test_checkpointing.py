@@ -92,6 +92,14 @@ def test_failed_save_leaves_nothing_under_the_target(tiny, tmp_path):
     assert list(tmp_path.iterdir()) == []  # neither the target nor a partial temporary directory
 
 
+def test_checkpoint_carries_the_projects_card_not_pefts_blank_one(saved):
+    card = (saved.root / "checkpoint_2" / "README.md").read_text(encoding="utf-8")
+    assert "More Information Needed" not in card  # peft's template
+    assert "library_name: peft" in card and "# Vietnamese AMR parser (MTUP)" in card
+    assert "r 4, alpha 8, dropout" in card and "on q_proj, v_proj (base weights trained too)" in card
+    assert "| validation (chose the epoch; optimistic) | not measured |" in card  # epoch 2 reported no F
+
+
 def test_save_is_complete_and_refuses_to_overwrite(tiny, saved, tmp_path):
     target = _copy(saved, 1, tmp_path)
     assert checkpointing.validate_checkpoint(target)["epoch"] == 1

@@ -126,3 +126,79 @@ def test_evaluate_reports_sentence_lines_that_differ_from_gold(files, capsys, tm
     assert "1 #::snt lines differ from the gold sentences" in out and f"{dotted}:" in out
     assert main(["evaluate", "--gold", str(gold), "--pred", str(dotted), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["sentence_mismatches"]["count"] == 1
+
+
+# --------------------------------------------------------------------------- two systems, worst sentences
+
+
+def test_compare_two_files_reports_both_f_the_difference_and_a_paired_interval(files, capsys):
+    gold, pred = files
+    args = ["evaluate", "--gold", str(gold), "--pred", str(pred), "--pred", str(gold), "--json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    a, b = result["systems"]
+    assert (a["pred_path"], b["pred_path"]) == (str(pred), str(gold))
+    assert a["f1"] == pytest.approx(2 * 8 / (10 + 18)) and b["f1"] == 1.0
+    assert result["delta_f1"] == pytest.approx(a["f1"] - b["f1"])
+    assert result["ci_resamples"] == 1000 and result["n_pairs"] == 3
+    # every sentence of A scores below gold on itself, so every resample's difference is negative
+    assert result["delta_ci_low"] <= result["delta_f1"] <= result["delta_ci_high"] < 0
+    assert result["beyond_noise"] is True
+    # each system keeps its own (unpaired) interval, from the same resamples' count
+    assert a["ci_low"] <= a["f1"] <= a["ci_high"] and b["ci_low"] == b["ci_high"] == 1.0
+
+
+def test_compare_a_file_with_itself_is_a_zero_difference_within_noise(files, capsys):
+    gold, pred = files
+    assert main(["evaluate", "--gold", str(gold), "--pred", str(pred), "--pred", str(pred), "--bootstrap", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "A - B     +0.0000  95% CI [+0.0000, +0.0000]" in out and "50 resamples" in out
+    assert "within noise" in out and str(pred) in out
+
+
+def test_compare_reports_a_file_in_another_order_and_scores_it_by_order(files, tmp_path, capsys):
+    gold, pred = files
+    shuffled = tmp_path / "shuffled.txt"
+    shuffled.write_text("\n".join(f"#::snt câu {i} .\n{PRED[i]}\n" for i in (1, 0, 2)), encoding="utf-8")
+    assert main(["evaluate", "--gold", str(gold), "--pred", str(pred), "--pred", str(shuffled), "--json"]) == 0
+    a, b = json.loads(capsys.readouterr().out)["systems"]
+    assert a["sentence_mismatches"]["count"] == 0 and b["sentence_mismatches"]["count"] == 2
+    assert "shuffled.txt" in b["sentence_mismatches"]["first"]
+    assert b["f1"] < a["f1"]  # pairs by position, as smatch: the swapped graphs score against the wrong gold
+
+
+def test_more_than_two_predictions_is_an_error(files, capsys):
+    gold, pred = files
+    assert main(["evaluate", "--gold", str(gold)] + ["--pred", str(pred)] * 3) == 2
+    assert "error: pred: give one --pred file, or two to compare; got 3" in capsys.readouterr().err
+
+
+def test_show_lists_the_worst_sentences_with_gold_prediction_and_f(files, capsys):
+    gold, pred = files
+    assert main(["evaluate", "--gold", str(gold), "--pred", str(pred), "--show", "2", "--json"]) == 0
+    worst = json.loads(capsys.readouterr().out)["worst"]
+    # the invalid prediction (F 0), then 'chủ_tịch' (3 of 4: F 0.75); 'đi chợ' (5 of 6: F 0.909) is not shown
+    assert [w["id"] for w in worst] == ["gold:3", "gold:2"]
+    assert worst[0] == {"id": "gold:3", "sentence": "câu 2 .", "gold": GOLD[2], "prediction": PRED[2], "f1": 0.0,
+                        "matched": 0, "predicted_triples": 0, "gold_triples": 8, "valid": False}
+    assert worst[1]["f1"] == pytest.approx(2 * 3 / (4 + 4)) and worst[1]["prediction"] == PRED[1]
+    assert main(["evaluate", "--gold", str(gold), "--pred", str(pred), "--show", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "worst 1 of 3 sentences" in out and "gold:3  F 0.0000" in out and "not a graph" in out
+    assert "sentence    câu 2 ." in out and "prediction  không phải đồ thị" in out
+    assert "gold        (a / ăn-01 :ARG0 (m / mèo)" in out and "gold:2" not in out
+
+
+def test_show_with_two_files_lists_each_files_worst(files, capsys):
+    gold, pred = files
+    assert main(["evaluate", "--gold", str(gold), "--pred", str(pred), "--pred", str(gold), "--show", "1",
+                 "--json"]) == 0
+    a, b = json.loads(capsys.readouterr().out)["systems"]
+    assert [w["id"] for w in a["worst"]] == ["gold:3"]
+    assert b["worst"][0]["f1"] == 1.0  # gold against itself: its "worst" is still perfect
+
+
+def test_show_negative_is_an_error(files, capsys):
+    gold, pred = files
+    assert main(["evaluate", "--gold", str(gold), "--pred", str(pred), "--show", "-1"]) == 2
+    assert "error: show: must be >= 0" in capsys.readouterr().err

@@ -130,7 +130,8 @@ def free_port_range(width: int) -> int:
 # -- every YAML in cluster/ -----------------------------------------------------------------------------
 
 CLUSTER_YAMLS = sorted(p.name for p in CLUSTER_DIR.glob("*.yaml"))
-CHECKED_YAMLS = {"runtime_env.yaml", "runtime_env.pip.yaml", "cluster.yaml", "rayjob.yaml", "raycluster.yaml"}
+CHECKED_YAMLS = {"runtime_env.yaml", "runtime_env.pip.yaml", "cluster.yaml", "rayjob.yaml", "raycluster.yaml",
+                 "pvc.yaml", "serviceaccount.yaml", "copy-pod.yaml"}
 
 
 @pytest.mark.parametrize("name", CLUSTER_YAMLS)
@@ -308,6 +309,155 @@ def test_readme_documents_the_tested_submit_command() -> None:
     readme = (CLUSTER_DIR / "README.md").read_text()
     assert "--working-dir . --runtime-env cluster/runtime_env.yaml" in readme
     assert "s3://" in readme and "GPU-hours" in readme
+
+
+# -- Kubernetes objects the KubeRay manifests need, and the guide that creates them ------------------
+
+KUBERAY = ("rayjob.yaml", "raycluster.yaml")
+
+
+def pod_specs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every pod spec of a manifest (a Pod's spec, or each ``template.spec`` inside it)."""
+    specs = [v["spec"] for k, v in walk(manifest) if k in ("template", "submitterPodTemplate")]
+    return specs + ([manifest["spec"]] if manifest.get("kind") == "Pod" else [])
+
+
+def test_volume_claim_is_shared_read_write_by_every_node() -> None:
+    pvc = load("pvc.yaml")
+    assert (pvc["apiVersion"], pvc["kind"], pvc["metadata"]["name"]) == ("v1", "PersistentVolumeClaim",
+                                                                         "ray-mtup-shared")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "the head and 4 GPU pods on different nodes mount it"
+    assert re.fullmatch(r"\d+[GT]i", pvc["spec"]["resources"]["requests"]["storage"])
+    assert pvc["spec"].get("storageClassName"), "ReadWriteMany needs a class that offers it (EFS, NFS)"
+
+
+def test_service_account_carries_the_s3_role() -> None:
+    sa = load("serviceaccount.yaml")
+    assert (sa["apiVersion"], sa["kind"], sa["metadata"]["name"]) == ("v1", "ServiceAccount", "ray-mtup")
+    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+
+
+def test_copy_pod_mounts_the_volume_where_the_clusters_read_the_corpus() -> None:
+    pod = load("copy-pod.yaml")
+    assert (pod["apiVersion"], pod["kind"]) == ("v1", "Pod")
+    (container,) = pod["spec"]["containers"]
+    assert container["image"].startswith("busybox:"), "kubectl cp needs tar in the pod"
+    assert container["resources"]["limits"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]}
+    assert {claims[n]: path for n, path in mounts.items()} == {"ray-mtup-shared": "/mnt/shared"}
+    # the corpus lands where the RayJob's entrypoint reads it
+    data_dir = shlex.split(load("rayjob.yaml")["spec"]["entrypoint"])
+    data_dir = data_dir[data_dir.index("--data-dir") + 1]
+    assert f"kubectl cp ../shared/data/vlsp2025 {pod['metadata']['name']}:{data_dir}" in (
+        CLUSTER_DIR / "README.md").read_text()
+    assert data_dir.startswith("/mnt/shared/")
+
+
+@pytest.mark.parametrize("name", [*KUBERAY, "copy-pod.yaml"])
+def test_manifests_use_the_claim_account_and_secret_that_exist(name: str) -> None:
+    claim, account = load("pvc.yaml")["metadata"]["name"], load("serviceaccount.yaml")["metadata"]["name"]
+    readme = (CLUSTER_DIR / "README.md").read_text()
+    secret = re.search(r"kubectl create secret generic (\S+) --from-literal=(\w+)=", readme)
+    assert secret, "the guide creates the token Secret"
+    specs = pod_specs(load(name))
+    assert specs
+    for spec in specs:
+        assert spec["serviceAccountName"] == account
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes", [])
+                  if "persistentVolumeClaim" in v}
+        assert claims <= {claim}
+        for container in spec["containers"]:
+            for mount in container.get("volumeMounts", []):
+                if mount["name"] == "shared":
+                    assert mount["mountPath"] == "/mnt/shared"
+            if name in KUBERAY:  # every Ray container authenticates with the token from the Secret
+                env = {e["name"]: e for e in container["env"]}
+                assert env["RAY_AUTH_MODE"]["value"] == "token"
+                ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+                assert (ref["name"], ref["key"]) == secret.groups()
+    if name in KUBERAY:
+        assert any(spec.get("volumes") for spec in specs)
+        for file in ("pvc.yaml", "serviceaccount.yaml"):
+            assert file in (CLUSTER_DIR / name).read_text(), f"{name}'s header should point at {file}"
+    if name == "rayjob.yaml":  # the submitter pod talks to the head too
+        assert load(name)["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["env"]
+
+
+def test_guide_creates_every_object_and_reads_the_token_back() -> None:
+    readme = (CLUSTER_DIR / "README.md").read_text()
+    for file in ("serviceaccount.yaml", "pvc.yaml", "copy-pod.yaml", "raycluster.yaml"):
+        assert f"-f cluster/{file}" in readme, f"the guide never applies {file}"
+    assert "base64 -d" in readme and "jsonpath='{.data.auth_token}'" in readme and "RAY_AUTH_TOKEN=" in readme
+    assert "temporary directory" not in readme.replace("\n", " "), "results are copied to the storage path"
+    assert "aws s3 sync s3://YOUR-BUCKET/ray_mtup/" in readme
+
+
+# -- the Dockerfile is runtime_env.pip.yaml baked into the image -------------------------------------------
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of cluster/Dockerfile, continuation lines joined, comments dropped."""
+    lines = [line for line in (CLUSTER_DIR / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    out = []
+    for line in joined.splitlines():
+        if line.strip():
+            word, _, rest = line.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_installs_the_runtime_env_packages_on_the_pinned_ray_image() -> None:
+    instructions = dockerfile_instructions()
+    (base,) = [args for word, args in instructions if word == "FROM"]
+    assert image_ray_version(base) == pinned_ray_version()
+    assert base in {c["image"] for c in containers(load("raycluster.yaml"))}, "the manifests' base image"
+    installs = [shlex.split(args) for word, args in instructions if word == "RUN" and "pip install" in args]
+    assert len(installs) == 1
+    packages = [a for a in installs[0][installs[0].index("install") + 1:] if not a.startswith("-")]
+    assert packages == load("runtime_env.pip.yaml")["pip"]["packages"]
+    assert not any(re.match(r"ray\b", p) for p in packages), "Ray comes from the base image"
+    env = {}
+    for word, args in instructions:
+        if word == "ENV":
+            env.update(dict(item.split("=", 1) for item in shlex.split(args)))
+    assert env == load("runtime_env.yaml")["env_vars"]
+
+
+def test_readme_names_every_file_here() -> None:
+    readme = (CLUSTER_DIR / "README.md").read_text()
+    for path in CLUSTER_DIR.iterdir():
+        if path.name != "README.md":
+            assert f"`{path.name}`" in readme, f"cluster/README.md does not describe {path.name}"
+
+
+# -- results copied to remote storage (a run's as a search's) ----------------------------------------------
+
+def test_upload_results_copies_a_run_directory_to_a_storage_uri(tmp_path: Path) -> None:
+    from ray_mtup.outputs import upload_results
+
+    run = tmp_path / "runs" / "exp"
+    (run / "adapter").mkdir(parents=True)
+    (run / "summary.json").write_text('{"best_epoch": 1}')
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    assert upload_results(run, f"file://{tmp_path}/bucket/ray_mtup/exp/") is True
+    copied = tmp_path / "bucket" / "ray_mtup" / "exp"
+    assert sorted(p.relative_to(copied).as_posix() for p in copied.rglob("*")) == [
+        "adapter", "adapter/adapter_config.json", "summary.json"]
+    assert json.loads((copied / "summary.json").read_text()) == {"best_epoch": 1}
+
+
+def test_a_failed_upload_is_logged_and_keeps_the_local_results(tmp_path: Path, caplog) -> None:
+    from ray_mtup.outputs import upload_results
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text("{}")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert upload_results(run, f"file://{blocker}/exp") is False
+    assert (run / "summary.json").is_file()
+    assert f"could not copy the results to file://{blocker}/exp" in caplog.text and str(run) in caplog.text
 
 
 # -- a real Ray head on loopback, a submitted smoke search ----------------------------------------------

@@ -234,3 +234,37 @@ def test_predict_ensemble_writes_one_graph_per_sentence_in_input_order(smoke, fi
     assert sum(report["kept_for"]) == len(sentences) and len(report["candidates"]) == 4
     for b in blocks:  # every written graph is one smatch reads
         assert score_pair(b.graph, b.graph).matched > 0
+
+
+def test_export_of_the_best_trial_loads_in_transformers_and_parses_like_predict(smoke, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ray_mtup.cli import main
+    from ray_mtup.config import TrainConfig, load_yaml
+    from ray_mtup.predict import parse_sentences, predict_file, write_parses
+
+    exp, _ = smoke
+    out = tmp_path / "merged"
+    assert main(["export", "--run", str(exp), "--output", str(out)]) == 0
+    assert f"exported {exp / 'best_adapter'} merged into" in capsys.readouterr().out
+    summary = json.loads((exp / "summary.json").read_text(encoding="utf-8"))
+    cfg = TrainConfig.from_dict(load_yaml(out / "ray_mtup_config.yaml"))
+    best = TrainConfig.from_dict(summary["best_config"])  # as given ('auto' stays); the export's is as resolved
+    assert (cfg.template, cfg.learning_rate, cfg.epochs, cfg.lora, cfg.seed) == (
+        best.template, best.learning_rate, best.epochs, best.lora, best.seed)
+    # the card: the search's validation interval (noise analysis) and the best trial's test figure
+    card = (out / "README.md").read_text(encoding="utf-8")
+    ci, test = summary["noise"]["ci95"], summary["test"]
+    assert f"| {summary['best_metrics']['task2_f1']:.4f} | {ci[0]:.4f} - {ci[1]:.4f} |" in card
+    assert f"| {test['task2_f1']:.4f} | {test['ci95'][0]:.4f} - {test['ci95'][1]:.4f} |" in card
+    best_card = (exp / "best_adapter" / "README.md").read_text(encoding="utf-8")  # the project's, not peft's
+    assert "library_name: peft" in best_card and f"| {test['task2_f1']:.4f} |" in best_card
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    sentences = ["tôi đi học .", "con mèo ngủ trên ghế ."]
+    (tmp_path / "in.txt").write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    predict_file(exp, tmp_path / "in.txt", tmp_path / "predict.txt", batch_size=2)
+    graphs = parse_sentences(model, tokenizer, cfg, sentences, batch_size=2, progress=False).graphs
+    write_parses(tmp_path / "exported.txt", sentences, graphs, "space")
+    assert (tmp_path / "exported.txt").read_text(encoding="utf-8") == (tmp_path / "predict.txt").read_text(
+        encoding="utf-8")
