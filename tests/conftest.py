@@ -1,8 +1,35 @@
-"""Shared test fixtures: the tiny hand-written corpus and the (optional) VLSP corpus."""
+"""Shared test fixtures: the tiny hand-written corpus, the (optional) VLSP corpus, one Ray cluster
+for the whole run, the training loop in-process, and the smoke search run once.
+
+Fixtures for tests that need more than a pure function (reuse them rather than start another Ray,
+another torchrun or another search: each costs tens of seconds of the suite's budget):
+
+* ``ray_cluster`` (session): a ``ray start --head`` cluster; ``run_tune.py`` subprocesses that inherit
+  ``os.environ`` connect to it. Tests that use it are checked afterwards: no actor and no placement
+  group may be left on it.
+* ``ray_connected`` (session): this process connected to that cluster (Ray Train / Tune in-process).
+* ``run_loop`` (function): :func:`ray_mtup.training.train_loop` in this process, one worker, under a
+  :class:`~ray_mtup.session.TorchrunSession` (faults of the loop, numerics).
+* ``smoke_search`` (session): ``run_tune.py --model tiny --smoke-test`` submitted once as a Ray job;
+  test_cluster.py checks the submission, test_search.py what the search wrote.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
@@ -59,3 +86,244 @@ def qwen_like_checkpoint(tmp_path_factory) -> Path:
     texts = tokenizer_texts(to_mtup(load_corpus(SAMPLE_DATA_DIR)))
     return write_tiny_checkpoint(TinyModelSettings(**SMALL_TINY), 0, texts,
                                  cache_dir=tmp_path_factory.mktemp("checkpoints"))
+
+
+# --- one Ray cluster for the whole test run ---------------------------------------------------------------
+#
+# As Ray's own suite does (``ray_start_regular_shared``), every test that needs Ray shares one cluster,
+# started once, on first use, by ``ray start --head`` (the way a user's cluster runs; test_cluster.py
+# submits a job to it). In-process tests connect with :func:`ray_connected`; ``run_tune.py`` subprocesses
+# find it through ``RAY_ADDRESS`` (and the head's auth token), which the fixture exports to this process's
+# environment, so every subprocess started with ``env={**os.environ, ...}`` inherits them.
+
+RAY_BIN = Path(sys.executable).parent / "ray"
+#: Environment of every Ray worker on the test cluster (the launcher's embedded Ray and
+#: cluster/runtime_env.yaml set the same).
+CLUSTER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "900"}
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    """The session's Ray head: ``gcs_address`` for ``ray.init``/``RAY_ADDRESS``, ``dashboard`` (http URL)
+    for job submission, ``headers`` (the auth token) for :class:`ray.job_submission.JobSubmissionClient`,
+    ``env`` for the ``ray`` CLI, ``temp_dir`` the head's session files."""
+
+    gcs_address: str
+    dashboard: str
+    headers: dict[str, str]
+    env: dict[str, str]
+    temp_dir: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_range(width: int) -> int:
+    """The first port of ``width`` consecutive free ports (for Ray's worker ports)."""
+    for _ in range(50):
+        base = 20000 + (uuid.uuid4().int % 2000) * 20
+        try:
+            for port in range(base, base + width):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    pytest.fail("no free range of worker ports")
+
+
+def session_processes(sid: int) -> list[int]:
+    """Pids of the live processes in session ``sid`` (everything ``ray start`` spawned stays in it)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, session, ...
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # a zombie is already dead
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def stop_session(proc: subprocess.Popen, grace_s: float = 10.0) -> list[int]:
+    """What ``ray stop`` does (SIGTERM, then SIGKILL after a grace period), but only to the processes
+    of ``proc``'s session (``ray stop`` would end every Ray on the machine). Returns the survivors."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 20.0)):
+        deadline = time.time() + wait_s
+        for pid in session_processes(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        while session_processes(proc.pid) and time.time() < deadline:
+            time.sleep(0.5)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+    return session_processes(proc.pid)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[RayCluster]:
+    """One Ray head for the whole run: 127.0.0.1, every port free, its own short temp dir, as many
+    CPUs as the machine, Ray's token authentication, the dashboard on loopback. Exports
+    ``RAY_ADDRESS``, ``RAY_AUTH_MODE`` and ``RAY_AUTH_TOKEN`` to ``os.environ`` for the session, so
+    ``run_tune.py`` subprocesses connect to it instead of starting their own Ray. Teardown ends
+    exactly the head's processes (its session id), also when a test failed."""
+    if not RAY_BIN.exists():
+        pytest.skip(f"no ray CLI next to {sys.executable}")
+    if sys.platform != "linux":
+        pytest.skip("teardown reads /proc")
+    from ray.job_submission import JobSubmissionClient
+
+    temp_dir = Path(tempfile.mkdtemp(prefix="rmt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    dashboard_port, gcs_port = free_port(), free_port()
+    worker_base = free_port_range(100)
+    cmd = [str(RAY_BIN), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+           "--port", str(gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+           "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+           "--metrics-export-port", str(free_port()), "--node-manager-port", str(free_port()),
+           "--object-manager-port", str(free_port()), "--min-worker-port", str(worker_base),
+           "--max-worker-port", str(worker_base + 99), "--num-cpus", str(os.cpu_count() or 2), "--num-gpus", "0",
+           "--object-store-memory", str(400 * 2**20), "--temp-dir", str(temp_dir), "--disable-usage-stats"]
+    # Ray 2.60 enables token authentication by default; this head gets its own token, handed to its
+    # clients through the environment (never written to ~/.ray, which other Ray runs on the machine share).
+    token = secrets.token_hex(32)
+    gcs_address = f"127.0.0.1:{gcs_port}"
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(auth, **CLUSTER_ENV, PATH=f"{RAY_BIN.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    # Ray processes that look their cluster up by themselves (Train V2's PlacementGroupCleaner) would find
+    # every Ray on this machine and give up; RAY_ADDRESS, inherited from the raylet, names this one.
+    env["RAY_ADDRESS"] = gcs_address
+    log_path = temp_dir / "ray_start.log"
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    headers = {"Authorization": f"Bearer {token}"}
+    with log_path.open("wb") as log, pytest.MonkeyPatch.context() as mp:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            deadline = time.time() + 180
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"ray start exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+                try:
+                    JobSubmissionClient(dashboard, headers=headers)  # checks the job server's version
+                    break
+                except ConnectionError:
+                    pass
+                if time.time() > deadline:
+                    pytest.fail(f"dashboard not up after 180 s:\n{log_path.read_text()[-3000:]}")
+                time.sleep(1)
+            for key, value in {**auth, "RAY_ADDRESS": gcs_address}.items():
+                mp.setenv(key, value)
+            yield RayCluster(gcs_address, dashboard, headers, env, temp_dir)
+        finally:
+            _disconnect()
+            left = stop_session(proc)
+            subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
+    assert not left, f"Ray processes of the test cluster survived teardown: {left}"
+
+
+def _disconnect() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_connected(ray_cluster: RayCluster) -> Any:
+    """The ``ray`` module, this process connected (once) to the session's cluster as a driver: for
+    tests that call Ray Train or Tune in-process (:func:`ray_mtup.trial.run_single`, ``build_trainer``)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster.gcs_address, log_to_driver=True)
+    return ray
+
+
+def leftovers() -> tuple[list[str], list[str]]:
+    """(live actors, placement groups not removed) on the session's cluster, by this driver's view of GCS."""
+    import ray
+
+    actors = [f"{a.get('Name') or a['ActorID'][:8]} (class {a['ActorClassName']}, job {a['JobID']}, {a['State']})"
+              for a in ray._private.state.actors().values() if a["State"] != "DEAD"]
+    groups = [f"{pg_id[:8]} ({pg['strategy']}, {pg['state']})"
+              for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"]
+    return actors, groups
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_on_the_cluster(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test that used the session's Ray cluster: no actor and no placement group is left
+    behind (waits up to 60 s for Ray to finish its own clean-up of ended jobs and trials)."""
+    yield
+    if "ray_cluster" not in request.fixturenames:
+        return
+    request.getfixturevalue("ray_connected")
+    deadline = time.monotonic() + 60
+    while (left := leftovers()) != ([], []) and time.monotonic() < deadline:
+        time.sleep(1)
+    actors, groups = left
+    assert not actors and not groups, f"left on the Ray cluster: actors {actors}, placement groups {groups}"
+
+
+# --- the training loop in this process --------------------------------------------------------------------
+
+#: The rendezvous port of this process's one-rank process group (created once, on first use).
+_LOOP_PORT = free_port()
+
+
+@dataclass
+class LoopRun:
+    """What :func:`ray_mtup.training.train_loop` left in ``out_dir`` under a TorchrunSession."""
+
+    out_dir: Path
+
+    @property
+    def reported(self) -> list[dict[str, Any]]:
+        """Every epoch's metrics, in the order the loop reported them (``metrics.jsonl``)."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    @property
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoint directories, oldest first."""
+        from ray_mtup.session import TorchrunSession
+
+        return TorchrunSession(self.out_dir).checkpoints()
+
+    def state(self, checkpoint: Path | None = None) -> dict[str, Any]:
+        """trainer_state.json of ``checkpoint`` (default: the newest)."""
+        return json.loads(((checkpoint or self.checkpoints[-1]) / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def run_loop() -> Any:
+    """``run_loop(cfg, out_dir) -> LoopRun``: the per-worker loop in this process, as rank 0 of a
+    one-rank gloo group (``torchrun --nproc_per_node 1`` without the launch), so a loop behaviour
+    (a NaN loss, out of memory, a full disk, resuming) is tested in seconds. Calling it again on the
+    same ``out_dir`` resumes from the checkpoints there. ``cfg.num_workers`` must be 1."""
+    import torch
+
+    def run(cfg: Any, out_dir: Path) -> LoopRun:
+        from ray_mtup.session import TorchrunSession
+        from ray_mtup.training import train_loop
+
+        assert cfg.num_workers == 1, "the loop runs in this process: one worker"
+        threads = torch.get_num_threads()  # the loop sets it from cpus_per_worker
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_LOOP_PORT)}.items():
+                mp.setenv(key, value)
+            try:
+                train_loop(cfg, TorchrunSession(out_dir))
+            finally:
+                torch.set_num_threads(threads)
+        return LoopRun(Path(out_dir))
+
+    return run

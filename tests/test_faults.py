@@ -1,33 +1,41 @@
-"""Faults during a search: no trial lost, no silent error.
+"""Faults during training and during a search: no trial lost, no silent error.
 
-Each test runs ``python run_tune.py`` as a subprocess (its own embedded Ray, storage under
-``tmp_path``) with a fault injected through ``TrainConfig.inject_fault`` or from outside:
+Each fault is tested at the layer that shows it:
 
-* a training worker killed mid-trial -> Ray Train restarts the worker group from the last
-  checkpoint; the trial's history goes on (no epoch run twice, none missing);
-* the driver SIGKILLed mid-search -> ``--resume --name`` finishes the search; trials that had
-  finished are not run again;
-* a NaN loss -> the trial stops with "non-finite loss" in results.csv, the search goes on;
-* the stored latest checkpoint damaged (adapter truncated) before a worker dies -> the restarted
-  workers fall back to the previous complete checkpoint and say so (``resume_note``);
-* a full disk while a checkpoint is written -> the trial ends with that reason, its previous
-  checkpoint intact, and the search goes on;
-* out of memory at a given micro-batch -> the trial ends with that reason, and ``--resume``
-  does not run it again;
+* the loop in this process (``run_loop``: :func:`ray_mtup.training.train_loop` under a
+  :class:`~ray_mtup.session.TorchrunSession`, one worker, seconds), with the fault injected
+  through ``TrainConfig.inject_fault``:
+
+  - a NaN loss -> the run stops with "non-finite loss" and no adapter; ``run_single`` then
+    fails naming the reason, and a search whose trials all diverged exits 1 without a best;
+  - out of memory at a given micro-batch -> the run ends with that reason, and a restart does
+    not run it again;
+  - a full disk while a checkpoint is written -> the run ends with that reason, its previous
+    checkpoint intact, nothing half-written left;
+  - the latest checkpoint damaged (adapter truncated) before a worker dies -> the restarted loop
+    falls back to the previous complete checkpoint and says so (``resume_note``);
+
+* Ray Train (2 workers, ZeRO-3): a worker killed mid-run -> Ray Train restarts the worker group
+  from the last checkpoint with the adapter it saved; every epoch reported once;
+* Tune (``python run_tune.py`` on the session's Ray cluster): a search in which every trial
+  stops with a reason (out of memory) finishes, and ``--resume`` does not run them again; the
+  driver SIGKILLed mid-search -> ``--resume --name`` finishes the search; finished trials are
+  not run again;
 * an unwritable storage path -> exit 2 naming storage_path, before Ray starts.
 
-Those are slow (minutes on 2 CPU cores) and marked ``integration``; the reporting of a
-diverged search is also checked without Ray, on a stand-in for Tune's ResultGrid.
+The reporting of a diverged search is also checked without Ray, on a stand-in for Tune's ResultGrid.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -119,156 +127,173 @@ def check_consistent(exp: Path, n_trials: int) -> list[dict[str, str]]:
     return rows
 
 
-# --- a worker killed mid-trial -----------------------------------------------------------------
+# --- faults of the loop, in this process --------------------------------------------------------
+
+#: A small tiny-model run on the shipped sample corpus: the loop's faults show in seconds.
+LOOP = {"tiny": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128, "vocab_size": 1000},
+        "max_samples": 60, "per_device_batch_size": 8, "global_batch_size": 8, "max_new_tokens": 24,
+        "eval_max_samples": 4, "learning_rate": 1e-3, "lora.r": 8, "num_workers": 1}
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("workers", [2, 1])
-def test_killed_worker_resumes_from_checkpoint(tmp_path, workers):
-    space = tmp_path / "space.yaml"
-    space.write_text(NO_STOPPING_SPACE, encoding="utf-8")
-    # Ray Train's controller collects a worker's report (and registers its checkpoint) when it
-    # polls the workers, every 2 s by default; a worker killed before that poll loses the report
-    # and the restarted group re-runs the epoch. A tiny epoch ends well within 2 s, so poll every
-    # 0.1 s and give the model steps slower than that: the kill then follows a registered checkpoint,
-    # as it would after a real (minutes-long) epoch.
-    proc = run_tune("--search-space", str(space), "--storage-path", str(tmp_path), "--name", "kill",
-                    "--workers-per-trial", str(workers), "--set", f"global_batch_size={8 * workers}",
-                    "--set", "inject_fault=kill_worker@2",
-                    "--set", "tiny.hidden_size=256", "--set", "tiny.intermediate_size=688",
-                    env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"})
-    exp = tmp_path / "kill"
-    assert proc.returncode == 0, _tail(proc)
-    out = proc.stdout + proc.stderr
-    # the fault really happened, once per trial, on the last rank, in epoch 2
-    assert out.count(f"inject_fault: killing rank {workers - 1} in epoch 2") == 2, _tail(proc)
-    rows = check_consistent(exp, 2)
-    for row in rows:
-        assert row["epochs_run"] == "3" and row["stop_reason"] == "", row
-        tid = row["trial_id"]
-        epochs = [r["epoch"] for r in reported(trial_dirs(exp)[tid])]
-        assert epochs == [1, 2, 3], f"trial {tid} reported epochs {epochs}"  # epoch 2 once, epoch 1 not re-run
-        state = latest_state(exp, tid)
-        assert [m["epoch"] for m in state["history"]] == [1, 2, 3]
-        steps = [m["global_step"] for m in state["history"]]
-        assert steps == sorted(set(steps)), f"trial {tid}: steps {steps} (schedule restarted?)"
-        if "resumed_from_epoch" in state:  # recorded by training.py since the resume bookkeeping
-            assert state["resumed_from_epoch"] == 1
-    # the restarted worker group started at epoch 2, from the epoch-1 checkpoint
-    assert out.count("epochs 2..3") >= 2, _tail(proc)
+def loop_cfg(**overrides):
+    from ray_mtup.config import resolve_config
+
+    return resolve_config("tiny", overrides={**LOOP, **overrides})
 
 
-# --- a damaged checkpoint, a full disk, an out-of-memory trial ---------------------------------
-
-# Two epochs, no early stopping: the fault is in the last one.
-TWO_EPOCH_SPACE = NO_STOPPING_SPACE.replace("grace_period: 3", "grace_period: 2").replace("values: [3]", "values: [2]")
-
-
-def checkpoint_states(exp: Path, trial_id: str, skip: Path | None = None) -> dict[Path, dict]:
-    """Every stored checkpoint of a trial (but ``skip``) -> its validated trainer state (raises if one is damaged)."""
-    run = exp / "train_runs" / f"train_{trial_id}"
-    return {p: validate_checkpoint(p) for p in sorted(run.glob("checkpoint_*")) if p.is_dir() and p != skip}
+def _steps_increase(history: list[dict]) -> bool:
+    steps = [m["global_step"] for m in history]
+    return steps == sorted(set(steps))
 
 
-@pytest.mark.integration
-def test_corrupted_checkpoint_falls_back_to_the_previous_one(tmp_path):
-    space = tmp_path / "space.yaml"
-    space.write_text(NO_STOPPING_SPACE, encoding="utf-8")
-    # In epoch 3 the last rank truncates the stored epoch-2 adapter, then dies: the restarted
-    # workers find Ray Train's latest checkpoint damaged and must resume from epoch 1.
-    # (Poll interval and model size as in the kill test: the kill follows a registered checkpoint.)
-    proc = run_tune("--search-space", str(space), "--storage-path", str(tmp_path), "--name", "corrupt",
-                    "--set", "inject_fault=corrupt_adapter@3",
-                    "--set", "tiny.hidden_size=256", "--set", "tiny.intermediate_size=688",
-                    env={"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"})
-    exp = tmp_path / "corrupt"
-    assert proc.returncode == 0, _tail(proc)
-    out = proc.stdout + proc.stderr
-    assert out.count("inject_fault: damaged") == 2, _tail(proc)
-    assert out.count("the latest checkpoint is unusable") >= 2, _tail(proc)
-    rows = check_consistent(exp, 2)
-    for row in rows:
-        tid = row["trial_id"]
-        assert row["epochs_run"] == "3" and row["stop_reason"] == "", row
-        assert "adapter_model.safetensors" in row["resume_note"], row
-        assert "resumed from the epoch-1 checkpoint" in row["resume_note"], row
-        # epoch 2 ran again after the fallback; nothing else did, and the schedule went on
-        assert [r["epoch"] for r in reported(trial_dirs(exp)[tid])] == [1, 2, 2, 3]
-        state = latest_state(exp, tid)
-        assert [m["epoch"] for m in state["history"]] == [1, 2, 3] and state["resumed_from_epoch"] == 1
-        steps = [m["global_step"] for m in state["history"]]
-        assert steps == sorted(set(steps)), f"trial {tid}: steps {steps}"
-        # every checkpoint left is complete but the damaged one (Ray Train may still keep it among
-        # the best), and the best epoch's checkpoint is a complete one
-        damaged = Path(row["resume_note"].split("(", 1)[1].split(": ", 1)[0]).parent
-        assert checkpoint_states(exp, tid, skip=damaged)
-        assert Path(row["checkpoint_path"]) != damaged
-        validate_checkpoint(row["checkpoint_path"])
+def test_nan_loss_stops_the_run_with_reason_and_no_adapter(run_loop, tmp_path, monkeypatch):
+    from ray.train import Checkpoint
+
+    from ray_mtup import trial
+    from ray_mtup.errors import TrainingError
+
+    run = run_loop(loop_cfg(epochs=2, inject_fault="nan_loss@1"), tmp_path / "run")
+    (epoch,) = run.reported  # the run stopped after epoch 1: epoch 2 never ran
+    assert epoch["epoch"] == 1 and "non-finite loss at epoch 1" in epoch["stop_reason"], epoch
+    assert (epoch["task2_f1"], epoch["validity"], epoch["objective"]) == (0.0, 0.0, -1.0)
+    (checkpoint,) = run.checkpoints
+    assert not (checkpoint / "adapter_model.safetensors").exists()  # the weights are unusable: none kept
+    assert run.state()["stop_reason"] == epoch["stop_reason"]
+    # the single run (Ray Train's result of it, here that checkpoint) fails, naming the reason
+    result = SimpleNamespace(checkpoint=Checkpoint.from_directory(str(checkpoint)), error=None, metrics=epoch,
+                             best_checkpoints=[(Checkpoint.from_directory(str(checkpoint)), epoch)])
+    monkeypatch.setattr(trial, "build_trainer", lambda *a, **k: SimpleNamespace(fit=lambda: result))
+    with pytest.raises(TrainingError, match="non-finite loss at epoch 1"):
+        trial.run_single(loop_cfg(), name="nan", storage_path=str(tmp_path / "storage"), output_dir=tmp_path / "out")
 
 
-@pytest.mark.integration
-def test_full_disk_ends_the_trial_and_keeps_the_previous_checkpoint(tmp_path):
-    space = tmp_path / "space.yaml"
-    space.write_text(TWO_EPOCH_SPACE.replace("num_samples: 2", "num_samples: 3"), encoding="utf-8")
-    proc = run_tune("--search-space", str(space), "--storage-path", str(tmp_path), "--name", "full",
-                    "--set", "inject_fault=disk_full@2")
-    exp = tmp_path / "full"
-    assert proc.returncode == 0, _tail(proc)  # epoch 1 of every trial is usable
-    rows = check_consistent(exp, 3)  # the third trial ran after the first two ended: the search went on
-    for row in rows:
-        assert row["stop_reason"].startswith("disk full while writing the epoch-2 checkpoint"), row
-        assert "No space left on device" in row["stop_reason"], row
-        assert (row["epochs_run"], row["best_epoch"]) == ("2", "1"), row
-        states = checkpoint_states(exp, row["trial_id"])  # each one complete and readable
-        assert [s["epoch"] for s in states.values()] == [1], states
-    assert not [p for p in exp.rglob("*.partial-*")], "a half-written checkpoint was left behind"
-    summary = json.loads((exp / "summary.json").read_text(encoding="utf-8"))
-    assert summary["best_trial"] in {r["trial_id"] for r in rows} and summary["best_metrics"]["epoch"] == 1
+def test_search_whose_trials_all_diverged_exits_1_without_a_best(tmp_path, monkeypatch, capsys):
+    """What ``run_tune.py`` says when every trial stopped on a NaN loss (the reporting of Tune's
+    results, on a stand-in ResultGrid: see test_all_diverged_search_has_no_best)."""
+    from ray_mtup import launcher, search
+    from ray_mtup.reporting import write_search_results
+
+    def diverged_search(cfg, space, settings):
+        grid = [_fake_result("aaaa1111", 1, [NAN_EPOCH]), _fake_result("bbbb2222", 2, [NAN_EPOCH])]
+        return write_search_results(grid, cfg, str(tmp_path / "nan"), space)
+
+    monkeypatch.setattr(launcher, "start_ray", lambda address: None)
+    monkeypatch.setattr(search, "run_search", diverged_search)
+    code = launcher.main(["--model", "tiny", "--smoke-test", "--num-samples", "2", "--storage-path", str(tmp_path),
+                          "--name", "nan", "--set", "inject_fault=nan_loss@1"])
+    assert code == 1
+    assert "no trial produced a usable result" in capsys.readouterr().err
+    rows = read_results(tmp_path / "nan")
+    assert [r["stopped_early"] for r in rows] == ["False", "False"] and {r["epochs_run"] for r in rows} == {"1"}
+    assert not (tmp_path / "nan" / "best_config.yaml").exists()
 
 
-@pytest.mark.integration
-def test_out_of_memory_ends_the_trial_and_resume_does_not_retry_it(tmp_path):
-    space = tmp_path / "space.yaml"
-    space.write_text(TWO_EPOCH_SPACE, encoding="utf-8")
-    args = ["--search-space", str(space), "--storage-path", str(tmp_path), "--name", "oom"]
-    proc = run_tune(*args, "--set", "inject_fault=oom@2:1")
-    exp = tmp_path / "oom"
-    assert proc.returncode == 0, _tail(proc)
+def test_out_of_memory_ends_the_run_and_a_restart_does_not_retry_it(run_loop, tmp_path, caplog):
+    from ray_mtup.outputs import best_epoch
+
+    cfg = loop_cfg(epochs=2, inject_fault="oom@2:1")
+    with caplog.at_level(logging.INFO):
+        run = run_loop(cfg, tmp_path / "run")
     reason = "out of memory at micro-batch 1 of epoch 2"
-    rows = check_consistent(exp, 2)
-    for row in rows:
-        assert row["stop_reason"] == reason and (row["epochs_run"], row["best_epoch"]) == ("2", "1"), row
-        # the leaderboard printed at the end shows it
-        assert [line for line in proc.stdout.splitlines() if line.startswith(row["trial_id"]) and reason in line]
-    before = {tid: (d / "result.json").read_text(encoding="utf-8") for tid, d in trial_dirs(exp).items()}
-    # --resume restores the finished search: the trials that ended out of memory are not run again
-    again = run_tune(*args, "--set", "inject_fault=oom@2:1", "--resume")
-    assert again.returncode == 0, _tail(again)
-    assert "inject_fault: out of memory" not in again.stdout + again.stderr, _tail(again)
-    assert {tid: (d / "result.json").read_text(encoding="utf-8") for tid, d in trial_dirs(exp).items()} == before
-    assert [r["stop_reason"] for r in check_consistent(exp, 2)] == [reason, reason]
+    history = run.reported
+    assert [m["epoch"] for m in history] == [1, 2] and [m["stop_reason"] for m in history] == ["", reason]
+    assert best_epoch(history) == 1
+    assert "inject_fault: out of memory" in caplog.text
+    assert [validate_checkpoint(p)["epoch"] for p in run.checkpoints] == [1, 2]  # epoch 2: its state only
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        run_loop(cfg, tmp_path / "run")  # a restart (Ray Train's, or --resume's) finds the stop recorded
+    assert "not resuming: the run stopped after epoch 2: " + reason in caplog.text
+    assert "inject_fault: out of memory" not in caplog.text
+    assert run.reported == history
 
 
-# --- a NaN loss --------------------------------------------------------------------------------
+def test_full_disk_ends_the_run_and_keeps_the_previous_checkpoint(run_loop, tmp_path, monkeypatch):
+    from ray_mtup.outputs import best_epoch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the loop stages a checkpoint
+    (tmp_path / "tmp").mkdir()
+    run = run_loop(loop_cfg(epochs=2, inject_fault="disk_full@2"), tmp_path / "run")
+    history = run.reported
+    assert [m["epoch"] for m in history] == [1, 2]
+    reason = history[-1]["stop_reason"]
+    assert reason.startswith("disk full while writing the epoch-2 checkpoint") and "No space left on device" in reason
+    assert best_epoch(history) == 1
+    states = [validate_checkpoint(p) for p in run.checkpoints]  # each one complete and readable
+    assert [s["epoch"] for s in states] == [1], states
+    assert not [p for p in tmp_path.rglob("*.partial-*")], "a half-written checkpoint was left behind"
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(run_loop, tmp_path, monkeypatch, caplog):
+    """In epoch 3 the worker truncates the stored epoch-2 adapter and dies; the restarted loop
+    finds its latest checkpoint damaged and resumes from epoch 1, saying so."""
+    from ray_mtup import faults
+    from ray_mtup.outputs import best_epoch
+
+    class WorkerDied(Exception):
+        pass
+
+    def die(code):
+        raise WorkerDied(code)
+
+    monkeypatch.setattr(faults.os, "_exit", die)  # the process would end here; this test's process goes on
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0")  # no Ray Train poll to wait for
+    cfg = loop_cfg(epochs=3, inject_fault="corrupt_adapter@3")
+    with caplog.at_level(logging.INFO), pytest.raises(WorkerDied):
+        run_loop(cfg, tmp_path / "run")
+    assert caplog.text.count("inject_fault: damaged") == 1
+    with caplog.at_level(logging.INFO):
+        run = run_loop(cfg, tmp_path / "run")
+    assert caplog.text.count("inject_fault: damaged") == 1  # once per run
+    assert "the latest checkpoint is unusable" in caplog.text
+    history = run.reported
+    # epoch 2 ran again after the fallback; nothing else did, and the schedule went on
+    assert [m["epoch"] for m in history] == [1, 2, 2, 3]
+    note = history[2]["resume_note"]
+    assert "adapter_model.safetensors" in note and "resumed from the epoch-1 checkpoint" in note, note
+    assert history[3]["resume_note"] == "" and all(m["stop_reason"] == "" for m in history)
+    state = run.state()
+    assert [m["epoch"] for m in state["history"]] == [1, 2, 3] and state["resumed_from_epoch"] == 1
+    assert _steps_increase(state["history"]), state["history"]
+    # every checkpoint left is complete, the best epoch's among them
+    states = {validate_checkpoint(p)["epoch"]: p for p in run.checkpoints}
+    assert sorted(states) == [1, 2, 3]
+    assert best_epoch(state["history"]) in states
+
+
+# --- a worker killed mid-run: Ray Train -------------------------------------------------------------
 
 
 @pytest.mark.integration
-def test_nan_loss_stops_trial_with_reason(tmp_path):
-    proc = run_tune("--smoke-test", "--num-samples", "2", "--storage-path", str(tmp_path), "--name", "nan",
-                    "--set", "inject_fault=nan_loss@1")
-    exp = tmp_path / "nan"
-    # Every trial diverged: no trial is an error (each ended cleanly, with its reason), but the
-    # search has no usable result, so the command fails (exit 1) and names no best trial.
-    assert proc.returncode == 1, _tail(proc)
-    assert "no trial produced a usable result" in proc.stderr
-    rows = check_consistent(exp, 2)
-    for row in rows:
-        assert "non-finite loss at epoch 1" in row["stop_reason"], row
-        assert row["epochs_run"] == "1" and row["stopped_early"] == "False"
-    summary = json.loads((exp / "summary.json").read_text(encoding="utf-8"))
-    assert summary.get("best_trial") is None
-    assert not (exp / "best_config.yaml").exists()
+def test_killed_worker_resumes_from_its_checkpoint_with_the_saved_adapter(ray_connected, qwen_like_checkpoint,
+                                                                          tmp_path):
+    """One of 2 ZeRO-3 ranks dies in epoch 2: Ray Train restarts the worker group, which resumes
+    after epoch 1 with the adapter it saved (same digest); every epoch is reported once."""
+    from ray_mtup.config import resolve_config
+    from ray_mtup.trial import build_trainer, read_checkpoint_state
 
+    cfg = resolve_config("qwen2.5-1.5b", overrides={
+        "model_path": str(qwen_like_checkpoint), "epochs": 3, "max_samples": 40, "num_workers": 2,
+        "per_device_batch_size": 4, "global_batch_size": 8, "learning_rate": 2e-3, "eval_max_samples": 4,
+        "max_new_tokens": 16, "zero_stage": 3, "cpus_per_worker": 1.0, "inject_fault": "kill_worker@2"})
+    storage = tmp_path / "storage"
+    result = build_trainer(cfg, name="kill", storage_path=str(storage), max_failures=1, keep_checkpoints=3).fit()
+    assert result.error is None, result.error
+    # the fault really happened, once, on the last rank
+    assert (storage / "kill" / ".fault_injected").read_text().strip() == "kill_worker"
+    state = read_checkpoint_state(result.checkpoint)
+    assert [m["epoch"] for m in state["history"]] == [1, 2, 3]  # each epoch once
+    assert _steps_increase(state["history"]), state["history"]  # the schedule did not restart
+    by_epoch = {}
+    for checkpoint, metrics in result.best_checkpoints:  # every reported epoch (3 kept)
+        assert int(metrics["epoch"]) not in by_epoch, "an epoch was reported twice"
+        by_epoch[int(metrics["epoch"])] = read_checkpoint_state(checkpoint)
+    assert sorted(by_epoch) == [1, 2, 3]
+    first, resumed = by_epoch[1], by_epoch[2]
+    assert first["resumed_from_epoch"] == 0
+    assert resumed["resumed_from_epoch"] == 1  # the restarted group started at epoch 2
+    assert resumed["resumed_adapter_digest"] == first["adapter_digest"]  # the saved adapter was loaded
+    assert state["history"][0] == first["history"][0]  # epoch 1 was not re-run
 
 def _fake_result(trial_id: str, index: int, history: list[dict]) -> SimpleNamespace:
     import pandas as pd
