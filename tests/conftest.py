@@ -79,8 +79,8 @@ def qwen_like_checkpoint(tmp_path_factory) -> Path:
     byte-level BPE with <|endoftext|>/<|im_end|> and a chat template, generation_config.json with
     Qwen's sampling defaults), written by the project's own writer from the shipped sample corpus."""
     from ray_mtup.config import SAMPLE_DATA_DIR, TinyModelSettings
-    from ray_mtup.dataset import tokenizer_texts, to_mtup
     from ray_mtup.corpus import load_corpus
+    from ray_mtup.dataset import to_mtup, tokenizer_texts
     from ray_mtup.modeling import write_tiny_checkpoint
 
     texts = tokenizer_texts(to_mtup(load_corpus(SAMPLE_DATA_DIR)))
@@ -174,6 +174,7 @@ def ray_cluster() -> Iterator[RayCluster]:
         pytest.skip(f"no ray CLI next to {sys.executable}")
     if sys.platform != "linux":
         pytest.skip("teardown reads /proc")
+    from ray._private.authentication_test_utils import reset_auth_token_state
     from ray.job_submission import JobSubmissionClient
 
     temp_dir = Path(tempfile.mkdtemp(prefix="rmt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
@@ -201,6 +202,9 @@ def ray_cluster() -> Iterator[RayCluster]:
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     headers = {"Authorization": f"Bearer {token}"}
     with log_path.open("wb") as log, pytest.MonkeyPatch.context() as mp:
+        for key, value in auth.items():
+            mp.setenv(key, value)
+        reset_auth_token_state()  # Ray read its auth settings when imported (as Ray's own tests do)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             deadline = time.time() + 180
@@ -215,12 +219,13 @@ def ray_cluster() -> Iterator[RayCluster]:
                 if time.time() > deadline:
                     pytest.fail(f"dashboard not up after 180 s:\n{log_path.read_text()[-3000:]}")
                 time.sleep(1)
-            for key, value in {**auth, "RAY_ADDRESS": gcs_address}.items():
-                mp.setenv(key, value)
+            mp.setenv("RAY_ADDRESS", gcs_address)
             yield RayCluster(gcs_address, dashboard, headers, env, temp_dir)
         finally:
             _disconnect()
             left = stop_session(proc)
+            mp.undo()
+            reset_auth_token_state()
             subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
     assert not left, f"Ray processes of the test cluster survived teardown: {left}"
 
@@ -244,12 +249,18 @@ def ray_connected(ray_cluster: RayCluster) -> Any:
     return ray
 
 
+#: Actors Ray keeps for the cluster's lifetime by design (Ray Train's detached state actor, created by
+#: the first Train run on a cluster): not left behind by a test.
+CLUSTER_SINGLETONS = {"TrainStateActor"}
+
+
 def leftovers() -> tuple[list[str], list[str]]:
     """(live actors, placement groups not removed) on the session's cluster, by this driver's view of GCS."""
     import ray
 
     actors = [f"{a.get('Name') or a['ActorID'][:8]} (class {a['ActorClassName']}, job {a['JobID']}, {a['State']})"
-              for a in ray._private.state.actors().values() if a["State"] != "DEAD"]
+              for a in ray._private.state.actors().values()
+              if a["State"] != "DEAD" and a["ActorClassName"] not in CLUSTER_SINGLETONS]
     groups = [f"{pg_id[:8]} ({pg['strategy']}, {pg['state']})"
               for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"]
     return actors, groups
@@ -327,3 +338,49 @@ def run_loop() -> Any:
         return LoopRun(Path(out_dir))
 
     return run
+
+
+# --- the smoke search, once -------------------------------------------------------------------------------
+
+JOB_TIMEOUT_S = 900
+
+
+@dataclass(frozen=True)
+class SmokeSearch:
+    """``run_tune.py --model tiny --smoke-test --name smoke --ensemble 3`` submitted as a job to the session's cluster
+    with the README's command: its ``job_id``, final ``status``, ``logs`` (the driver's stdout and
+    stderr), ``seconds`` to finish, and ``exp``, the experiment directory it wrote."""
+
+    job_id: str
+    status: Any
+    logs: str
+    seconds: float
+    exp: Path
+
+
+@pytest.fixture(scope="session")
+def smoke_search(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> SmokeSearch:
+    """The demo search, run once for the whole suite: test_cluster.py checks the submission, test_search.py
+    what the search wrote (``smoke_search.exp``); with ``--ensemble 3`` its summary scores the ensemble of
+    the 3 best trials (test_ensemble.py reads it, and reuses the parses it wrote)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    storage = tmp_path_factory.mktemp("smoke_storage")
+    job_id = f"ray-mtup-test-{uuid.uuid4().hex[:8]}"
+    submit = [str(RAY_BIN), "job", "submit", "--address", ray_cluster.dashboard, "--submission-id", job_id,
+              "--no-wait", "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
+              "python", "run_tune.py", "--model", "tiny", "--smoke-test", "--storage-path", str(storage),
+              "--name", "smoke", "--ensemble", "3"]
+    t0 = time.time()
+    out = subprocess.run(submit, cwd=REPO_ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    client = JobSubmissionClient(ray_cluster.dashboard, headers=ray_cluster.headers)
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    while (status := client.get_job_status(job_id)) not in terminal:
+        if time.time() - t0 > JOB_TIMEOUT_S:
+            client.stop_job(job_id)
+            pytest.fail(f"job still {status} after {JOB_TIMEOUT_S} s:\n{client.get_job_logs(job_id)[-4000:]}")
+        time.sleep(2)
+    seconds = time.time() - t0
+    print(f"job {job_id} {status} after {seconds:.0f} s")
+    return SmokeSearch(job_id, status, client.get_job_logs(job_id), seconds, storage / "smoke")

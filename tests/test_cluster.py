@@ -5,39 +5,31 @@ The unit tests check that the files agree with each other and with the project: 
 outputs, virtual environments and caches, entrypoints that the project's own flag parser accepts, and
 dashboards bound to loopback except where Kubernetes needs otherwise.
 
-The integration test starts a Ray head on 127.0.0.1 (every port chosen free, its own temp dir), submits
-``run_tune.py --smoke-test`` with the README's command, waits for SUCCEEDED and reads what the search
-wrote. Teardown ends exactly the processes of that head (its session id), never ``ray stop``: ``ray
-stop`` kills every Ray on the machine, including other runs that share it.
+The integration test checks the suite's one smoke search (conftest.py's ``smoke_search``): submitted with
+the README's command to the session's Ray head (``ray_cluster``: ``ray start --head`` on 127.0.0.1, every
+port chosen free, its own temp dir, token authentication), it must succeed, from the uploaded working
+directory, with the dashboard answering on loopback only. Teardown ends exactly the processes of that
+head (its session id), never ``ray stop``: ``ray stop`` kills every Ray on the machine.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 import shlex
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
-import time
 import tomllib
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import yaml
+from conftest import RayCluster, SmokeSearch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_DIR = REPO_ROOT / "cluster"
-RAY_BIN = Path(sys.executable).parent / "ray"
-JOB_TIMEOUT_S = 600
 
 RUNTIME_ENV_KEYS = {"working_dir", "py_modules", "excludes", "env_vars", "pip", "uv", "conda", "container",
                     "image_uri", "config", "nsight", "py_executable", "java_jars"}
@@ -105,26 +97,6 @@ def uploaded_files(runtime_env: dict[str, Any]) -> list[str]:
     excludes = [_get_excludes(REPO_ROOT, runtime_env.get("excludes", []))]
     _dir_travel(REPO_ROOT, excludes, collect, include_gitignore=False)
     return files
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_port_range(width: int) -> int:
-    """The first port of ``width`` consecutive free ports (for Ray's worker ports)."""
-    for _ in range(50):
-        base = 20000 + (uuid.uuid4().int % 2000) * 20
-        try:
-            for port in range(base, base + width):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    pytest.fail("no free range of worker ports")
 
 
 # -- every YAML in cluster/ -----------------------------------------------------------------------------
@@ -460,123 +432,22 @@ def test_a_failed_upload_is_logged_and_keeps_the_local_results(tmp_path: Path, c
     assert f"could not copy the results to file://{blocker}/exp" in caplog.text and str(run) in caplog.text
 
 
-# -- a real Ray head on loopback, a submitted smoke search ----------------------------------------------
-
-def _session_processes(sid: int) -> list[int]:
-    """Pids of the processes in session ``sid`` (everything ``ray start`` spawned stays in it)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # state, ppid, pgrp, session, ...
-        if int(fields[3]) == sid and fields[0] != "Z":  # a zombie is already dead
-            pids.append(int(entry.name))
-    return pids
-
-
-def _stop_head(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
-    """What ``ray stop`` does (SIGTERM, then SIGKILL after a grace period), but only to this head's session."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 20.0)):
-        deadline = time.time() + wait_s
-        for pid in _session_processes(proc.pid):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        while _session_processes(proc.pid) and time.time() < deadline:
-            time.sleep(0.5)
-    proc.wait(timeout=10)
-    assert not _session_processes(proc.pid), "Ray processes of the test head survived teardown"
-
-
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[dict[str, Any]]:
-    """A Ray head on 127.0.0.1 with free ports and its own temp dir; stopped on teardown, also on failure."""
-    if not RAY_BIN.exists():
-        pytest.skip(f"no ray CLI next to {sys.executable}")
-    if sys.platform != "linux":
-        pytest.skip("teardown reads /proc")
-    from ray.job_submission import JobSubmissionClient
-
-    temp_dir = Path(tempfile.mkdtemp(prefix="rmt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    dashboard_port, gcs_port = free_port(), free_port()
-    worker_base = free_port_range(100)
-    cmd = [str(RAY_BIN), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-           "--port", str(gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-           "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-           "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-           "--metrics-export-port", str(free_port()), "--node-manager-port", str(free_port()),
-           "--object-manager-port", str(free_port()), "--min-worker-port", str(worker_base),
-           "--max-worker-port", str(worker_base + 99), "--num-cpus", "2", "--num-gpus", "0",
-           "--object-store-memory", str(400 * 2**20), "--temp-dir", str(temp_dir), "--disable-usage-stats"]
-    # Ray 2.60 enables token authentication by default; this head gets its own token, handed to the CLI
-    # through the environment (never written to ~/.ray, which other Ray runs on this machine share).
-    token = secrets.token_hex(32)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-               PATH=f"{RAY_BIN.parent}{os.pathsep}{os.environ.get('PATH', '')}")  # the job's `python` is the venv's
-    # Ray processes that look their cluster up by themselves (Train V2's PlacementGroupCleaner) would find
-    # every Ray on this machine and give up; RAY_ADDRESS, inherited from the raylet, names this one.
-    env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
-    headers = {"Authorization": f"Bearer {token}"}
-    log = (temp_dir / "ray_start.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard_port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited {proc.returncode}:\n{(temp_dir / 'ray_start.log').read_text()[-3000:]}")
-            try:
-                JobSubmissionClient(address, headers=headers)  # checks the job server's version
-                break
-            except ConnectionError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"dashboard not up after 180 s:\n{(temp_dir / 'ray_start.log').read_text()[-3000:]}")
-            time.sleep(2)
-        yield {"address": address, "env": env, "headers": headers, "temp_dir": temp_dir}
-    finally:
-        _stop_head(proc)
-        log.close()
-        subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
-
+# -- the session's Ray head on loopback, the smoke search submitted to it -----------------------------------
 
 @pytest.mark.integration
-def test_smoke_search_submitted_as_a_job_succeeds(ray_head: dict[str, Any], tmp_path: Path) -> None:
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
+def test_smoke_search_submitted_as_a_job_succeeds(ray_cluster: RayCluster, smoke_search: SmokeSearch) -> None:
+    """The suite's one smoke search is this job (conftest.py's ``smoke_search``): submitted with the
+    README's command to the session's ``ray start --head`` cluster; test_search.py reads what it wrote."""
     from ray_mtup.config import TrainConfig, load_yaml
 
-    address, name, job_id = ray_head["address"], "smoke-job", f"ray-mtup-test-{uuid.uuid4().hex[:8]}"
-    storage = tmp_path / "storage"
-    submit = [str(RAY_BIN), "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
-              "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
-              "python", "run_tune.py", "--model", "tiny", "--smoke-test", "--storage-path", str(storage),
-              "--name", name]
-    t0 = time.time()
-    out = subprocess.run(submit, cwd=REPO_ROOT, env=ray_head["env"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-
-    client = JobSubmissionClient(address, headers=ray_head["headers"])
-    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-    while (status := client.get_job_status(job_id)) not in terminal:
-        if time.time() - t0 > JOB_TIMEOUT_S:
-            client.stop_job(job_id)
-            pytest.fail(f"job still {status} after {JOB_TIMEOUT_S} s:\n{client.get_job_logs(job_id)[-4000:]}")
-        time.sleep(3)
-    logs = client.get_job_logs(job_id)
-    print(f"job {job_id} {status} after {time.time() - t0:.0f} s")
-    assert status == JobStatus.SUCCEEDED, logs[-6000:]
+    logs = smoke_search.logs
+    assert smoke_search.status == "SUCCEEDED", logs[-6000:]
 
     # The job server answered on loopback only (Ray's GCS and raylet listen on every interface, behind
     # Ray's token authentication; the dashboard is the only HTTP entry point and it stays on 127.0.0.1).
     from ray._private.services import get_node_ip_address
 
+    address = ray_cluster.dashboard
     with pytest.raises(urllib.error.HTTPError) as refused:  # and only with the token
         urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
     assert refused.value.code == 401
@@ -587,14 +458,14 @@ def test_smoke_search_submitted_as_a_job_succeeds(ray_head: dict[str, Any], tmp_
 
     # It ran on the submitted-to cluster, from the uploaded working dir (without .venv/.git/runs).
     assert "Connecting to existing Ray cluster" in logs, logs[-3000:]
-    upload_root = ray_head["temp_dir"] / "session_latest/runtime_resources/working_dir_files"
+    upload_root = ray_cluster.temp_dir / "session_latest/runtime_resources/working_dir_files"
     uploads = [p for p in upload_root.iterdir() if p.is_dir()]
     assert len(uploads) == 1, uploads
     shipped = {p.name for p in uploads[0].iterdir()}
     assert {"run_tune.py", "ray_mtup"} <= shipped and (uploads[0] / "search_spaces" / "smoke.yaml").is_file()
     assert not {".venv", ".git", "runs"} & shipped
 
-    out_dir = storage / name
+    out_dir = smoke_search.exp
     rows = (out_dir / "results.csv").read_text().strip().splitlines()
     from ray_mtup.search import load_search_space
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import leftovers, session_processes
 
 from ray_mtup.checkpointing import validate_checkpoint
 from ray_mtup.search import SearchSpace
@@ -71,7 +72,9 @@ overrides:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_MTUP_STORAGE")}
+    """The environment of a ``run_tune.py`` subprocess: this one's, so with the session cluster's
+    ``RAY_ADDRESS`` (the ``ray_cluster`` fixture), without a storage default."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_MTUP_STORAGE"}
     env["RAY_DEDUP_LOGS"] = "0"  # every worker's log line reaches the driver's output
     return env
 
@@ -361,27 +364,33 @@ def test_unwritable_storage_fails_fast(tmp_path):
     assert proc.returncode == 2, _tail(proc)
     assert proc.stderr.startswith("error: storage_path: ") and str(storage) in proc.stderr
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+    assert "Connecting to existing Ray cluster" not in proc.stdout + proc.stderr
     assert time.monotonic() - t0 < 120
 
 
 # --- the driver killed mid-search --------------------------------------------------------------
 
 
-def _session_pids(sid: int) -> list[int]:
-    """Live processes of session ``sid`` (the driver and the embedded Ray it started)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":  # fields[3]: session id; fields[0]: state
-            pids.append(int(stat.parent.name))
-    return pids
-
-
 def _finished_trials(exp: Path) -> dict[str, list[dict]]:
     return {tid: res for tid, d in trial_dirs(exp).items() if (res := reported(d)) and res[-1].get("done")}
+
+
+def _recorded_terminated(exp: Path) -> set[str]:
+    """Trials that Tune's saved experiment state (what ``--resume`` reads) records as TERMINATED."""
+    done = set()
+    for path in exp.glob("experiment_state-*.json"):
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))["trial_data"]
+        except (OSError, ValueError, KeyError):  # being rewritten
+            continue
+        for entry in entries:
+            try:
+                state = json.loads(entry[0])
+            except (ValueError, TypeError, IndexError):
+                continue
+            if state.get("status") == "TERMINATED":
+                done.add(state.get("trial_id"))
+    return done
 
 
 def _snapshot(exp: Path, tid: str) -> dict:
@@ -393,7 +402,7 @@ def _snapshot(exp: Path, tid: str) -> dict:
 
 
 @pytest.mark.integration
-def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
+def test_killed_driver_resumes_without_rerunning_finished_trials(ray_cluster, ray_connected, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(NO_STOPPING_SPACE.replace("num_samples: 2", "num_samples: 4"), encoding="utf-8")
     args = ["--search-space", str(space), "--storage-path", str(tmp_path), "--name", "drv"]
@@ -412,22 +421,30 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
             time.sleep(1)
         assert finished, f"no trial finished before the kill (driver rc {driver.poll()}):\n" + _tail(
             (tmp_path / "first.log").read_text())
-        time.sleep(3)  # let Tune record the trial as TERMINATED in its experiment state
+        # wait until Tune's saved experiment state records a finished trial as TERMINATED
+        while time.monotonic() < deadline and driver.poll() is None and not (_recorded_terminated(exp) & set(finished)):
+            time.sleep(0.5)
+        assert _recorded_terminated(exp) & set(finished), _tail((tmp_path / "first.log").read_text())
         os.killpg(sid, signal.SIGKILL)
         driver.wait(timeout=60)
     finally:
         log.close()
-        # the embedded Ray (GCS, raylet, workers) lives in the driver's session: nothing may survive it
+        # nothing of the driver's session may survive it (its trials on the shared cluster: the
+        # autouse check of conftest.py, after the test, finds no actor or placement group left)
         deadline = time.monotonic() + 60
-        while _session_pids(sid) and time.monotonic() < deadline:
+        while session_processes(sid) and time.monotonic() < deadline:
             time.sleep(1)
-        left = _session_pids(sid)
+        left = session_processes(sid)
         for pid in left:  # our own processes only: clean up before failing
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
     assert not left, f"processes of the killed driver's session survived: {left}"
+    deadline = time.monotonic() + 60  # Ray ends the dead driver's trials, their actors and placement groups
+    while (ray_left := leftovers()) != ([], []) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ray_left == ([], []), f"the killed driver's trials left on the cluster: {ray_left}"
     assert not (exp / "results.csv").exists(), "the first run must have been interrupted"
 
     finished = _finished_trials(exp)

@@ -1,7 +1,8 @@
-"""The search end to end on CPU: ``run_tune.py --model tiny --smoke-test`` on an embedded local Ray.
+"""The search end to end on CPU: ``run_tune.py --model tiny --smoke-test`` on a Ray cluster.
 
-Runs the real entry point in a subprocess (as a user would) on the shipped sample corpus,
-then checks what it wrote. The driver-kill / ``--resume`` case is in ``test_faults.py``.
+The real entry point, run once for the suite (conftest.py's ``smoke_search``: submitted as a job to
+the session's cluster, as a user would) on the shipped sample corpus; these tests check what it
+wrote. The driver-kill / ``--resume`` case is in ``test_faults.py``.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -25,19 +28,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``run_tune.py`` on the session's cluster (``RAY_ADDRESS`` is in this process's environment)."""
     proc = subprocess.run([sys.executable, "run_tune.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    storage = tmp_path_factory.mktemp("storage")
-    # --ensemble 3: the summary scores the ensemble of the 3 best trials (tests/test_ensemble.py
-    # reads it, and reuses the parses it wrote)
-    proc = _run("--model", "tiny", "--smoke-test", "--storage-path", str(storage), "--name", "smoke", "--ensemble", "3")
-    return storage / "smoke", proc
+def smoke(smoke_search) -> tuple[Path, SimpleNamespace]:
+    """The suite's one smoke search (conftest.py's ``smoke_search``, submitted to the session's Ray
+    cluster as a job): its experiment directory and the driver's output (stdout and stderr, as the
+    job's log holds them)."""
+    assert smoke_search.status == "SUCCEEDED", smoke_search.logs[-6000:]
+    return smoke_search.exp, SimpleNamespace(stdout=smoke_search.logs, stderr="")
 
 
 def _rows(exp: Path) -> list[dict]:
