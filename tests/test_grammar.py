@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -127,14 +128,14 @@ def test_close_partial_closes_every_prefix_of_a_graph():
 
 
 @pytest.mark.integration
-def test_run_tune_with_retrieval_and_constrained_decoding(tmp_path):
+def test_run_tune_with_retrieval_and_constrained_decoding(ray_cluster, tmp_path):
     proc = subprocess.run(
         [sys.executable, "run_tune.py", "--model", "tiny", "--preset", "quick_test", "--no-search",
          "--set", "retrieval_k=1", "--set", "constrained_decoding=true", "--set", "max_samples=40",
          "--set", "eval_max_samples=4", "--set", "max_new_tokens=48", "--set", "tiny.hidden_size=64",
          "--set", "tiny.num_layers=2", "--set", "tiny.num_heads=2", "--set", "tiny.intermediate_size=128",
          "--set", "tiny.vocab_size=600", "--storage-path", str(tmp_path), "--name", "rc"],
-        cwd=REPO, capture_output=True, text=True, timeout=600)
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ})  # on the session's cluster
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     import json
 

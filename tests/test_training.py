@@ -2,8 +2,9 @@
 out like Qwen2.5-Instruct's, loaded as ``--model qwen2.5-1.5b --model-path DIR``, through
 DeepSpeed ZeRO-2 and ZeRO-3 on 2 Ray Train workers (gloo).
 
-Integration tests: each starts Ray Train runs on a real corpus subset (skipped, saying so,
-when ../shared/data/vlsp2025 is absent).
+Integration tests: Ray Train runs on the session's Ray cluster, on a real corpus subset (skipped,
+saying so, when ../shared/data/vlsp2025 is absent). A killed rank's resume and a NaN loss are in
+test_faults.py (Ray Train and the loop).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import pytest
 
 from ray_mtup import corpus
 from ray_mtup.config import resolve_config
-from ray_mtup.errors import TrainingError
 
 pytestmark = pytest.mark.integration
 
@@ -30,14 +30,6 @@ SMALL = {
     "num_workers": 2,
     "cpus_per_worker": 1.0,
 }
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +52,7 @@ def _state(checkpoint_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained(qwen_cfg, ray_local, tmp_path_factory):
+def trained(qwen_cfg, ray_connected, tmp_path_factory):
     """``trained(stage)``: a 3-epoch run of 2 workers at that ZeRO stage (each run once per module)."""
     from ray_mtup.trial import run_single
 
@@ -140,34 +132,3 @@ def test_predict_from_the_zero3_run(trained, vlsp_dir, tmp_path):
     for ex in parsed:
         assert amr.repair(ex.amr).valid
     assert report.n_minimal == sum(e.amr.strip() == FALLBACK_GRAPH for e in parsed)
-
-
-def test_zero3_resume_after_a_killed_rank_continues_with_the_saved_adapter(qwen_cfg, ray_local, tmp_path):
-    """One of 2 ZeRO-3 ranks dies in epoch 2: the restarted run resumes after epoch 1 with the
-    adapter it saved (same digest), and every epoch is reported once."""
-    from ray_mtup.trial import build_trainer, read_checkpoint_state
-
-    storage = str(tmp_path / "storage")
-    crashing = qwen_cfg(zero_stage=3, inject_fault="kill_worker@2")
-    with pytest.raises(Exception):
-        build_trainer(crashing, name="resume", storage_path=storage, max_failures=0).fit()
-    checkpoints = _checkpoints(tmp_path / "storage" / "resume")
-    assert len(checkpoints) == 1
-    first = _state(checkpoints[0])
-    assert first["epoch"] == 1
-    # Run 2: same run name and storage, so the trainer restores from that checkpoint.
-    result = build_trainer(crashing, name="resume", storage_path=storage, max_failures=0).fit()
-    state = read_checkpoint_state(result.checkpoint)
-    assert [m["epoch"] for m in state["history"]] == [1, 2, 3]  # each epoch once
-    assert state["history"][0] == first["history"][0]  # epoch 1 was not re-run
-    resumed = [s for s in map(_state, _checkpoints(tmp_path / "storage" / "resume")) if s["epoch"] == 2]
-    assert resumed and resumed[0]["resumed_from_epoch"] == 1
-    assert resumed[0]["resumed_adapter_digest"] == first["adapter_digest"]  # the saved adapter was loaded
-
-
-def test_non_finite_loss_stops_with_reason(qwen_cfg, ray_local, tmp_path):
-    from ray_mtup.trial import run_single
-
-    cfg = qwen_cfg(epochs=2, num_workers=1, inject_fault="nan_loss@1")
-    with pytest.raises(TrainingError, match="non-finite loss at epoch 1"):
-        run_single(cfg, name="nan", storage_path=str(tmp_path / "storage"), output_dir=tmp_path / "run")

@@ -23,8 +23,7 @@ def _cfg(checkpoint: Path):
         "max_new_tokens": 16, "zero_stage": "auto", "cpus_per_worker": 1.0})
 
 
-def test_torchrun_runs_the_loop_of_ray_train_with_equal_losses(qwen_like_checkpoint, tmp_path):
-    ray = pytest.importorskip("ray")
+def test_torchrun_runs_the_loop_of_ray_train_with_equal_losses(qwen_like_checkpoint, ray_connected, tmp_path):
     from ray_mtup.trial import run_single
 
     cfg = _cfg(qwen_like_checkpoint)
@@ -37,11 +36,7 @@ def test_torchrun_runs_the_loop_of_ray_train_with_equal_losses(qwen_like_checkpo
     assert done.returncode == 0, done.stderr[-3000:]
     assert "import ray" not in (REPO / "ray_mtup" / "worker.py").read_text()
 
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
-    try:
-        run_single(cfg, name="equiv", storage_path=str(tmp_path / "storage"), output_dir=tmp_path / "ray")
-    finally:
-        ray.shutdown()
+    run_single(cfg, name="equiv", storage_path=str(tmp_path / "storage"), output_dir=tmp_path / "ray")
 
     by_launcher = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in ("torchrun", "ray")}
     for key in ("train_loss", "val_loss"):
