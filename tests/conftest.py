@@ -384,3 +384,52 @@ def smoke_search(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFacto
     seconds = time.time() - t0
     print(f"job {job_id} {status} after {seconds:.0f} s")
     return SmokeSearch(job_id, status, client.get_job_logs(job_id), seconds, storage / "smoke")
+
+
+# --- the runs several tests compare, in one torchrun launch -----------------------------------------------
+
+def torchrun_configs(checkpoint: Path) -> dict[str, Any]:
+    """The 2-worker runs of ``torchrun_runs``, by name (``--model qwen2.5-1.5b --model-path`` the
+    Qwen-like checkpoint, the shipped sample corpus, a few steps):
+
+    * ``equiv``: ZeRO and micro-batch ``auto``; test_worker.py compares it with the same config under Ray Train;
+    * ``padded`` / ``packed``: ZeRO-2, one optimizer step, without and with packing (test_packing.py);
+    * ``replica`` / ``synced``: ZeRO-3, 2 epochs of one step, each evaluation path (test_eval_replica.py).
+    """
+    from ray_mtup.config import resolve_config
+
+    def qwen(**overrides: Any) -> Any:
+        return resolve_config("qwen2.5-1.5b", overrides={"model_path": str(checkpoint), "max_samples": 40,
+                                                         "num_workers": 2, "cpus_per_worker": 1.0, **overrides})
+
+    padded = qwen(epochs=1, max_steps_per_epoch=1, per_device_batch_size=4, global_batch_size=8,
+                  learning_rate=2e-3, eval_max_samples=2, max_new_tokens=8, zero_stage=2, **{"lora.dropout": 0.0})
+    zero3 = qwen(epochs=2, per_device_batch_size=4, global_batch_size=8, max_steps_per_epoch=1, learning_rate=1e-2,
+                 eval_max_samples=5, eval_batch_size=2, max_new_tokens=16, zero_stage=3, test_split=0.0)
+    return {
+        "equiv": qwen(epochs=1, per_device_batch_size="auto", global_batch_size=8, learning_rate=2e-3,
+                      eval_max_samples=2, max_new_tokens=16, zero_stage="auto"),
+        "padded": padded,
+        "packed": padded.replace(packing=True, liger_kernel=True),
+        "replica": zero3.replace(eval_generation="replica"),
+        "synced": zero3.replace(eval_generation="synced"),
+    }
+
+
+@pytest.fixture(scope="session")
+def torchrun_runs(qwen_like_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """name -> run directory of each of :func:`torchrun_configs`, trained once for the suite by one
+    ``torchrun --nproc_per_node 2 tests/torchrun_runs.py`` launch (2 CPU processes, gloo); each directory
+    is what ``torchrun -m ray_mtup.worker`` writes (config.yaml, metrics.jsonl, checkpoint_<epoch>/,
+    adapter/, summary.json). The configs are in ``<run>.yaml`` beside each run."""
+    root = tmp_path_factory.mktemp("torchrun")
+    args: list[str] = []
+    for name, cfg in torchrun_configs(qwen_like_checkpoint).items():
+        cfg.write_yaml(root / f"{name}.yaml", f"the suite's torchrun run {name}")
+        args += [str(root / f"{name}.yaml"), str(root / name)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).with_name("torchrun_runs.py")), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {name: root / name for name in torchrun_configs(qwen_like_checkpoint)}

@@ -8,14 +8,11 @@ workers twice, with ``eval_generation`` replica and synced, and compares the pre
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from ray_mtup.config import TrainConfig, resolve_config
+from ray_mtup.config import TrainConfig
 from ray_mtup.errors import ConfigError
 from ray_mtup.memory import device_memory, replica_fits
 from ray_mtup.replica import choose_path, generation_margin, plan_generation
@@ -148,26 +145,11 @@ def test_plan_uses_every_ranks_memory(lora_model, monkeypatch):
     assert plan_generation(model, cfg, True, 2, "cpu", 8).path == "replica"
 
 
-def _run(cfg, tmp_path: Path, name: str) -> Path:
-    cfg.write_yaml(tmp_path / f"{name}.yaml", f"the eval-replica test's {name} run")
-    out = tmp_path / name
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "ray_mtup.worker", "--config", str(tmp_path / f"{name}.yaml"), "--output", str(out),
-           "--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
-
-
 @pytest.mark.integration
-def test_replica_and_synced_generate_the_same_under_zero3(qwen_like_checkpoint, tmp_path):
-    base = resolve_config("qwen2.5-1.5b", overrides={
-        "model_path": str(qwen_like_checkpoint), "epochs": 2, "max_samples": 40, "num_workers": 2,
-        "per_device_batch_size": 4, "global_batch_size": 8, "max_steps_per_epoch": 1, "learning_rate": 1e-2,
-        "eval_max_samples": 5, "eval_batch_size": 2, "max_new_tokens": 16, "zero_stage": 3,
-        "cpus_per_worker": 1.0, "test_split": 0.0})
-    runs = {mode: _run(base.replace(eval_generation=mode), tmp_path, mode) for mode in ("replica", "synced")}
+def test_replica_and_synced_generate_the_same_under_zero3(torchrun_runs):
+    """torchrun, 2 processes, ZeRO-3, 2 epochs: the runs ``replica`` and ``synced`` of conftest.py's
+    ``torchrun_runs``, the same but for ``eval_generation``."""
+    runs = {mode: torchrun_runs[mode] for mode in ("replica", "synced")}
     history = {mode: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
                for mode, run in runs.items()}
     for mode in runs:

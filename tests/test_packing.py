@@ -20,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ray_mtup import dataset  # noqa: E402
-from ray_mtup.config import TrainConfig, resolve_config  # noqa: E402
+from ray_mtup.config import TrainConfig  # noqa: E402
 from ray_mtup.modeling import (PACKING_ATTENTION, WeightsSource, apply_lora, build_model,  # noqa: E402
                                build_tokenizer, effective_packing, liger_applied)
 from ray_mtup.prompts import get_template  # noqa: E402
@@ -137,30 +137,20 @@ def test_liger_without_cuda_warns_and_builds_the_plain_model(tiny_run, caplog):
     assert torch.isfinite(forward_loss(model, micro_batch(items, tok.pad_token_id, False, False), "cpu"))
 
 
-def _torchrun(cfg, out: Path) -> dict:
-    cfg.write_yaml(out.with_suffix(".yaml"), "packing test run")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "ray_mtup.worker", "--config", str(out.with_suffix(".yaml")), "--output", str(out),
-           "--device", "cpu"]
-    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((out / "summary.json").read_text())
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
 
 
 @pytest.mark.integration
-def test_the_loop_trains_packed_with_the_first_step_loss_of_padded(qwen_like_checkpoint, tmp_path):
-    """torchrun, 2 processes, ZeRO-2: one optimizer step per run, so train_loss is the first step's."""
-    cfg = resolve_config("qwen2.5-1.5b", overrides={
-        "model_path": str(qwen_like_checkpoint), "epochs": 1, "max_steps_per_epoch": 1, "max_samples": 40,
-        "num_workers": 2, "per_device_batch_size": 4, "global_batch_size": 8, "learning_rate": 2e-3,
-        "eval_max_samples": 2, "max_new_tokens": 8, "zero_stage": 2, "cpus_per_worker": 1.0, "lora.dropout": 0.0})
-    padded = _torchrun(cfg, tmp_path / "padded")["history"][0]
-    packed = _torchrun(cfg.replace(packing=True, liger_kernel=True), tmp_path / "packed")["history"][0]
+def test_the_loop_trains_packed_with_the_first_step_loss_of_padded(torchrun_runs):
+    """torchrun, 2 processes, ZeRO-2: one optimizer step per run, so train_loss is the first step's
+    (the runs ``padded`` and ``packed`` of conftest.py's ``torchrun_runs``)."""
+    padded = _summary(torchrun_runs["padded"])["history"][0]
+    packed = _summary(torchrun_runs["packed"])["history"][0]
     assert (padded["packing"], packed["packing"], packed["liger_kernel"]) == (False, True, False)  # no CUDA here
     assert abs(packed["train_loss"] - padded["train_loss"]) <= LOSS_TOL, (packed["train_loss"], padded["train_loss"])
     assert packed["useful_token_fraction"] == 1.0 > padded["useful_token_fraction"]
-    assert packed["global_step"] == 1 and (tmp_path / "packed" / "adapter" / "adapter_model.safetensors").is_file()
+    assert packed["global_step"] == 1 and (torchrun_runs["packed"] / "adapter" / "adapter_model.safetensors").is_file()
     # the step trained the same adapter: the validation loss after it agrees too (padded in both)
     assert abs(packed["val_loss"] - padded["val_loss"]) <= 1e-3, (packed["val_loss"], padded["val_loss"])
 
