@@ -264,6 +264,38 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(run_loop, tmp_path, m
     assert best_epoch(state["history"]) in states
 
 
+# --- a search in which trials stop with a reason: Tune ---------------------------------------------
+
+# Two epochs, no early stopping: the fault is in the last one.
+TWO_EPOCH_SPACE = NO_STOPPING_SPACE.replace("grace_period: 3", "grace_period: 2").replace("values: [3]", "values: [2]")
+
+
+@pytest.mark.integration
+def test_out_of_memory_ends_the_trial_and_resume_does_not_retry_it(ray_cluster, tmp_path):
+    """The one search in which trials stop with a reason: the search finishes, the leaderboard
+    says why, and ``--resume`` does not run them again (the loop's side: see
+    test_out_of_memory_ends_the_run_and_a_restart_does_not_retry_it)."""
+    space = tmp_path / "space.yaml"
+    space.write_text(TWO_EPOCH_SPACE, encoding="utf-8")
+    args = ["--search-space", str(space), "--storage-path", str(tmp_path), "--name", "oom"]
+    proc = run_tune(*args, "--set", "inject_fault=oom@2:1")
+    exp = tmp_path / "oom"
+    assert proc.returncode == 0, _tail(proc)
+    reason = "out of memory at micro-batch 1 of epoch 2"
+    rows = check_consistent(exp, 2)
+    for row in rows:
+        assert row["stop_reason"] == reason and (row["epochs_run"], row["best_epoch"]) == ("2", "1"), row
+        # the leaderboard printed at the end shows it
+        assert [line for line in proc.stdout.splitlines() if line.startswith(row["trial_id"]) and reason in line]
+    before = {tid: (d / "result.json").read_text(encoding="utf-8") for tid, d in trial_dirs(exp).items()}
+    # --resume restores the finished search: the trials that ended out of memory are not run again
+    again = run_tune(*args, "--set", "inject_fault=oom@2:1", "--resume")
+    assert again.returncode == 0, _tail(again)
+    assert "inject_fault: out of memory" not in again.stdout + again.stderr, _tail(again)
+    assert {tid: (d / "result.json").read_text(encoding="utf-8") for tid, d in trial_dirs(exp).items()} == before
+    assert [r["stop_reason"] for r in check_consistent(exp, 2)] == [reason, reason]
+
+
 # --- a worker killed mid-run: Ray Train -------------------------------------------------------------
 
 
