@@ -198,8 +198,9 @@ def ray_cluster() -> Iterator[RayCluster]:
     # Ray processes that look their cluster up by themselves (Train V2's PlacementGroupCleaner) would find
     # every Ray on this machine and give up; RAY_ADDRESS, inherited from the raylet, names this one.
     env["RAY_ADDRESS"] = gcs_address
-    log_path = temp_dir / "ray_start.log"
     dashboard = f"http://127.0.0.1:{dashboard_port}"
+    env["RAY_API_SERVER_ADDRESS"] = dashboard  # the `ray job` CLI: the dashboard itself, no look-up through GCS
+    log_path = temp_dir / "ray_start.log"
     headers = {"Authorization": f"Bearer {token}"}
     with log_path.open("wb") as log, pytest.MonkeyPatch.context() as mp:
         for key, value in auth.items():

@@ -22,7 +22,7 @@ from ray_mtup.outputs import best_epoch
 pytestmark = pytest.mark.integration
 
 #: The fixed evaluation subset (the first N_EVAL validation graphs, stratified over the files).
-N_EVAL = 40
+N_EVAL = 60
 #: The CPU demonstration settings (the tiny_cpu search space's region), on one worker.
 LEARNING = {
     "epochs": 6,
