@@ -250,9 +250,9 @@ def ray_connected(ray_cluster: RayCluster) -> Any:
     return ray
 
 
-#: Actors Ray keeps for the cluster's lifetime by design (Ray Train's detached state actor, created by
-#: the first Train run on a cluster): not left behind by a test.
-CLUSTER_SINGLETONS = {"TrainStateActor"}
+#: Detached actors Ray keeps for the cluster's lifetime by design, created by the first run that needs
+#: them (Ray Train's state actor, Ray Data's autoscaling coordinator): not left behind by a test.
+CLUSTER_SINGLETONS = {"TrainStateActor", "_AutoscalingCoordinatorActor"}
 
 
 def leftovers() -> tuple[list[str], list[str]]:
