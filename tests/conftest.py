@@ -17,6 +17,7 @@ another torchrun or another search: each costs tens of seconds of the suite's bu
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import secrets
@@ -277,6 +278,7 @@ def _nothing_left_on_the_cluster(request: pytest.FixtureRequest) -> Iterator[Non
     request.getfixturevalue("ray_connected")
     deadline = time.monotonic() + 60
     while (left := leftovers()) != ([], []) and time.monotonic() < deadline:
+        gc.collect()  # Ray ends this process's actors (a finished TorchTrainer's controller) once their handles go
         time.sleep(1)
     actors, groups = left
     assert not actors and not groups, f"left on the Ray cluster: actors {actors}, placement groups {groups}"
