@@ -91,17 +91,16 @@ def load_for_inference(adapter_dir: Path, model_path: str | None = None,
 
     The config's ``max_new_tokens`` is the budget the run used (derived from its training data
     when the config left it unset)."""
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, cfg = load_merged(adapter_dir, model_path, device)
-    return model, tokenizer, cfg
+    return load_merged(adapter_dir, model_path, device)
 
 
 def load_merged(adapter_dir: Path, model_path: str | None = None, device: str = "cpu") -> tuple[Any, Any, TrainConfig]:
     """The run's base with its adapter (and trained base weights, ``lora.train_base``) merged in,
-    on ``device`` (bf16 on CUDA, fp32 on CPU), its tokenizer and its config with the run's
-    generation budget; the one loader of ``predict``, the test figure and ``export``."""
+    on ``device`` (``auto``, ``gpu`` or ``cpu``, by :func:`ray_mtup.devices.resolve_device`; bf16
+    on a GPU, fp32 on the CPU), its tokenizer and its config with the run's generation budget;
+    the one loader of ``predict``, the test figure and ``export``."""
+    import torch
+
     state = json.loads((adapter_dir / STATE_FILE).read_text(encoding="utf-8"))
     data = dict(state["config"])
     if model_path is not None:  # applied before validation: the stored path may not exist here

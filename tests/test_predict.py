@@ -169,18 +169,20 @@ def test_predict_feeds_the_corpus_form_and_writes_the_sentence_as_given(adapter,
     (tmp_path / "in.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     seen = _spy(monkeypatch)
     with caplog.at_level(logging.INFO, logger="ray_mtup.predict"):
-        report = predict.predict_file(adapter, tmp_path / "in.txt", tmp_path / "out.txt", max_new_tokens=4)
+        report = predict.predict_file(adapter, tmp_path / "in.txt", tmp_path / "out.txt", max_new_tokens=4, device="cpu")
     assert seen == [["hắn trợn mắt lên quát : - thế thì thằng nào ăn đi ?", "cậu làm gì ?", "tôi đi chợ ."]]
     assert "input normalised" in caplog.text and "2 of 3 lines changed" in caplog.text
     assert (report.input_normalised, report.n_input_changed) == (True, 2)
     assert [b.sentence for b in scoring.read_blocks(tmp_path / "out.txt")] == lines
-    raw = predict.predict_file(adapter, tmp_path / "in.txt", tmp_path / "raw.txt", max_new_tokens=4, raw_input=True)
+    raw = predict.predict_file(adapter, tmp_path / "in.txt", tmp_path / "raw.txt", max_new_tokens=4, raw_input=True,
+                                 device="cpu")
     assert seen[-1] == lines and not raw.input_normalised
 
 
 def test_predict_reads_the_sentences_of_a_gold_file(adapter, fixtures_dir, tmp_path):
     gold = corpus.read_amr_file(fixtures_dir / "mini_amr.txt")
-    report = predict.predict_file(adapter, fixtures_dir / "mini_amr.txt", tmp_path / "out.txt", max_new_tokens=4)
+    report = predict.predict_file(adapter, fixtures_dir / "mini_amr.txt", tmp_path / "out.txt", max_new_tokens=4,
+                                  device="cpu")
     assert report.n_sentences == len(gold)
     assert [b.sentence for b in scoring.read_blocks(tmp_path / "out.txt")] == [ex.sentence for ex in gold]
     # and so the written file scores against that gold file, aligned by sentence
