@@ -193,7 +193,8 @@ def run_variant(variant: str, args: argparse.Namespace, tokenizer: Any, source: 
     # As the loop's build_engine: the config is alive while the base is built (zero.Init under ZeRO-3).
     keep_alive = HfDeepSpeedConfig(ds_config) if variant != "plain_peft" else None
     model = apply_lora(build_base_model(args.model, cfg, tokenizer, device, source), cfg.lora)
-    vocab = model.get_input_embeddings().weight.shape[0]
+    embeddings = model.get_input_embeddings().weight
+    vocab = getattr(embeddings, "ds_shape", embeddings.shape)[0]  # zero.Init: the full shape of a shard
     batch = make_batch(vocab, cfg.per_device_batch_size, args.seq_len, args.seed + rank, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if on_gpu:

@@ -256,28 +256,45 @@ def ray_connected(ray_cluster: RayCluster) -> Any:
 CLUSTER_SINGLETONS = {"TrainStateActor", "_AutoscalingCoordinatorActor"}
 
 
-def leftovers() -> tuple[list[str], list[str]]:
-    """(live actors, placement groups not removed) on the session's cluster, by this driver's view of GCS."""
+#: Ray Train V2's per-run actors that a finished in-process ``TorchTrainer.fit()`` keeps alive while
+#: the driver (this pytest process) still holds a handle: they hold no resources and end with the
+#: driver, so they are not counted as left behind (their placement groups still are).
+DRIVER_RUN_ACTORS = {"TrainController", "DatasetManager"}
+
+
+def leftovers() -> tuple[dict[str, str], dict[str, str]]:
+    """(live actors, placement groups not removed) on the session's cluster, id -> description."""
     import ray
 
-    actors = [f"{a.get('Name') or a['ActorID'][:8]} (class {a['ActorClassName']}, job {a['JobID']}, {a['State']})"
-              for a in ray._private.state.actors().values()
-              if a["State"] != "DEAD" and a["ActorClassName"] not in CLUSTER_SINGLETONS]
-    groups = [f"{pg_id[:8]} ({pg['strategy']}, {pg['state']})"
-              for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"]
+    actors = {actor_id: f"{a.get('Name') or actor_id[:8]} (class {a['ActorClassName']}, job {a['JobID']}, {a['State']})"
+              for actor_id, a in ray._private.state.actors().items()
+              if a["State"] != "DEAD" and a["ActorClassName"] not in CLUSTER_SINGLETONS | DRIVER_RUN_ACTORS}
+    groups = {pg_id: f"{pg_id[:8]} ({pg['strategy']}, {pg['state']})"
+              for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
     return actors, groups
 
 
 @pytest.fixture(autouse=True)
 def _nothing_left_on_the_cluster(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After each test that used the session's Ray cluster: no actor and no placement group is left
-    behind (waits up to 60 s for Ray to finish its own clean-up of ended jobs and trials)."""
+    """After each test that used the session's Ray cluster: no actor and no placement group that the
+    test created is left behind (waits up to 60 s for Ray's own clean-up of ended jobs and trials).
+    What was there before the test is not its doing: one leak fails one test, not every later one."""
+    before: tuple[set[str], set[str]] = (set(), set())
+    if "ray_cluster" in request.fixturenames:
+        request.getfixturevalue("ray_connected")
+        actors, groups = leftovers()
+        before = (set(actors), set(groups))
     yield
     if "ray_cluster" not in request.fixturenames:
         return
-    request.getfixturevalue("ray_connected")
+
+    def new() -> tuple[list[str], list[str]]:
+        actors, groups = leftovers()
+        return ([d for i, d in actors.items() if i not in before[0]],
+                [d for i, d in groups.items() if i not in before[1]])
+
     deadline = time.monotonic() + 60
-    while (left := leftovers()) != ([], []) and time.monotonic() < deadline:
+    while (left := new()) != ([], []) and time.monotonic() < deadline:
         gc.collect()  # Ray ends this process's actors (a finished TorchTrainer's controller) once their handles go
         time.sleep(1)
     actors, groups = left

@@ -5,39 +5,21 @@ the loop in this process under a TorchrunSession)."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 from ray_mtup.config import resolve_config
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_loop_figure_equals_predict_then_evaluate(qwen_like_checkpoint: Path, tmp_path, monkeypatch):
-    import torch.distributed as dist
-
+def test_loop_figure_equals_predict_then_evaluate(qwen_like_checkpoint: Path, tmp_path, run_loop):
     from ray_mtup.predict import predict_file
     from ray_mtup.scoring import evaluate_files
-    from ray_mtup.session import TorchrunSession
-    from ray_mtup.training import prepare_data, train_loop
+    from ray_mtup.training import prepare_data
 
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
-                       "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
-        monkeypatch.setenv(key, value)
     cfg = resolve_config("qwen2.5-1.5b", overrides={
         "model_path": str(qwen_like_checkpoint), "epochs": 1, "max_samples": 40, "num_workers": 1,
         "per_device_batch_size": 4, "global_batch_size": 8, "learning_rate": 5e-3, "eval_max_samples": 6,
         "eval_batch_size": 4, "max_new_tokens": 24, "zero_stage": 2, "retrieval_k": 0})
-    session = TorchrunSession(tmp_path / "run")
-    try:
-        train_loop(cfg, session)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_loop(cfg, tmp_path / "run")  # the conftest's in-process loop: its process group stays for the others
     epoch = json.loads((tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert epoch["eval_generation"] == "plain"
 
@@ -46,7 +28,7 @@ def test_loop_figure_equals_predict_then_evaluate(qwen_like_checkpoint: Path, tm
     (tmp_path / "val.txt").write_text("\n".join(ex.sentence for ex in rows) + "\n", encoding="utf-8")
     (tmp_path / "gold.txt").write_text(
         "\n".join(f"#::snt {ex.sentence}\n{gold}\n" for ex, gold in zip(rows, data.eval_gold)), encoding="utf-8")
-    checkpoint = session.checkpoints()[0]
+    checkpoint = sorted((tmp_path / "run").glob("checkpoint_*"))[0]
     predict_file(checkpoint, tmp_path / "val.txt", tmp_path / "pred.txt", batch_size=cfg.eval_batch_size,
                  raw_input=True, device="cpu")
     scored = evaluate_files(tmp_path / "gold.txt", tmp_path / "pred.txt")
