@@ -24,7 +24,6 @@ from . import search, trial
 from .config import (
     DATA_DIR_ENV,
     MAX_FAILURES,
-    MODELS,
     PACKAGE_DIR,
     PRESETS,
     SEARCH_SPACES,
@@ -40,6 +39,7 @@ from .errors import ConfigError, RayMtupError
 from .holdout import describe, describe_corpus, format_interval, format_test_line
 from .logs import ray_worker_setup, setup_logging
 from .modeling import check_model_files
+from .models import MODELS, model_kind
 from .outputs import format_epoch_table, with_launch
 from .reporting import local_results_dir
 from .tracking import DEFAULT_TRACKER, TRACKERS, check_tracker, record_single_run, tracker_location
@@ -53,12 +53,13 @@ DEFAULT_SPACE = "default"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run_tune.py",
-        description="Tune LoRA fine-tuning of Qwen2.5 into a Vietnamese AMR parser (MTUP prompts) with Ray "
+        description="Tune LoRA fine-tuning of a causal LM (Qwen2.5, Qwen3, Llama, Gemma, ...) into a Vietnamese AMR parser (MTUP prompts) with Ray "
                     "Tune (Optuna TPE + ASHA) over Ray Train + DeepSpeed trials; objective: validation "
                     "corpus SMATCH F1 of Task 2. With --no-search, one run of a documented preset.")
-    p.add_argument("--model", choices=sorted(MODELS), default=None,
-                   help="model registry name (default: the --config file's model, else tiny)")
-    p.add_argument("--model-path", help="local weights: a model directory or a single .gguf file")
+    p.add_argument("--model", default=None,
+                   help=f"a registry name ({', '.join(sorted(MODELS))}), a hub id (Qwen/Qwen3-8B) or a local "
+                        "checkpoint directory (default: the --config file's model, else tiny)")
+    p.add_argument("--model-path", help="the model's weights stored apart: a model directory or a single .gguf file")
     p.add_argument("--data-dir", help="corpus directory with train_amr_1.txt and train_amr_2.txt "
                                       f"(default: ${DATA_DIR_ENV}, else the small sample corpus shipped "
                                       "with the package)")
@@ -213,7 +214,9 @@ def config_from_args(args: argparse.Namespace, space_overrides: Mapping[str, Any
     ``space_overrides``: a search space's ``overrides:``, the layer just below the flags
     (see :func:`ray_mtup.config.resolve_config` for the whole order).
     """
-    return with_data_dir(resolve_config(args.model, preset=args.preset, config_file=args.config,
+    # a checkpoint directory by its absolute path: Ray workers (and a later `predict`) may not share ours
+    model = _absolute(args.model) if args.model and model_kind(args.model) == "directory" else args.model
+    return with_data_dir(resolve_config(model, preset=args.preset, config_file=args.config,
                                         space_overrides=space_overrides, overrides=flag_overrides(args)))
 
 
@@ -421,7 +424,8 @@ def _search(args: argparse.Namespace, cfg: TrainConfig, space: Any, settings: An
 
 
 def _name(args: argparse.Namespace, cfg: TrainConfig) -> str:
-    return args.name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``--name``, else the model's last path part (a hub id's or a directory's) and the time."""
+    return args.name or f"{Path(cfg.model.rstrip('/')).name.lower()}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def closing_note(summary: Mapping[str, Any], tracker: str, corpus: str) -> str:
