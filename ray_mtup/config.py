@@ -328,6 +328,8 @@ class TrainConfig(Settings):
     @model_validator(mode="after")
     def _project_checks(self) -> TrainConfig:
         _check(model_kind(self.model) is not None, "model", unknown_model(self.model))
+        if self.model in MODELS:  # the registry's models are Llama-style decoders (Qwen2.5, Qwen3)
+            check_lora_targets(self.lora.target_modules, DECODER_LINEARS, self.model)
         if self.model_path is not None:
             _check(Path(self.model_path).exists(), "model_path", f"{self.model_path} does not exist")
         _check(self.template in TEMPLATE_NAMES, "template",
@@ -400,6 +402,14 @@ class TrainConfig(Settings):
     def replace(self, **overrides: Any) -> TrainConfig:
         """A new config with ``overrides`` applied (dotted keys reach nested settings)."""
         return TrainConfig.from_dict(merge(self.to_dict(), overrides))
+
+
+def check_lora_targets(targets: tuple[str, ...], linears: tuple[str, ...], model: str) -> None:
+    """ConfigError naming ``lora.target_modules`` when a name is not one of the model's linear layers."""
+    bad = [t for t in targets if t != ALL_LINEAR and t not in linears]
+    if bad:
+        raise ConfigError("lora.target_modules", f"unknown module {bad[0]!r} of {model}; choose from "
+                                                 f"{[ALL_LINEAR, *linears]}")
 
 
 def unknown_model(model: str) -> str:

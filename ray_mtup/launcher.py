@@ -28,6 +28,7 @@ from .config import (
     PRESETS,
     SEARCH_SPACES,
     TrainConfig,
+    check_lora_targets,
     packaged_names,
     packaged_yaml,
     resolve_config,
@@ -35,11 +36,11 @@ from .config import (
 )
 from .dataset import corpus_splits, to_mtup
 from .devices import DEVICES, Cluster, TrialPlan, local_gpus, plan_trials, probe_gpu_memory, ray_gpus
-from .errors import ConfigError, RayMtupError
+from .errors import ConfigError, ModelError, RayMtupError
 from .holdout import describe, describe_corpus, format_interval, format_test_line
 from .logs import ray_worker_setup, setup_logging
 from .modeling import check_model_files
-from .models import MODELS, model_kind
+from .models import MODELS, model_kind, model_shape
 from .outputs import format_epoch_table, with_launch
 from .reporting import local_results_dir
 from .tracking import DEFAULT_TRACKER, TRACKERS, check_tracker, record_single_run, tracker_location
@@ -216,8 +217,23 @@ def config_from_args(args: argparse.Namespace, space_overrides: Mapping[str, Any
     """
     # a checkpoint directory by its absolute path: Ray workers (and a later `predict`) may not share ours
     model = _absolute(args.model) if args.model and model_kind(args.model) == "directory" else args.model
-    return with_data_dir(resolve_config(model, preset=args.preset, config_file=args.config,
-                                        space_overrides=space_overrides, overrides=flag_overrides(args)))
+    cfg = with_data_dir(resolve_config(model, preset=args.preset, config_file=args.config,
+                                       space_overrides=space_overrides, overrides=flag_overrides(args)))
+    check_model(cfg)
+    return cfg
+
+
+def check_model(cfg: TrainConfig) -> None:
+    """For a hub id or a checkpoint directory, read its config.json (no weights) before Ray
+    starts: a model that cannot be read, or LoRA targets that are not its linear layers, is a
+    ConfigError (a registry model's targets are checked by the config itself)."""
+    if cfg.model in MODELS:
+        return
+    try:
+        shape = model_shape(cfg.model, cfg.model_path)
+    except ModelError as exc:
+        raise ConfigError("model_path" if cfg.model_path else "model", str(exc)) from None
+    check_lora_targets(cfg.lora.target_modules, tuple(shape.linear_shapes()), cfg.model)
 
 
 def check_corpus(cfg: TrainConfig) -> None:

@@ -21,6 +21,7 @@ parameters, 1e-4 and 15 epochs above, at a global batch of 16.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -126,6 +127,11 @@ def _read_config(path: str, gguf_file: str | None) -> dict[str, Any]:
     from transformers import AutoConfig
 
     local = Path(path).exists()
+    if local and not gguf_file and (Path(path) / "config.json").is_file():
+        try:  # as written: a config transformers does not know still gives its sizes
+            return json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot read {Path(path) / 'config.json'}: {exc}") from None
     try:
         config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError, KeyError) as exc:
@@ -143,9 +149,10 @@ def _read_config(path: str, gguf_file: str | None) -> dict[str, Any]:
 
 
 def read_model_config(path: str, gguf_file: str | None = None) -> dict[str, Any]:
-    """The model's ``config.json`` as transformers reads it (a directory, a GGUF file's metadata,
-    or a hub id through the hub's cache), without weights; the language model's part of a
-    multimodal config. ModelError naming the directory or the hub id when it cannot be read."""
+    """The model's ``config.json``, without weights: a directory's file as written, else what
+    transformers' ``AutoConfig`` reads (a hub id through the hub's cache, a GGUF file's
+    metadata; the language model's part of a multimodal config). ModelError naming the
+    directory or the hub id when it cannot be read."""
     return dict(_read_config(str(path), gguf_file))
 
 
