@@ -127,14 +127,15 @@ def _read_config(path: str, gguf_file: str | None) -> dict[str, Any]:
     from transformers import AutoConfig
 
     local = Path(path).exists()
-    if local and not gguf_file and (Path(path) / "config.json").is_file():
-        try:  # as written: a config transformers does not know still gives its sizes
-            return json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot read {Path(path) / 'config.json'}: {exc}") from None
     try:
         config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError, KeyError) as exc:
+        written = Path(path) / "config.json"
+        if local and not gguf_file and written.is_file():  # a model type transformers does not know:
+            try:  # its sizes as written
+                return json.loads(written.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise ModelError(f"cannot read {written}: {err}") from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if local:
             raise ModelError(f"cannot read the model config of {path}{'/' + gguf_file if gguf_file else ''}: "
@@ -149,10 +150,11 @@ def _read_config(path: str, gguf_file: str | None) -> dict[str, Any]:
 
 
 def read_model_config(path: str, gguf_file: str | None = None) -> dict[str, Any]:
-    """The model's ``config.json``, without weights: a directory's file as written, else what
-    transformers' ``AutoConfig`` reads (a hub id through the hub's cache, a GGUF file's
-    metadata; the language model's part of a multimodal config). ModelError naming the
-    directory or the hub id when it cannot be read."""
+    """The model's ``config.json`` as transformers' ``AutoConfig`` reads it, with its config
+    class's defaults (Gemma 3 ties its embeddings without saying so), without weights: a
+    directory, a hub id through the hub's cache, a GGUF file's metadata; the language model's
+    part of a multimodal config; a directory whose model type transformers does not know, as
+    written. ModelError naming the directory or the hub id when it cannot be read."""
     return dict(_read_config(str(path), gguf_file))
 
 
