@@ -146,3 +146,38 @@ def test_memory_plan_of_released_models_on_one_h200(card, capsys):
     assert plan["fits"] and plan["micro_batch_size"] * plan["grad_accum"] == 16
     assert plan["lora_targets"] == list(DECODER_LINEARS)
     print(plan["explain"])
+
+
+#: One run per architecture, each through run_tune.py and the same loading path as a hub checkpoint
+#: (from_pretrained of the directory): Qwen3 with its chat template (thinking off), Llama under
+#: ZeRO-3 on two workers, Gemma 3 with its chat template (<end_of_turn>, sliding-window layers).
+E2E = {"qwen3": ["--set", "chat_template=true"],
+       "llama": ["--workers-per-trial", "2", "--zero-stage", "3"],
+       "gemma3": ["--set", "chat_template=true"]}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", FAMILIES)
+def test_run_tune_and_predict_on_each_architecture(family_checkpoints, family, tmp_path):
+    from ray_mtup.predict import predict_file
+
+    directory = family_checkpoints[family]
+    proc = subprocess.run(
+        [sys.executable, "run_tune.py", "--model", str(directory), "--preset", "quick_test", "--no-search",
+         "--set", "max_samples=24", "--set", "eval_max_samples=4", "--set", "max_new_tokens=24",
+         "--set", "max_steps_per_epoch=1", "--storage-path", str(tmp_path), "--name", family, *E2E[family]],
+        cwd=REPO_ROOT, env={**os.environ}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "no documented optimum: derived defaults" in proc.stderr + proc.stdout
+    summary = json.loads((tmp_path / family / "summary.json").read_text(encoding="utf-8"))
+    plan = summary["memory_plan"]
+    assert summary["config"]["model"] == str(directory) and plan["lora_targets"] == list(DECODER_LINEARS)
+    assert plan["model_shape"]["model_type"] == json.loads((directory / "config.json").read_text())["model_type"]
+    assert (plan["world_size"], plan["zero_stage"]) == ((2, 3) if family == "llama" else (1, plan["zero_stage"]))
+    assert summary["final"]["n_eval"] == 4
+    sentences = tmp_path / "in.txt"
+    sentences.write_text("tôi đi học .\nanh ấy đọc sách ở thư viện .\n", encoding="utf-8")
+    report = predict_file(tmp_path / family, sentences, tmp_path / "out.txt", max_new_tokens=24)
+    assert report.n_sentences == 2
+    blocks = (tmp_path / "out.txt").read_text(encoding="utf-8").strip().split("\n\n")
+    assert [b.splitlines()[0] for b in blocks] == ["#::snt tôi đi học .", "#::snt anh ấy đọc sách ở thư viện ."]
