@@ -94,7 +94,9 @@ def model_kind(model: str) -> Literal["registry", "directory", "hub"] | None:
     """What ``model`` names: a registry entry, a local checkpoint directory, a hub id, or nothing."""
     if model in MODELS:
         return "registry"
-    if Path(model).is_dir():
+    # an absolute path names a directory even where it is absent (a run's config read on another
+    # machine, whose `predict --model-path` gives the weights); loading it is what fails, if anything
+    if Path(model).is_dir() or Path(model).is_absolute():
         return "directory"
     if _HUB_ID.match(model):
         return "hub"

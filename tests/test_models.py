@@ -164,7 +164,7 @@ def test_run_tune_and_predict_on_each_architecture(family_checkpoints, family, t
     directory = family_checkpoints[family]
     proc = subprocess.run(
         [sys.executable, "run_tune.py", "--model", str(directory), "--preset", "quick_test", "--no-search",
-         "--set", "max_samples=24", "--set", "eval_max_samples=4", "--set", "max_new_tokens=24",
+         "--set", "max_samples=24", "--set", "eval_max_samples=2", "--set", "max_new_tokens=24",
          "--set", "max_steps_per_epoch=1", "--storage-path", str(tmp_path), "--name", family, *E2E[family]],
         cwd=REPO_ROOT, env={**os.environ}, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -174,7 +174,7 @@ def test_run_tune_and_predict_on_each_architecture(family_checkpoints, family, t
     assert summary["config"]["model"] == str(directory) and plan["lora_targets"] == list(DECODER_LINEARS)
     assert plan["model_shape"]["model_type"] == json.loads((directory / "config.json").read_text())["model_type"]
     assert (plan["world_size"], plan["zero_stage"]) == ((2, 3) if family == "llama" else (1, plan["zero_stage"]))
-    assert summary["final"]["n_eval"] == 4
+    assert summary["final"]["n_eval"] == 2  # the validation split of 24 graphs
     sentences = tmp_path / "in.txt"
     sentences.write_text("tôi đi học .\nanh ấy đọc sách ở thư viện .\n", encoding="utf-8")
     report = predict_file(tmp_path / family, sentences, tmp_path / "out.txt", max_new_tokens=24)
