@@ -128,7 +128,7 @@ def weights_reference(model: str, model_path: str | None) -> tuple[str, str | No
 def _read_config(path: str, gguf_file: str | None) -> dict[str, Any]:
     from transformers import AutoConfig
 
-    local = Path(path).exists()
+    local = Path(path).exists() or Path(path).is_absolute()  # an absolute path is a directory, not a hub id
     try:
         config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError, KeyError) as exc:

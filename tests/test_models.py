@@ -87,7 +87,7 @@ def test_model_is_a_registry_name_a_hub_id_or_a_directory(tmp_path):
 
 def test_hub_id_without_network_exits_2_naming_it(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    proc = subprocess.run([sys.executable, "run_tune.py", "--model", "Qwen/Qwen3-8B", "--no-search",
+    proc = subprocess.run([sys.executable, "run_tune.py", "--model", "Qwen/Qwen3-8B", "--no-search", "--dry-run",
                            "--storage-path", str(tmp_path / "runs")],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -113,6 +113,20 @@ def test_chat_prompt_ends_each_turn_with_the_familys_token(family_checkpoints, f
     prompt = render_inference(TEMPLATES["v2_natural"], ex.sentence, chat=tok)
     assert prompt.endswith(TEMPLATES["v2_natural"].step1_marker) and "tôi đi học ." in prompt
     assert ("<think>\n\n</think>" in prompt) == (family == "qwen3")  # Qwen3's thinking block is off
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dry_run_prints_each_architectures_memory_plan(family_checkpoints, family, capsys):
+    from ray_mtup import launcher
+
+    directory = family_checkpoints[family]
+    assert launcher.main(["--model", str(directory), "--no-search", "--dry-run", "--json", "--device", "gpu",
+                          "--num-gpus", "1", "--device-memory", "80e9"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    plan = out["memory_plan"]
+    assert plan["model_shape"]["model_type"] == json.loads((directory / "config.json").read_text())["model_type"]
+    assert plan["base_params"] == memory.model_shape(str(directory)).base_params() and plan["fits"]
+    assert plan["lora_targets"] == list(DECODER_LINEARS)
 
 
 def test_pad_token_comes_from_the_generation_config(family_checkpoints, tmp_path):
@@ -165,7 +179,8 @@ def test_run_tune_and_predict_on_each_architecture(family_checkpoints, family, t
     proc = subprocess.run(
         [sys.executable, "run_tune.py", "--model", str(directory), "--preset", "quick_test", "--no-search",
          "--set", "max_samples=24", "--set", "eval_max_samples=2", "--set", "max_new_tokens=24",
-         "--set", "max_steps_per_epoch=1", "--storage-path", str(tmp_path), "--name", family, *E2E[family]],
+         "--set", "max_steps_per_epoch=1", "--device", "cpu", "--storage-path", str(tmp_path), "--name", family,
+         *E2E[family]],
         cwd=REPO_ROOT, env={**os.environ}, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "no documented optimum: derived defaults" in proc.stderr + proc.stdout
