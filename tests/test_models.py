@@ -192,7 +192,7 @@ def test_run_tune_and_predict_on_each_architecture(family_checkpoints, family, t
     assert summary["final"]["n_eval"] == 2  # the validation split of 24 graphs
     sentences = tmp_path / "in.txt"
     sentences.write_text("tôi đi học .\nanh ấy đọc sách ở thư viện .\n", encoding="utf-8")
-    report = predict_file(tmp_path / family, sentences, tmp_path / "out.txt", max_new_tokens=24)
+    report = predict_file(tmp_path / family, sentences, tmp_path / "out.txt", max_new_tokens=24, device="cpu")
     assert report.n_sentences == 2
     blocks = (tmp_path / "out.txt").read_text(encoding="utf-8").strip().split("\n\n")
     assert [b.splitlines()[0] for b in blocks] == ["#::snt tôi đi học .", "#::snt anh ấy đọc sách ở thư viện ."]
