@@ -294,9 +294,21 @@ def shape_from_config(config: Mapping[str, Any]) -> ModelShape:
         raise ModelError(f"the model config lacks a size the memory plan needs: {exc}") from None
 
 
+#: One folder per registry name with the ``config.json`` its model card publishes (no weights):
+#: a registry name's shape is read from there, so planning it needs no network.
+MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
+
+
 def model_shape(model: str, model_path: str | None = None) -> ModelShape:
     """The shape of ``model`` (weights at ``model_path`` when given), read from its config.json
-    without loading weights. ModelError for ``tiny`` (its checkpoint is written by the run)."""
+    without loading weights: a registry name's from :data:`MODEL_CONFIGS`, a hub id's from the
+    hub, a directory's from itself. ModelError for ``tiny`` (its checkpoint is written by the run).
+
+    >>> model_shape("qwen2.5-7b").hidden_size, model_shape("qwen3-8b").num_layers
+    (3584, 36)
+    """
+    if model_path is None and model in MODELS and (MODEL_CONFIGS / model / "config.json").is_file():
+        return shape_from_config(read_model_config(str(MODEL_CONFIGS / model)))
     ref = weights_reference(model, model_path)
     if ref is None:
         raise ModelError(f"model {model!r} has no config.json before its run writes it; give --model-path")

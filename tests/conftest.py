@@ -39,6 +39,14 @@ from ray_mtup.config import corpus_dir
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
 
+
+def card_dir(name: str) -> Path:
+    """The folder of a released model's config.json written from its card: the registry's own
+    (ray_mtup/model_configs/), else the tests' (fixtures/configs/: models outside the registry)."""
+    from ray_mtup.models import MODEL_CONFIGS
+
+    return MODEL_CONFIGS / name if (MODEL_CONFIGS / name).is_dir() else FIXTURES_DIR / "configs" / name
+
 #: Malformed corpus fixtures in fixtures/bad/: (file, 1-based line of the error, reason).
 MALFORMED_CORPORA = [
     ("bad_utf8.txt", 3, "not valid UTF-8"),

@@ -15,13 +15,14 @@ from ray_mtup import launcher
 from ray_mtup.config import TrainConfig, resolve_config
 from ray_mtup.devices import Cluster, plan_trials
 from ray_mtup.errors import ModelError
+from ray_mtup.models import MODEL_CONFIGS
 
 REPO = Path(__file__).resolve().parents[1]
 H200 = 141e9
 
-#: Qwen2.5-7B-Instruct by its config.json (tests/fixtures/configs, from the model card): its shape
+#: Qwen2.5-7B-Instruct by its config.json (ray_mtup/model_configs, from the model card): its shape
 #: without the hub; a 7.6B model without a documented optimum derives 1e-4 and 15 epochs, as documented.
-SEVEN = str(Path(__file__).resolve().parent / "fixtures" / "configs" / "qwen2.5-7b")
+SEVEN = str(MODEL_CONFIGS / "qwen2.5-7b")
 
 
 class RayStarted(Exception):

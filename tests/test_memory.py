@@ -15,11 +15,10 @@ from ray_mtup.launcher import build_parser, config_from_args
 from ray_mtup.memory import ModelShape, plan_memory
 from ray_mtup.models import shape_from_config
 
-from conftest import FIXTURES_DIR
+from conftest import card_dir
 
-CONFIGS = FIXTURES_DIR / "configs"  # config.json of released models, written by hand from their cards
 #: The registry's Qwen2.5 shapes, from their config.json.
-SHAPES = {name: shape_from_config(json.loads((CONFIGS / name / "config.json").read_text()))
+SHAPES = {name: shape_from_config(json.loads((card_dir(name) / "config.json").read_text()))
           for name in ("qwen2.5-1.5b", "qwen2.5-7b")}
 Q7 = SHAPES["qwen2.5-7b"]
 GPU = dict(on_gpu=True, seq_len=1024, global_batch_size=16, lora=LoraSettings())
@@ -57,8 +56,8 @@ def test_shape_is_read_from_the_checkpoint_config(tmp_path):
         "model_type": "qwen2", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 1000, "tie_word_embeddings": True}))
     assert memory.model_shape("qwen2.5-7b", str(tmp_path)) == ModelShape(128, 256, 2, 4, 2, 1000, True)
-    assert memory.model_shape("qwen2.5-7b", str(CONFIGS / "qwen2.5-7b")) == Q7
-    assert memory.model_shape(str(CONFIGS / "qwen2.5-7b")) == Q7  # the directory as the model itself
+    assert memory.model_shape("qwen2.5-7b", str(card_dir("qwen2.5-7b"))) == Q7
+    assert memory.model_shape(str(card_dir("qwen2.5-7b"))) == Q7  # the directory as the model itself
 
 
 def test_7b_picks_zero2_on_80gb_and_zero3_on_24gb():
@@ -166,7 +165,7 @@ def test_auto_and_ints_from_yaml_and_flags():
 
 
 def test_entry_point_prints_a_plan_without_a_device(capsys):
-    seven = str(CONFIGS / "qwen2.5-7b")
+    seven = str(card_dir("qwen2.5-7b"))
     assert memory.main(["--model", "qwen2.5-7b", "--model-path", seven, "--device-memory", "141e9", "--world", "1",
                         "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)

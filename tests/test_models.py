@@ -23,9 +23,8 @@ from ray_mtup.launcher import build_parser, config_from_args
 from ray_mtup.models import DECODER_LINEARS, model_optimum
 from ray_mtup.modeling import WeightsSource, apply_lora, build_model, build_tokenizer
 
-from conftest import FIXTURES_DIR, REPO_ROOT
+from conftest import REPO_ROOT, card_dir
 
-CONFIGS = FIXTURES_DIR / "configs"
 FAMILIES = ("qwen3", "llama", "gemma3")
 #: (end-of-turn token, pad token) each family's tokenizer and generation config give.
 TURN_AND_PAD = {"qwen3": ("<|im_end|>", "<|endoftext|>"), "llama": ("<|eot_id|>", "<|eot_id|>"),
@@ -53,8 +52,8 @@ def test_shape_from_config_counts_the_built_model_and_its_all_linear_adapter(fam
 ])
 def test_defaults_are_derived_from_the_size_in_config_json(card, params, lr, epochs, caplog):
     with caplog.at_level(logging.INFO, logger="ray_mtup.config"):
-        cfg = resolve_config(str(CONFIGS / card))
-    found = model_optimum(str(CONFIGS / card))
+        cfg = resolve_config(str(card_dir(card)))
+    found = model_optimum(str(card_dir(card)))
     assert found.params == pytest.approx(params, rel=0.005) and not found.documented
     assert (cfg.learning_rate, cfg.epochs, cfg.global_batch_size, cfg.per_device_batch_size) == (lr, epochs, 16, "auto")
     assert "no documented optimum: derived defaults" in caplog.text
@@ -68,19 +67,19 @@ def test_registry_lists_qwen3_by_hub_id_and_qwen25_keeps_its_documented_optimum(
     seven = resolve_config("qwen2.5-7b")  # no config.json read: documented
     assert (seven.learning_rate, seven.epochs) == (1e-4, 15)
     # a registry name with its weights elsewhere: the shape (and so the defaults) from there
-    q8 = resolve_config("qwen3-8b", overrides={"model_path": str(CONFIGS / "qwen3-8b")})
+    q8 = resolve_config("qwen3-8b", overrides={"model_path": str(card_dir("qwen3-8b"))})
     assert (q8.learning_rate, q8.epochs) == (1e-4, 15)
 
 
 def test_model_is_a_registry_name_a_hub_id_or_a_directory(tmp_path):
     assert TrainConfig(model="Qwen/Qwen3-8B").spec.hub_id == "Qwen/Qwen3-8B"
-    assert TrainConfig(model=str(CONFIGS / "llama-3.1-8b")).spec.hub_id is None
+    assert TrainConfig(model=str(card_dir("llama-3.1-8b"))).spec.hub_id is None
     with pytest.raises(ConfigError, match="model: unknown model 'llama'"):
         TrainConfig(model="llama")
     with pytest.raises(ConfigError, match="lora.target_modules"):
         TrainConfig(lora={"target_modules": ["all-linear", "q_proj"]})
     # a directory's own linears decide its targets, before Ray starts
-    args = build_parser().parse_args(["--model", str(CONFIGS / "gemma-3-1b"), "--set", "lora.target_modules=qkv_proj"])
+    args = build_parser().parse_args(["--model", str(card_dir("gemma-3-1b")), "--set", "lora.target_modules=qkv_proj"])
     with pytest.raises(ConfigError, match="lora.target_modules: unknown module 'qkv_proj'"):
         config_from_args(args)
 
@@ -147,7 +146,7 @@ def test_default_search_centres_on_the_derived_defaults():
 
     space = load_search_space(packaged_yaml(SEARCH_SPACES, "default"))
     for card, (lr, epochs) in {"qwen3-14b": (1e-4, 15), "gemma-3-1b": (2e-4, 10)}.items():
-        base = resolve_config(str(CONFIGS / card)).replace(**space.overrides)
+        base = resolve_config(str(card_dir(card))).replace(**space.overrides)
         point = documented_optimum(space, base)
         assert (point["learning_rate"], point["epochs"]) == (lr, epochs)
 
@@ -155,7 +154,7 @@ def test_default_search_centres_on_the_derived_defaults():
 @pytest.mark.parametrize("card", ["qwen3-8b", "qwen3-14b", "llama-3.1-8b"])
 def test_memory_plan_of_released_models_on_one_h200(card, capsys):
     """The plan these models get on one H200 (141 GB) at 1024 tokens, from their cards' config.json."""
-    assert memory.main(["--model", str(CONFIGS / card), "--device-memory", "141e9", "--json"]) == 0
+    assert memory.main(["--model", str(card_dir(card)), "--device-memory", "141e9", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["fits"] and plan["micro_batch_size"] * plan["grad_accum"] == 16
     assert plan["lora_targets"] == list(DECODER_LINEARS)
