@@ -46,7 +46,8 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
+from .models import ALL_LINEAR, DECODER_LINEARS, MODELS, ModelSpec, model_kind, model_optimum, model_spec
 
 logger = logging.getLogger(__name__)
 
@@ -59,37 +60,9 @@ MAX_FAILURES = 2
 
 TEMPLATE_NAMES = ("v1_formal", "v2_natural", "v3_instructional", "v4_compact", "v5_cot")
 SCORING_MODES = ("official", "normalised")  # == ray_mtup.scoring.MODES
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: The default LoRA targets: every linear layer but the output head, as peft's ``all-linear`` finds them.
+LORA_TARGETS = (ALL_LINEAR,)
 
-
-class ModelSpec(BaseModel):
-    """A model of the registry and its documented optimum."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str
-    hub_id: str | None
-    learning_rate: float
-    epochs: int
-    per_device_batch_size: int | Literal["auto"]
-    global_batch_size: int = 16  # the method's recipe: a global batch of 16
-    train_base: bool = False
-
-
-def _spec(name: str, hub_id: str | None, lr: float, epochs: int, micro: int | str, **kw: Any) -> ModelSpec:
-    return ModelSpec(name=name, hub_id=hub_id, learning_rate=lr, epochs=epochs, per_device_batch_size=micro, **kw)
-
-
-#: The model registry. ``tiny`` is a random-init Qwen2 built locally (tests, CPU demo). The
-#: real models plan their micro-batch from the device's memory (``auto``: ray_mtup.memory) at
-#: the documented global batch of 16 (the method's recipe: 4 x 4 for 1.5B/3B, 2 x 8 for 7B).
-MODELS: dict[str, ModelSpec] = {
-    "qwen2.5-1.5b": _spec("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct", 2e-4, 10, "auto"),
-    "qwen2.5-3b": _spec("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct", 2e-4, 10, "auto"),
-    "qwen2.5-7b": _spec("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", 1e-4, 15, "auto"),
-    # A random-init base holds nothing worth freezing: tiny trains it too (lora.train_base).
-    "tiny": _spec("tiny", None, 1e-3, 10, 8, train_base=True),
-}
 
 #: The faults ``inject_fault`` injects (see :mod:`ray_mtup.faults`).
 FAULT_KINDS = ("nan_loss", "kill_worker", "oom", "disk_full", "corrupt_adapter", "drop_state")
@@ -186,7 +159,9 @@ class LoraSettings(Settings):
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: tuple[str, ...] = Field(
         LORA_TARGETS, min_length=1,
-        description=f"Linear layers that get an adapter: a list, or one name ({', '.join(LORA_TARGETS)}).")
+        description=(f"Linear layers that get an adapter: {ALL_LINEAR} (every linear layer but the output "
+                     f"head, as peft finds them in the model), or a list of module names, or one name "
+                     f"(e.g. {', '.join(DECODER_LINEARS)})."))
     train_base: bool = Field(False, description=(
         "Also train the base weights (saved beside the adapter as base_model.safetensors). "
         "Only for a random-init base (the tiny model), which a frozen LoRA cannot teach."))
@@ -199,9 +174,13 @@ class LoraSettings(Settings):
     @field_validator("target_modules")
     @classmethod
     def _known_targets(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [v for v in value if v not in LORA_TARGETS]
+        """Module names (checked against the model when the adapter is built), or ``all-linear`` alone."""
+        if ALL_LINEAR in value and len(value) > 1:
+            raise ValueError(f"{ALL_LINEAR} stands alone (it is every linear layer), got {list(value)}")
+        bad = [v for v in value if v != ALL_LINEAR and not re.fullmatch(r"[A-Za-z_][\w.]*", v)]
         if bad:
-            raise ValueError(f"unknown module {bad[0]!r}; choose from {list(LORA_TARGETS)}")
+            raise ValueError(f"{bad[0]!r} is not a module name; give {ALL_LINEAR} or names such as "
+                             f"{', '.join(DECODER_LINEARS)}")
         return value
 
 
@@ -225,14 +204,20 @@ class TrainConfig(Settings):
     """Everything one training run (one trial) needs. Travels to workers as a dict."""
 
     # model
-    model: str = Field("tiny", description=f"Registry name: {', '.join(MODELS)}.")
-    model_path: str | None = Field(None, description="Local weights: a directory or a single .gguf file.")
+    model: str = Field("tiny", description=(
+        f"A registry name ({', '.join(MODELS)}), a hub id (Qwen/Qwen3-8B) or a local checkpoint directory."))
+    model_path: str | None = Field(None, description=(
+        "Local weights of the model: a directory or a single .gguf file."))
     tiny: TinyModelSettings = Field(default_factory=TinyModelSettings, description="Shape of the tiny model.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter settings.")
     # data
     data_dir: str | None = Field(None, description=(
         f"Corpus directory; None: ${DATA_DIR_ENV}, else the shipped sample corpus (see corpus_dir)."))
     template: str = Field("v2_natural", description="MTUP prompt template.")
+    chat_template: bool = Field(False, description=(
+        "Put the MTUP template's instruction in the user turn of the tokenizer's chat template "
+        "(Qwen3's thinking block off) and train the completion as the assistant's turn, ended by the "
+        "template's end-of-turn token; false: the plain MTUP text ended by EOS."))
     max_samples: int | None = Field(None, ge=2, description="Cap on corpus graphs (None: all).")
     val_split: float = Field(0.1, gt=0.0, lt=1.0, description="Fraction held out for validation.")
     max_seq_len: int = Field(2048, ge=32, description="Longer examples are skipped and counted.")
@@ -269,8 +254,9 @@ class TrainConfig(Settings):
         "position ids (sdpa, eager, flash_attention_2/3); with any other the run warns and pads. "
         "Validation loss and generation stay padded."))
     liger_kernel: bool = Field(False, description=(
-        "Liger's Triton kernels for Qwen2 (fused linear cross-entropy, RoPE, RMSNorm, SwiGLU). "
-        "Ignored, with a warning, without CUDA or without the liger-kernel package (extra `gpu`); "
+        "Liger's Triton kernels for the model's family where Liger has them (Qwen2/3, Llama, Gemma 3 and more; "
+        "fused linear cross-entropy, RoPE, RMSNorm, SwiGLU/GeGLU). Ignored, with a warning, for a family "
+        "Liger lacks, without CUDA or without the liger-kernel package (extra `gpu`); "
         "under ZeRO-3 the fused cross-entropy is left off (it reads the sharded lm_head weight)."))
     # evaluation
     eval_batch_size: int = Field(32, ge=1, description="Generation batch per worker.")
@@ -341,7 +327,9 @@ class TrainConfig(Settings):
 
     @model_validator(mode="after")
     def _project_checks(self) -> TrainConfig:
-        _check(self.model in MODELS, "model", f"unknown model {self.model!r}; choose from {sorted(MODELS)}")
+        _check(model_kind(self.model) is not None, "model", unknown_model(self.model))
+        if self.model in MODELS:  # the registry's models are Llama-style decoders (Qwen2.5, Qwen3)
+            check_lora_targets(self.lora.target_modules, DECODER_LINEARS, self.model)
         if self.model_path is not None:
             _check(Path(self.model_path).exists(), "model_path", f"{self.model_path} does not exist")
         _check(self.template in TEMPLATE_NAMES, "template",
@@ -387,7 +375,8 @@ class TrainConfig(Settings):
 
     @property
     def spec(self) -> ModelSpec:
-        return MODELS[self.model]
+        """The registry's entry for ``model`` (a hub id or a directory: one without an optimum)."""
+        return model_spec(self.model)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, YAML/JSON-safe dict (tuples become lists)."""
@@ -413,6 +402,19 @@ class TrainConfig(Settings):
     def replace(self, **overrides: Any) -> TrainConfig:
         """A new config with ``overrides`` applied (dotted keys reach nested settings)."""
         return TrainConfig.from_dict(merge(self.to_dict(), overrides))
+
+
+def check_lora_targets(targets: tuple[str, ...], linears: tuple[str, ...], model: str) -> None:
+    """ConfigError naming ``lora.target_modules`` when a name is not one of the model's linear layers."""
+    bad = [t for t in targets if t != ALL_LINEAR and t not in linears]
+    if bad:
+        raise ConfigError("lora.target_modules", f"unknown module {bad[0]!r} of {model}; choose from "
+                                                 f"{[ALL_LINEAR, *linears]}")
+
+
+def unknown_model(model: str) -> str:
+    return (f"unknown model {model!r}: give a registry name ({', '.join(sorted(MODELS))}), a hub id "
+            "(owner/name, e.g. Qwen/Qwen3-8B) or a checkpoint directory")
 
 
 def _as_int(value: Any) -> int | None:
@@ -564,6 +566,19 @@ def load_preset(name: str | Path) -> dict[str, Any]:
     return load_yaml(packaged_yaml(PRESETS, name))
 
 
+def optimum(model: str, model_path: str | None = None) -> Any:
+    """The model's documented optimum, or defaults derived from its size (logged as derived:
+    they are not the method's); a config.json that cannot be read is a ConfigError naming
+    ``model`` (or ``model_path``)."""
+    try:
+        found = model_optimum(model, model_path)
+    except ModelError as exc:
+        raise ConfigError("model_path" if model_path else "model", str(exc)) from None
+    if not found.documented:
+        logger.info("%s", found.describe(model))
+    return found
+
+
 def resolve_config(
     model: str | None = None,
     preset: str | Path | None = None,
@@ -584,9 +599,10 @@ def resolve_config(
     loaded = load_yaml(config_file) if config_file is not None else {}
     model = loaded.get("model", model) if model is None else model
     model = model or "tiny"
-    if model not in MODELS:
-        raise ConfigError("model", f"unknown model {model!r}; choose from {sorted(MODELS)}")
-    spec = MODELS[model]
+    if model_kind(model) is None:
+        raise ConfigError("model", unknown_model(model))
+    model_path = (overrides or {}).get("model_path") or loaded.get("model_path")
+    spec = optimum(model, model_path)
     layers: list[Mapping[str, Any]] = [
         {"model": model, "learning_rate": spec.learning_rate, "epochs": spec.epochs,
          "per_device_batch_size": spec.per_device_batch_size, "global_batch_size": spec.global_batch_size,

@@ -29,7 +29,7 @@ from . import amr, retrieval
 from .config import corpus_dir
 from .corpus import Example, MtupExample, load_corpus, normalise_sentence, read_amr_file
 from .errors import CorpusError
-from .prompts import TEMPLATES, Template, render_training
+from .prompts import TEMPLATES, Template, end_of_turn_id, render_training
 
 logger = logging.getLogger(__name__)
 
@@ -278,12 +278,14 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
-def encode(tokenizer: Any, template: Template, ex: MtupExample) -> Encoded:
-    """Token ids of prompt + completion + EOS; labels are IGNORE_INDEX over the prompt."""
-    rendered = render_training(template, ex.sentence, ex.task1, ex.task2, ex.context)
+def encode(tokenizer: Any, template: Template, ex: MtupExample, chat: bool = False) -> Encoded:
+    """Token ids of prompt + completion + EOS; labels are IGNORE_INDEX over the prompt. With
+    ``chat`` the prompt is the chat template's user turn and the completion ends with the
+    template's end-of-turn token instead (:func:`~ray_mtup.prompts.end_of_turn_id`)."""
+    rendered = render_training(template, ex.sentence, ex.task1, ex.task2, ex.context, tokenizer if chat else None)
     prompt_ids = tokenizer(rendered.prompt, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(rendered.completion, add_special_tokens=False)["input_ids"]
-    completion_ids = list(completion_ids) + [tokenizer.eos_token_id]
+    completion_ids = list(completion_ids) + [end_of_turn_id(tokenizer) if chat else tokenizer.eos_token_id]
     return Encoded(
         input_ids=list(prompt_ids) + completion_ids,
         labels=[IGNORE_INDEX] * len(prompt_ids) + completion_ids,
@@ -291,7 +293,7 @@ def encode(tokenizer: Any, template: Template, ex: MtupExample) -> Encoded:
 
 
 def encode_all(
-    tokenizer: Any, template: Template, examples: Sequence[MtupExample], max_seq_len: int
+    tokenizer: Any, template: Template, examples: Sequence[MtupExample], max_seq_len: int, chat: bool = False
 ) -> tuple[list[Encoded], list[str]]:
     """Encode every example; those longer than ``max_seq_len`` are skipped, logged and returned.
 
@@ -300,7 +302,7 @@ def encode_all(
     """
     kept, skipped = [], []
     for ex in examples:
-        enc = encode(tokenizer, template, ex)
+        enc = encode(tokenizer, template, ex, chat)
         if len(enc) > max_seq_len:
             skipped.append(ex.id)
             logger.warning("skipping %s: %d tokens > max_seq_len %d", ex.id, len(enc), max_seq_len)

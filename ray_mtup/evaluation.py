@@ -88,7 +88,8 @@ def evaluate_epoch(engine: Any, tokenizer: Any, cfg: TrainConfig, data: RunData,
     template = get_template(cfg.template)
     idx, real = shard(n_eval, rank, world)
     t0 = time.perf_counter()
-    prompts = prompts_for(template, [data.eval[i].sentence for i in idx], [data.eval[i].context for i in idx])
+    prompts = prompts_for(template, [data.eval[i].sentence for i in idx], [data.eval[i].context for i in idx],
+                          tokenizer if cfg.chat_template else None)
     seq_len = max((len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=0)
     plan = plan_generation(model, cfg, cfg.stage() == 3, world, device, seq_len + data.max_new_tokens)
     if rank == 0:

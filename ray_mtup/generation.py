@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from . import amr, grammar
-from .prompts import Template, marker_pattern, parse_generation, render_inference
+from .prompts import Template, marker_pattern, parse_generation, render_inference, stop_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def decoding_config(tokenizer: Any, max_new_tokens: int | None = None) -> Any:
 
     return GenerationConfig(do_sample=False, num_beams=1, repetition_penalty=1.0, use_cache=True,
                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+                            eos_token_id=stop_token_ids(tokenizer), bos_token_id=tokenizer.bos_token_id)
 
 
 def derived_max_new_tokens(completion_lengths: Sequence[int]) -> int:
@@ -308,7 +308,7 @@ def _generate_batch(model: Any, tokenizer: Any, encoded: Sequence[Sequence[int]]
     from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad_id, stops = tokenizer.pad_token_id, set(stop_token_ids(tokenizer))
     width = max(len(e) for e in encoded)
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(encoded), width), dtype=torch.long)
@@ -328,7 +328,7 @@ def _generate_batch(model: Any, tokenizer: Any, encoded: Sequence[Sequence[int]]
                              stopping_criteria=stopping, synced_gpus=o.synced_gpus, **extra)
     rows = []
     for row in out[:, width:].cpu().tolist():
-        ended = [k for k, t in enumerate(row) if t in (eos_id, pad_id)]
+        ended = [k for k, t in enumerate(row) if t in stops or t == pad_id]
         n = ended[0] + 1 if ended else len(row)
         text = tokenizer.decode(row[:n], skip_special_tokens=True)
         closed = o.stop_template is not None and step2_closed(text, o.stop_template)
@@ -429,8 +429,9 @@ def parse_outputs(template: Template, raw_outputs: Sequence[str]) -> list[Parsed
 
 
 def prompts_for(template: Template, sentences: Sequence[str],
-                contexts: Sequence[Sequence[tuple[str, str]]] | None = None) -> list[str]:
-    """Inference prompts; ``contexts`` (one per sentence) are retrieved training pairs."""
+                contexts: Sequence[Sequence[tuple[str, str]]] | None = None, chat: Any = None) -> list[str]:
+    """Inference prompts; ``contexts`` (one per sentence) are retrieved training pairs; ``chat``
+    (a tokenizer, for ``chat_template: true``) puts each in its chat template's user turn."""
     if contexts is None:
-        return [render_inference(template, s) for s in sentences]
-    return [render_inference(template, s, c) for s, c in zip(sentences, contexts, strict=True)]
+        return [render_inference(template, s, (), chat) for s in sentences]
+    return [render_inference(template, s, c, chat) for s, c in zip(sentences, contexts, strict=True)]

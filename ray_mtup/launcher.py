@@ -24,11 +24,11 @@ from . import search, trial
 from .config import (
     DATA_DIR_ENV,
     MAX_FAILURES,
-    MODELS,
     PACKAGE_DIR,
     PRESETS,
     SEARCH_SPACES,
     TrainConfig,
+    check_lora_targets,
     packaged_names,
     packaged_yaml,
     resolve_config,
@@ -36,10 +36,11 @@ from .config import (
 )
 from .dataset import corpus_splits, to_mtup
 from .devices import DEVICES, Cluster, TrialPlan, local_gpus, plan_trials, probe_gpu_memory, ray_gpus
-from .errors import ConfigError, RayMtupError
+from .errors import ConfigError, ModelError, RayMtupError
 from .holdout import describe, describe_corpus, format_interval, format_test_line
 from .logs import ray_worker_setup, setup_logging
 from .modeling import check_model_files
+from .models import MODELS, model_kind, model_shape
 from .outputs import format_epoch_table, with_launch
 from .reporting import local_results_dir
 from .tracking import DEFAULT_TRACKER, TRACKERS, check_tracker, record_single_run, tracker_location
@@ -53,12 +54,13 @@ DEFAULT_SPACE = "default"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run_tune.py",
-        description="Tune LoRA fine-tuning of Qwen2.5 into a Vietnamese AMR parser (MTUP prompts) with Ray "
+        description="Tune LoRA fine-tuning of a causal LM (Qwen2.5, Qwen3, Llama, Gemma, ...) into a Vietnamese AMR parser (MTUP prompts) with Ray "
                     "Tune (Optuna TPE + ASHA) over Ray Train + DeepSpeed trials; objective: validation "
                     "corpus SMATCH F1 of Task 2. With --no-search, one run of a documented preset.")
-    p.add_argument("--model", choices=sorted(MODELS), default=None,
-                   help="model registry name (default: the --config file's model, else tiny)")
-    p.add_argument("--model-path", help="local weights: a model directory or a single .gguf file")
+    p.add_argument("--model", default=None,
+                   help=f"a registry name ({', '.join(sorted(MODELS))}), a hub id (Qwen/Qwen3-8B) or a local "
+                        "checkpoint directory (default: the --config file's model, else tiny)")
+    p.add_argument("--model-path", help="the model's weights stored apart: a model directory or a single .gguf file")
     p.add_argument("--data-dir", help="corpus directory with train_amr_1.txt and train_amr_2.txt "
                                       f"(default: ${DATA_DIR_ENV}, else the small sample corpus shipped "
                                       "with the package)")
@@ -213,8 +215,25 @@ def config_from_args(args: argparse.Namespace, space_overrides: Mapping[str, Any
     ``space_overrides``: a search space's ``overrides:``, the layer just below the flags
     (see :func:`ray_mtup.config.resolve_config` for the whole order).
     """
-    return with_data_dir(resolve_config(args.model, preset=args.preset, config_file=args.config,
-                                        space_overrides=space_overrides, overrides=flag_overrides(args)))
+    # a checkpoint directory by its absolute path: Ray workers (and a later `predict`) may not share ours
+    model = _absolute(args.model) if args.model and model_kind(args.model) == "directory" else args.model
+    cfg = with_data_dir(resolve_config(model, preset=args.preset, config_file=args.config,
+                                       space_overrides=space_overrides, overrides=flag_overrides(args)))
+    check_model(cfg)
+    return cfg
+
+
+def check_model(cfg: TrainConfig) -> None:
+    """For a hub id or a checkpoint directory, read its config.json (no weights) before Ray
+    starts: a model that cannot be read, or LoRA targets that are not its linear layers, is a
+    ConfigError (a registry model's targets are checked by the config itself)."""
+    if cfg.model in MODELS:
+        return
+    try:
+        shape = model_shape(cfg.model, cfg.model_path)
+    except ModelError as exc:
+        raise ConfigError("model_path" if cfg.model_path else "model", str(exc)) from None
+    check_lora_targets(cfg.lora.target_modules, tuple(shape.linear_shapes()), cfg.model)
 
 
 def check_corpus(cfg: TrainConfig) -> None:
@@ -421,7 +440,8 @@ def _search(args: argparse.Namespace, cfg: TrainConfig, space: Any, settings: An
 
 
 def _name(args: argparse.Namespace, cfg: TrainConfig) -> str:
-    return args.name or f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``--name``, else the model's last path part (a hub id's or a directory's) and the time."""
+    return args.name or f"{Path(cfg.model.rstrip('/')).name.lower()}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def closing_note(summary: Mapping[str, Any], tracker: str, corpus: str) -> str:

@@ -4,8 +4,8 @@ whether an evaluation replica of the merged model fits (:func:`replica_fits`).
 ``zero_stage: auto`` and ``per_device_batch_size: auto`` are resolved here, once on every
 worker, before the engine is built (:func:`resolve_auto`, called by
 :func:`ray_mtup.training.train_loop`). The estimate is arithmetic on the model's shape (read
-from the checkpoint's ``config.json`` or, for a registry model not on disk, from
-:data:`KNOWN_SHAPES`; no weights are loaded) and the run config. Per device, in bytes:
+from the model's ``config.json``, on disk or through the hub's cache, by
+:mod:`ray_mtup.models`; no weights are loaded) and the run config. Per device, in bytes:
 
 * **base weights** in the training dtype (bf16 on GPU, fp32 on CPU), divided by the world
   size under ZeRO-3; a base that trains too (``lora.train_base``) adds its fp32 master copy,
@@ -21,8 +21,10 @@ from the checkpoint's ``config.json`` or, for a registry model not on disk, from
   longest encoded training example: the length-grouped batches put the longest ones
   together), per token and per layer (:func:`activation_bytes_per_token_layer`, after
   Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
-  eq. 1, rewritten for Qwen2's SwiGLU MLP, grouped-query attention with a fused (SDPA)
-  kernel that stores no ``s x s`` scores, RoPE and RMSNorm, plus LoRA's dropout copies);
+  eq. 1, rewritten for the gated MLP of Qwen2/3, Llama and Gemma 3, grouped-query attention
+  with a fused (SDPA) kernel that stores no ``s x s`` scores, RoPE and RMSNorm, plus LoRA's
+  dropout copies; a sliding window, which only bounds the scores such a kernel never stores,
+  changes nothing here and is named in the plan's notes);
   with gradient checkpointing only every layer's input is kept, plus one layer recomputed;
 * **logits** of the whole vocabulary for the loss (:func:`logits_bytes_per_token`);
 * a **margin**: 10 % of the estimate plus 1 GiB (CUDA context, allocator fragmentation,
@@ -35,8 +37,9 @@ under ZeRO-2, else 3 (and the micro-batch is planned again under ZeRO-3). Explic
 are never changed; the plan then only reports whether they are expected to fit.
 
     python -m ray_mtup.memory --model qwen2.5-7b --device-memory 141e9 --world 1
+    python -m ray_mtup.memory --model path/to/checkpoint --device-memory 141e9 --json
 
->>> shape = KNOWN_SHAPES["qwen2.5-7b"]
+>>> shape = ModelShape(3584, 18944, 28, 28, 4, 152064)  # Qwen2.5-7B-Instruct's config.json
 >>> round(shape.base_params() / 1e9, 3), round(base_weight_bytes(shape, 2, 1, 2) / 1e9, 1)
 (7.616, 15.2)
 >>> plan = plan_memory(shape, world=1, free_bytes=141e9, total_bytes=141e9, on_gpu=True, seq_len=1024,
@@ -56,9 +59,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-from .config import LORA_TARGETS, LoraSettings, MODELS, TrainConfig, resolve_config
+from . import models
+from .config import LoraSettings, TrainConfig, resolve_config
 from .distributed import all_reduce
-from .errors import ConfigError, ModelError, RayMtupError
+from .errors import ConfigError, RayMtupError
+from .models import ModelShape, read_model_config, shape_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -73,98 +78,13 @@ OPTIMIZER_BYTES = 16
 Auto = Literal["auto"]
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """The sizes of a Qwen2-style decoder that the arithmetic needs."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
-
-    @property
-    def kv_dim(self) -> int:
-        """Width of the K (and V) projection: KV heads x head dimension."""
-        return self.num_kv_heads * (self.hidden_size // self.num_heads)
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) features of every linear layer of one decoder layer, by module name."""
-        h, i, kv = self.hidden_size, self.intermediate_size, self.kv_dim
-        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-    def layer_params(self) -> int:
-        """Parameters of one decoder layer: the linears, q/k/v biases (Qwen2) and two RMSNorms."""
-        h, kv = self.hidden_size, self.kv_dim
-        return sum(a * b for a, b in self.linear_shapes().values()) + (h + 2 * kv) + 2 * h
-
-    def embedding_params(self) -> int:
-        return self.vocab_size * self.hidden_size
-
-    def base_params(self) -> int:
-        """All parameters: embedding, layers, final norm, and the LM head unless tied.
-
-        >>> round(KNOWN_SHAPES["qwen2.5-1.5b"].base_params() / 1e9, 2)
-        1.54
-        """
-        head = 0 if self.tie_word_embeddings else self.embedding_params()
-        return self.embedding_params() + self.num_layers * self.layer_params() + self.hidden_size + head
-
-    def lora_params(self, r: int, targets: Sequence[str]) -> int:
-        """Adapter parameters: r x (in + out) for every targeted linear of every layer.
-
-        >>> KNOWN_SHAPES["qwen2.5-7b"].lora_params(64, LORA_TARGETS)
-        161480704
-        """
-        shapes = self.linear_shapes()
-        return self.num_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
-
-
-#: The Qwen2.5-Instruct shapes of the registry (their config.json), for a run whose weights
-#: are not on disk yet (a hub id) and for planning without any weights.
-KNOWN_SHAPES: dict[str, ModelShape] = {
-    "qwen2.5-1.5b": ModelShape(1536, 8960, 28, 12, 2, 151936, tie_word_embeddings=True),
-    "qwen2.5-3b": ModelShape(2048, 11008, 36, 16, 2, 151936, tie_word_embeddings=True),
-    "qwen2.5-7b": ModelShape(3584, 18944, 28, 28, 4, 152064),
-}
-
-
-def shape_from_config(config: Mapping[str, Any]) -> ModelShape:
-    """The shape from a ``config.json`` mapping (transformers' field names).
-
-    >>> shape_from_config({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-    ...                    "num_attention_heads": 4, "vocab_size": 300}).kv_dim
-    64
-    """
-    try:
-        heads = int(config["num_attention_heads"])
-        return ModelShape(int(config["hidden_size"]), int(config["intermediate_size"]),
-                          int(config["num_hidden_layers"]), heads, int(config.get("num_key_value_heads") or heads),
-                          int(config["vocab_size"]), bool(config.get("tie_word_embeddings", False)))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"the model config lacks a size the memory plan needs: {exc}") from None
-
-
 def model_shape(model: str, path: str | None = None, gguf_file: str | None = None) -> ModelShape:
-    """The shape of registry model ``model`` whose weights are at ``path`` (a directory, a hub
-    id, or the directory of ``gguf_file``), without loading weights: the directory's
-    ``config.json``, a GGUF file's metadata, else the registry's :data:`KNOWN_SHAPES`."""
-    local = Path(path) if path else None
-    if local is not None and gguf_file:
-        from transformers import AutoConfig
-
-        try:
-            return shape_from_config(AutoConfig.from_pretrained(str(local), gguf_file=gguf_file).to_dict())
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot read the model config of {local / gguf_file}: {exc}") from exc
-    if local is not None and (local / "config.json").is_file():
-        return shape_from_config(json.loads((local / "config.json").read_text(encoding="utf-8")))
-    if model in KNOWN_SHAPES:
-        return KNOWN_SHAPES[model]
-    raise ModelError(f"no config.json at {path} and no known shape for model {model!r}")
+    """The shape of ``model`` whose weights are at ``path`` (a directory, a hub id, or the
+    directory of ``gguf_file``), from its ``config.json`` (or a GGUF file's metadata), without
+    loading weights (:func:`ray_mtup.models.read_model_config`)."""
+    if path:
+        return shape_from_config(read_model_config(path, gguf_file))
+    return models.model_shape(model)
 
 
 # --------------------------------------------------------------------------- the terms
@@ -173,7 +93,7 @@ def model_shape(model: str, path: str | None = None, gguf_file: str | None = Non
 def base_weight_bytes(shape: ModelShape, dtype_bytes: int, world: int, stage: int) -> int:
     """The base weights on one device: all of them under ZeRO-2, a 1/world shard under ZeRO-3.
 
-    >>> s = KNOWN_SHAPES["qwen2.5-7b"]
+    >>> s = ModelShape(3584, 18944, 28, 28, 4, 152064)
     >>> base_weight_bytes(s, 2, 4, 3) * 4 == base_weight_bytes(s, 2, 4, 2)
     True
     """
@@ -194,7 +114,7 @@ def trainable_state_bytes(params: int, dtype_bytes: int, world: int, stage: int,
 def zero_buffer_bytes(shape: ModelShape, trainable: int, dtype_bytes: int, stage: int) -> int:
     """DeepSpeed's gradient reduce bucket; under ZeRO-3 also two gathered largest modules.
 
-    >>> zero_buffer_bytes(KNOWN_SHAPES["qwen2.5-7b"], 10**6, 2, 2)
+    >>> zero_buffer_bytes(ModelShape(3584, 18944, 28, 28, 4, 152064), 10**6, 2, 2)
     2000000
     """
     bucket = min(REDUCE_BUCKET, trainable) * dtype_bytes
@@ -226,7 +146,7 @@ def activation_bytes_per_token_layer(shape: ModelShape, dtype_bytes: int, lora: 
     elements = (4 * h + 3 * kv) + (h + 4 * i) + 4 * h
     shapes = shape.linear_shapes()
     lora_bytes = 0
-    for target in lora.target_modules:
+    for target in shape.lora_targets(lora.target_modules):
         d_in = shapes[target][0]
         lora_bytes += lora.r * dtype_bytes + (d_in * (dtype_bytes + 1) if lora.dropout > 0 else 0)
     return elements * dtype_bytes + lora_bytes
@@ -237,7 +157,7 @@ def logits_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:
     copy (transformers' loss upcasts), the fp32 log-softmax cross-entropy keeps, and the
     backward's fp32 gradient of it.
 
-    >>> logits_bytes_per_token(KNOWN_SHAPES["qwen2.5-7b"], 2)
+    >>> logits_bytes_per_token(ModelShape(3584, 18944, 28, 28, 4, 152064), 2)
     2128896
     """
     return shape.vocab_size * (dtype_bytes + 12)
@@ -248,7 +168,7 @@ def activation_bytes(shape: ModelShape, dtype_bytes: int, lora: LoraSettings, to
     """Activations of ``tokens`` tokens (micro-batch x length) through every layer: all of
     them kept, or (checkpointing) each layer's input plus one layer recomputed at a time.
 
-    >>> s = KNOWN_SHAPES["qwen2.5-7b"]
+    >>> s = ModelShape(3584, 18944, 28, 28, 4, 152064)
     >>> activation_bytes(s, 2, LoraSettings(), 1024, True) < activation_bytes(s, 2, LoraSettings(), 1024, False) / 10
     True
     """
@@ -345,7 +265,7 @@ class MemoryPlan:
     def explain(self) -> str:
         """The plan for a person: the choice, each term, what was tried, notes.
 
-        >>> plan = plan_memory(KNOWN_SHAPES["qwen2.5-7b"], world=4, free_bytes=24e9, total_bytes=24e9,
+        >>> plan = plan_memory(ModelShape(3584, 18944, 28, 28, 4, 152064), world=4, free_bytes=24e9, total_bytes=24e9,
         ...                    on_gpu=True, seq_len=1024, global_batch_size=16, zero_stage="auto",
         ...                    micro_batch="auto", lora=LoraSettings())
         >>> print(plan.explain().splitlines()[0])
@@ -408,7 +328,7 @@ def plan_memory(shape: ModelShape, *, world: int, free_bytes: float, total_bytes
     :func:`micro_batch_candidates` (``auto``), else the given one; the first that fits wins.
 
     >>> kw = dict(world=1, total_bytes=80e9, on_gpu=True, seq_len=1024, global_batch_size=16, lora=LoraSettings())
-    >>> p = plan_memory(KNOWN_SHAPES["qwen2.5-7b"], free_bytes=80e9, zero_stage="auto", micro_batch=2, **kw)
+    >>> p = plan_memory(ModelShape(3584, 18944, 28, 28, 4, 152064), free_bytes=80e9, zero_stage="auto", micro_batch=2, **kw)
     >>> p.zero_stage, p.micro_batch_size, p.grad_accum
     (2, 2, 8)
     """
@@ -440,11 +360,15 @@ def plan_memory(shape: ModelShape, *, world: int, free_bytes: float, total_bytes
     if zero_stage == "auto" and chosen.zero_stage == 3:
         notes.append("ZeRO-2 does not fit: ZeRO-3 shards the base weights over the workers"
                      + ("; with one worker it shards nothing" if world == 1 else ""))
+    if shape.sliding_layers:
+        notes.append(f"{shape.sliding_layers} of {shape.num_layers} layers attend within a window of "
+                     f"{shape.sliding_window} tokens: planned as full attention (the fused kernel keeps no "
+                     "scores either way)")
     lora_params = shape.lora_params(lora.r, lora.target_modules)
     return MemoryPlan(
         model_shape=asdict(shape), world_size=world, on_gpu=on_gpu, dtype_bytes=2 if on_gpu else 4,
         seq_len=seq_len, global_batch_size=global_batch_size, gradient_checkpointing=gradient_checkpointing,
-        offload=offload, lora_r=lora.r, lora_targets=tuple(lora.target_modules), base_params=shape.base_params(),
+        offload=offload, lora_r=lora.r, lora_targets=shape.lora_targets(lora.target_modules), base_params=shape.base_params(),
         trainable_params=lora_params + (shape.base_params() if lora.train_base else 0),
         device_free_bytes=int(free_bytes), device_total_bytes=int(total_bytes),
         requested_zero_stage=zero_stage, requested_micro_batch=micro_batch, zero_stage=chosen.zero_stage,
@@ -467,7 +391,7 @@ def resolved(cfg: TrainConfig, plan: MemoryPlan) -> TrainConfig:
     and ``num_workers`` the world the plan is for (torchrun's may differ from the config's), so
     the result validates as written to checkpoints.
 
-    >>> plan = plan_for_config(TrainConfig(), KNOWN_SHAPES["qwen2.5-1.5b"], world=1, free_bytes=141e9,
+    >>> plan = plan_for_config(TrainConfig(), ModelShape(1536, 8960, 28, 12, 2, 151936, True), world=1, free_bytes=141e9,
     ...                        total_bytes=141e9, on_gpu=True, seq_len=512)
     >>> cfg = resolved(TrainConfig(), plan)
     >>> (cfg.zero_stage, cfg.per_device_batch_size, cfg.num_workers)
@@ -569,8 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ray_mtup.memory",
                                 description="Print the memory plan (ZeRO stage, micro-batch) for a device of a "
                                             "given size, without one.")
-    p.add_argument("--model", choices=sorted(KNOWN_SHAPES), required=True)
-    p.add_argument("--model-path", help="a checkpoint directory whose config.json gives the shape")
+    p.add_argument("--model", required=True,
+                   help="a registry name, a hub id or a checkpoint directory (its config.json gives the shape)")
+    p.add_argument("--model-path", help="the model's weights stored apart: a directory or a .gguf file")
     p.add_argument("--device-memory", type=float, required=True, help="bytes free on each device, e.g. 141e9")
     p.add_argument("--world", type=int, default=1, help="workers (one device each)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens of the longest training example")
@@ -587,8 +512,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         sets = {k.strip(): yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
-        cfg = resolve_config(args.model, overrides={"num_workers": args.world, **sets})
-        plan = plan_for_config(cfg, model_shape(cfg.model, args.model_path), world=args.world,
+        model_path = str(Path(args.model_path).resolve()) if args.model_path else None
+        cfg = resolve_config(args.model, overrides={"num_workers": args.world, "model_path": model_path, **sets})
+        gguf = Path(model_path).name if model_path and model_path.endswith(".gguf") else None
+        plan = plan_for_config(cfg, model_shape(cfg.model, str(Path(model_path).parent) if gguf else model_path, gguf),
+                               world=args.world,
                                free_bytes=args.device_memory, total_bytes=args.device_memory,
                                on_gpu=not args.cpu, seq_len=args.seq_len)
     except RayMtupError as exc:

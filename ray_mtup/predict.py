@@ -143,7 +143,8 @@ def parse_sentences(model: Any, tokenizer: Any, cfg: TrainConfig, sentences: Seq
     """One canonical graph per sentence (Task 2, else Task 1, else :data:`FALLBACK_GRAPH`),
     and how many took each path; the path of ``predict`` and of the test figure."""
     template = get_template(cfg.template)
-    out = generate(model, tokenizer, prompts_for(template, sentences, retrieved_contexts(cfg, sentences)),
+    out = generate(model, tokenizer, prompts_for(template, sentences, retrieved_contexts(cfg, sentences),
+                                                   tokenizer if cfg.chat_template else None),
                    batch_size=batch_size, max_new_tokens=max_new_tokens or cfg.max_new_tokens, progress=progress,
                    stop_template=template, constrained=cfg.constrained_decoding)
     parsed = parse_outputs(template, out.texts)

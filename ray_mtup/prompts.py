@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from .errors import ConfigError
 
@@ -126,19 +126,58 @@ def render_context(context: Context) -> str:
                    for s, g in context)
 
 
-def render_inference(template: Template, sentence: str, context: Context = ()) -> str:
-    """The prompt up to (and including) the step-1 marker, after any retrieved pairs."""
-    return (render_context(context) + template.instruction.format(sentence=_clean_sentence(sentence))
-            + template.step1_marker)
+def render_inference(template: Template, sentence: str, context: Context = (), chat: Any = None) -> str:
+    """The prompt up to (and including) the step-1 marker, after any retrieved pairs. With
+    ``chat`` (a tokenizer), the retrieved pairs and the instruction are the user's turn of its
+    chat template, and the step-1 marker opens the assistant's turn (:func:`chat_prompt`)."""
+    instruction = render_context(context) + template.instruction.format(sentence=_clean_sentence(sentence))
+    if chat is not None:
+        instruction = chat_prompt(chat, instruction)
+    return instruction + template.step1_marker
 
 
 def render_training(template: Template, sentence: str, task1: str, task2: str,
-                    context: Context = ()) -> Rendered:
+                    context: Context = (), chat: Any = None) -> Rendered:
     """Prompt plus completion (task-1 graph, step-2 marker, task-2 graph)."""
     return Rendered(
-        prompt=render_inference(template, sentence, context),
+        prompt=render_inference(template, sentence, context, chat),
         completion=task1.strip() + template.step2_marker + task2.strip(),
     )
+
+
+def chat_prompt(tokenizer: Any, user_text: str) -> str:
+    """``user_text`` as the user's turn of the tokenizer's chat template, up to the start of the
+    assistant's reply (``add_generation_prompt``), with Qwen3's thinking block turned off
+    (``enable_thinking=False``: its template then writes an empty block, and templates without
+    the switch ignore it)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("chat_template", "the tokenizer has no chat template; set chat_template: false")
+    return tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
+
+
+_MARK = "RAYMTUPMARK"
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token that ends an assistant's turn in the tokenizer's chat template (``<|im_end|>``
+    for Qwen, ``<|eot_id|>`` for Llama 3, ``<end_of_turn>`` for Gemma): the first token after
+    the reply when the template renders one, if it is a special token; else the EOS token."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": _MARK}],
+                                             tokenize=False, enable_thinking=False)
+        if _MARK in text:
+            tail = text[text.rindex(_MARK) + len(_MARK):]
+            ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+            added = getattr(tokenizer, "added_tokens_decoder", {})
+            if ids and (ids[0] in tokenizer.all_special_ids or getattr(added.get(ids[0]), "special", False)):
+                return int(ids[0])
+    return int(tokenizer.eos_token_id)
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Tokens that end a generation: EOS, and the chat template's end of turn when it differs."""
+    return list(dict.fromkeys([int(tokenizer.eos_token_id), end_of_turn_id(tokenizer)]))
 
 
 def marker_pattern(marker: str) -> re.Pattern[str]:

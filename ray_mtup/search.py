@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import objective, reporting
-from .config import MAX_FAILURES, MODELS, TEMPLATE_NAMES, TrainConfig, load_yaml
+from .config import MAX_FAILURES, TEMPLATE_NAMES, TrainConfig, load_yaml, optimum
 from .errors import ConfigError
 from .tracking import check_tracker, tracker_callbacks
 from .trial import SAMPLED_KEYS, apply_sampled, trial_function
@@ -181,12 +181,13 @@ def _num(value: Any, key: str) -> float | None:
 
 
 def documented_optimum(space: SearchSpace, base: TrainConfig) -> dict[str, Any]:
-    """The first point Optuna evaluates: the model's documented optimum, within the space.
+    """The first point Optuna evaluates: the model's documented optimum (for a model without
+    one, the defaults derived from its size: :func:`ray_mtup.models.model_optimum`), within the space.
 
     A value outside the space (e.g. the tiny model's under the smoke space) is clipped to
     the nearest allowed value, with a warning.
     """
-    spec = MODELS[base.model]
+    spec = optimum(base.model, base.model_path)
     point = {
         "learning_rate": spec.learning_rate,
         "epochs": spec.epochs,

@@ -52,8 +52,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[RunData, WeightsSource, Any]:
     source = base_source(cfg, dataset.tokenizer_texts(train_ex))
     tokenizer = build_tokenizer(source)
     template = get_template(cfg.template)
-    train_enc, skipped = dataset.encode_all(tokenizer, template, train_ex, cfg.max_seq_len)
-    val_enc, skipped_val = dataset.encode_all(tokenizer, template, val_ex, cfg.max_seq_len)
+    train_enc, skipped = dataset.encode_all(tokenizer, template, train_ex, cfg.max_seq_len, cfg.chat_template)
+    val_enc, skipped_val = dataset.encode_all(tokenizer, template, val_ex, cfg.max_seq_len, cfg.chat_template)
     if not train_enc:
         raise TrainingError(f"every training example is longer than max_seq_len={cfg.max_seq_len}")
     budget = cfg.max_new_tokens or derived_max_new_tokens([e.completion_length for e in train_enc])

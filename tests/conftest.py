@@ -39,6 +39,14 @@ from ray_mtup.config import corpus_dir
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
 
+
+def card_dir(name: str) -> Path:
+    """The folder of a released model's config.json written from its card: the registry's own
+    (ray_mtup/model_configs/), else the tests' (fixtures/configs/: models outside the registry)."""
+    from ray_mtup.models import MODEL_CONFIGS
+
+    return MODEL_CONFIGS / name if (MODEL_CONFIGS / name).is_dir() else FIXTURES_DIR / "configs" / name
+
 #: Malformed corpus fixtures in fixtures/bad/: (file, 1-based line of the error, reason).
 MALFORMED_CORPORA = [
     ("bad_utf8.txt", 3, "not valid UTF-8"),
@@ -436,6 +444,58 @@ def torchrun_configs(checkpoint: Path) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- other architectures
+
+#: Chat templates shortened from the released ones (no tools, no system-prompt defaults).
+QWEN3_CHAT = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' "
+    "+ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    "{% endif %}")
+LLAMA3_CHAT = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' "
+    "+ message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+GEMMA3_CHAT = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
+    "else message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+def _families() -> dict:
+    from ray_mtup.modeling import CheckpointFamily
+
+    return {
+        # Qwen3 (hybrid thinking): Qwen's tokens plus the think tags, tied embeddings as in 1.7B/4B,
+        # head_dim 32 != hidden / heads, q/k norms.
+        "qwen3": (CheckpointFamily(
+            "Qwen3Config", "Qwen3ForCausalLM", ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"),
+            eos="<|im_end|>", pad="<|endoftext|>", bos="<|endoftext|>", chat_template=QWEN3_CHAT,
+            generation_eos=("<|im_end|>", "<|endoftext|>"),
+            generation={"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20},
+            tokenizer_bos=False, config_pad=False),
+            dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, max_position_embeddings=4096)),
+        # Llama 3.1 Instruct: <|eot_id|> ends a turn, no pad token (the tokenizer falls back), untied.
+        "llama": (CheckpointFamily(
+            "LlamaConfig", "LlamaForCausalLM",
+            ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+            eos="<|eot_id|>", pad=None, bos="<|begin_of_text|>", chat_template=LLAMA3_CHAT,
+            generation_eos=("<|end_of_text|>", "<|eot_id|>"), generation={"do_sample": True, "temperature": 0.6,
+                                                                          "top_p": 0.9}),
+            dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=4096)),
+        # Gemma 3 (text): <end_of_turn> ends a turn but <eos> is the tokenizer's EOS; sliding-window
+        # layers, four norms a layer, tied embeddings.
+        "gemma3": (CheckpointFamily(
+            "Gemma3TextConfig", "Gemma3ForCausalLM", ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"),
+            eos="<eos>", pad="<pad>", bos="<bos>", chat_template=GEMMA3_CHAT, generation_eos=("<eos>", "<end_of_turn>"),
+            generation={"do_sample": True, "top_k": 64, "top_p": 0.95}),
+            dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32, sliding_window=16, max_position_embeddings=4096)),
+    }
+
+
 @pytest.fixture(scope="session")
 def torchrun_runs(qwen_like_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """name -> run directory of each of :func:`torchrun_configs`, trained once for the suite by one
@@ -453,3 +513,23 @@ def torchrun_runs(qwen_like_checkpoint: Path, tmp_path_factory: pytest.TempPathF
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     return {name: root / name for name in torchrun_configs(qwen_like_checkpoint)}
+
+
+@pytest.fixture(scope="session")
+def family_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Random-init checkpoints of the Qwen3, Llama 3.1 and Gemma 3 architectures (transformers'
+    config classes, tiny shapes), each with a BPE tokenizer trained on the sample corpus and its
+    family's special tokens, chat template and generation_config.json, written by the same writer
+    as the tiny model (ray_mtup.modeling.write_random_checkpoint)."""
+    from ray_mtup.config import SAMPLE_DATA_DIR
+    from ray_mtup.corpus import load_corpus
+    from ray_mtup.dataset import tokenizer_texts, to_mtup
+    from ray_mtup.modeling import write_random_checkpoint
+
+    texts = tokenizer_texts(to_mtup(load_corpus(SAMPLE_DATA_DIR)))
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for name, (family, shape) in _families().items():
+        write_random_checkpoint(root / name, texts, 800, 0, shape, family=family)
+        out[name] = root / name
+    return out

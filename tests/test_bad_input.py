@@ -226,7 +226,7 @@ def test_one_target_module_from_the_command_line(tmp_path, monkeypatch, no_ray):
 def test_unknown_model_is_usage_error(tmp_path, capsys, no_ray):
     code, err = run_main(["--model", "qwen9-1t", "--storage-path", str(tmp_path / "r")], capsys)
     assert code == 2
-    assert "--model" in err and "invalid choice" in err and "qwen2.5-7b" in err
+    assert "model: unknown model 'qwen9-1t'" in err and "qwen2.5-7b" in err and "hub id" in err
     assert not no_ray
 
 

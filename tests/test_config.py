@@ -46,7 +46,7 @@ def test_presets_match_the_documented_method():
     assert all(spec.global_batch_size == 16 for spec in MODELS.values())  # the method's global batch
     d = TrainConfig()
     assert (d.val_split, d.weight_decay, d.lora.r, d.lora.alpha, d.lora.dropout) == (0.1, 0.01, 64, 128, 0.05)
-    assert d.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert d.lora.target_modules == ("all-linear",)  # peft's: every linear layer but the output head
 
 
 @pytest.mark.parametrize("path", sorted((PACKAGE_DIR / PRESETS).glob("*.yaml")), ids=lambda p: p.name)

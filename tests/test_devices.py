@@ -15,9 +15,14 @@ from ray_mtup import launcher
 from ray_mtup.config import TrainConfig, resolve_config
 from ray_mtup.devices import Cluster, plan_trials
 from ray_mtup.errors import ModelError
+from ray_mtup.models import MODEL_CONFIGS
 
 REPO = Path(__file__).resolve().parents[1]
 H200 = 141e9
+
+#: Qwen2.5-7B-Instruct by its config.json (ray_mtup/model_configs, from the model card): its shape
+#: without the hub; a 7.6B model without a documented optimum derives 1e-4 and 15 epochs, as documented.
+SEVEN = str(MODEL_CONFIGS / "qwen2.5-7b")
 
 
 class RayStarted(Exception):
@@ -43,7 +48,7 @@ def _main(argv, capsys):
 
 
 def test_a_simulated_4_gpu_node_runs_one_7b_trial_per_gpu_or_spans_gpus_when_they_are_small():
-    cfg = resolve_config("qwen2.5-7b")
+    cfg = resolve_config(SEVEN)
     big = plan_trials(cfg, Cluster(4, H200, num_cpus=64.0, gpu_name="H200"))
     assert (big.device, big.gpus_per_trial, big.concurrent_trials, big.zero_stage) == ("gpu", 1, 4, 2)
     assert big.line().startswith("4 GPUs (H200, 141 GB each): 1 GPU per trial, 4 trials at a time, ZeRO-2")
@@ -59,13 +64,13 @@ def test_a_running_cluster_declaring_4_gpus_is_planned_from_its_resources(monkey
     # what ray.cluster_resources() says of a node started with num_gpus=4 (Ray accepts it on any host)
     monkeypatch.setattr(launcher, "_cluster_resources",
                         lambda: {"CPU": 16.0, "GPU": 4.0, "memory": 1e11, "accelerator_type:H200": 1.0})
-    args = launcher.build_parser().parse_args(["--model", "qwen2.5-7b", "--device-memory", "141e9"])
+    args = launcher.build_parser().parse_args(["--model", SEVEN, "--device-memory", "141e9"])
     cluster = launcher.cluster_devices(args)
     launch = launcher.plan_launch(args, launcher.config_from_args(args), cluster)
     assert launch.line().startswith("4 GPUs (H200, 141 GB each): 1 GPU per trial, 4 trials at a time, ZeRO-2")
     # the memory unknown and no --device-memory: a one-GPU task reads it
     monkeypatch.setattr(launcher, "probe_gpu_memory", lambda: 24e9)
-    args = launcher.build_parser().parse_args(["--model", "qwen2.5-7b", "--set", "gradient_checkpointing=true"])
+    args = launcher.build_parser().parse_args(["--model", SEVEN, "--set", "gradient_checkpointing=true"])
     launch = launcher.plan_launch(args, launcher.config_from_args(args), launcher.cluster_devices(args))
     assert launch.gpus_per_trial > 1 and launch.zero_stage == 3
 
@@ -73,7 +78,7 @@ def test_a_running_cluster_declaring_4_gpus_is_planned_from_its_resources(monkey
 def test_the_trainer_of_the_decision_asks_for_one_gpu_per_worker():
     from ray_mtup.trial import build_trainer
 
-    cfg = resolve_config("qwen2.5-7b")
+    cfg = resolve_config(SEVEN)
     launch = plan_trials(cfg, Cluster(4, 24e9, num_cpus=64.0), gpus_per_trial=2)
     trainer = build_trainer(cfg.replace(**launch.overrides()), name="t", storage_path="/tmp/unused")
     scaling = trainer.scaling_config
@@ -81,7 +86,7 @@ def test_the_trainer_of_the_decision_asks_for_one_gpu_per_worker():
 
 
 def test_dry_run_json_prints_the_plan_without_starting_ray(capsys, no_ray):
-    code, out, err = _main(["--model", "qwen2.5-7b", "--dry-run", "--json", "--num-gpus", "4",
+    code, out, err = _main(["--model", SEVEN, "--dry-run", "--json", "--num-gpus", "4",
                             "--device-memory", "141e9"], capsys)
     assert code == 0, err
     plan = json.loads(out)
@@ -169,7 +174,7 @@ def test_adapter_dtypes_are_equal_under_zero2_and_zero3_and_zero3_with_checkpoin
 def test_the_decision_is_written_to_the_runs_summary(tmp_path):
     from ray_mtup.outputs import with_launch, write_run_outputs
 
-    cfg = resolve_config("qwen2.5-7b")
+    cfg = resolve_config(SEVEN)
     launch = plan_trials(cfg, Cluster(4, H200, num_cpus=64.0, gpu_name="H200"))
     history = [{"epoch": 1, "task2_f1": 0.1, "val_loss": 2.0, "objective": 0.1}]
     summary = with_launch(write_run_outputs(tmp_path, cfg, history, None), cfg, launch.to_dict())

@@ -12,9 +12,15 @@ from ray_mtup import memory
 from ray_mtup.config import LoraSettings, TrainConfig, resolve_config
 from ray_mtup.errors import ConfigError
 from ray_mtup.launcher import build_parser, config_from_args
-from ray_mtup.memory import KNOWN_SHAPES, ModelShape, plan_memory
+from ray_mtup.memory import ModelShape, plan_memory
+from ray_mtup.models import shape_from_config
 
-Q7 = KNOWN_SHAPES["qwen2.5-7b"]
+from conftest import card_dir
+
+#: The registry's Qwen2.5 shapes, from their config.json.
+SHAPES = {name: shape_from_config(json.loads((card_dir(name) / "config.json").read_text()))
+          for name in ("qwen2.5-1.5b", "qwen2.5-7b")}
+Q7 = SHAPES["qwen2.5-7b"]
 GPU = dict(on_gpu=True, seq_len=1024, global_batch_size=16, lora=LoraSettings())
 
 
@@ -47,10 +53,11 @@ def test_shape_counts_match_the_built_model_and_its_adapter():
 
 def test_shape_is_read_from_the_checkpoint_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({
-        "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "model_type": "qwen2", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 1000, "tie_word_embeddings": True}))
     assert memory.model_shape("qwen2.5-7b", str(tmp_path)) == ModelShape(128, 256, 2, 4, 2, 1000, True)
-    assert memory.model_shape("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct") == Q7  # a hub id: the registry's shape
+    assert memory.model_shape("qwen2.5-7b", str(card_dir("qwen2.5-7b"))) == Q7
+    assert memory.model_shape(str(card_dir("qwen2.5-7b"))) == Q7  # the directory as the model itself
 
 
 def test_7b_picks_zero2_on_80gb_and_zero3_on_24gb():
@@ -77,10 +84,10 @@ def test_gradient_checkpointing_allows_a_larger_micro_batch():
 @settings(max_examples=200, deadline=None)
 @given(world=st.sampled_from([1, 2, 4, 8]), per_worker=st.integers(1, 64), free_gb=st.floats(1, 300),
        seq=st.integers(32, 4096), stage=st.sampled_from(["auto", 2, 3]),
-       name=st.sampled_from(sorted(KNOWN_SHAPES)), ckpt=st.booleans())
+       name=st.sampled_from(sorted(SHAPES)), ckpt=st.booleans())
 def test_accumulation_x_micro_x_world_is_the_global_batch(world, per_worker, free_gb, seq, stage, name, ckpt):
     global_batch = world * per_worker
-    plan = plan_memory(KNOWN_SHAPES[name], world=world, free_bytes=free_gb * 1e9, total_bytes=free_gb * 1e9,
+    plan = plan_memory(SHAPES[name], world=world, free_bytes=free_gb * 1e9, total_bytes=free_gb * 1e9,
                        on_gpu=True, seq_len=seq, global_batch_size=global_batch, zero_stage=stage,
                        micro_batch="auto", lora=LoraSettings(), gradient_checkpointing=ckpt)
     assert plan.grad_accum * plan.micro_batch_size * world == global_batch
@@ -158,9 +165,12 @@ def test_auto_and_ints_from_yaml_and_flags():
 
 
 def test_entry_point_prints_a_plan_without_a_device(capsys):
-    assert memory.main(["--model", "qwen2.5-7b", "--device-memory", "141e9", "--world", "1", "--json"]) == 0
+    seven = str(card_dir("qwen2.5-7b"))
+    assert memory.main(["--model", "qwen2.5-7b", "--model-path", seven, "--device-memory", "141e9", "--world", "1",
+                        "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["zero_stage"] == 2 and plan["micro_batch_size"] * plan["grad_accum"] == 16
     assert plan["device_total_bytes"] == 141e9 and plan["chosen"]["needed"] <= 141e9
-    assert memory.main(["--model", "qwen2.5-7b", "--device-memory", "1e9", "--set", "zero_stage=5"]) == 2
+    assert memory.main(["--model", "qwen2.5-7b", "--model-path", seven, "--device-memory", "1e9", "--set",
+                        "zero_stage=5"]) == 2
     assert "zero_stage" in capsys.readouterr().err
