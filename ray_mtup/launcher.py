@@ -41,7 +41,7 @@ from .holdout import describe, describe_corpus, format_interval, format_test_lin
 from .logs import ray_worker_setup, setup_logging
 from .modeling import check_model_files
 from .models import MODELS, model_kind, model_shape
-from .outputs import format_epoch_table, with_launch
+from .outputs import format_epoch_table
 from .reporting import local_results_dir
 from .tracking import DEFAULT_TRACKER, TRACKERS, check_tracker, record_single_run, tracker_location
 
@@ -400,8 +400,7 @@ def _single(args: argparse.Namespace, cfg: TrainConfig, storage: str, launch: Tr
     t0 = time.time()
     out_dir = local_results_dir(f"{storage.rstrip('/')}/{name}")
     summary = trial.run_single(cfg, name=name, storage_path=storage, output_dir=out_dir,
-                               max_failures=args.max_failures)
-    summary = with_launch(summary, cfg, launch.to_dict())
+                               max_failures=args.max_failures, launch=launch.to_dict())
     record_single_run(args.tracker, out_dir, name, cfg.to_dict(), summary.history, summary.test)
     print(format_epoch_table(summary.history))
     best = summary.best

@@ -25,7 +25,7 @@ from .checkpointing import ADAPTER_FILE, STATE_FILE
 from .config import MAX_FAILURES, TrainConfig
 from .errors import ConfigError, TrainingError, permanent_error
 from .holdout import score_on_test
-from .outputs import RunSummary, best_epoch, upload_results, with_test_score, write_run_outputs
+from .outputs import RunSummary, best_epoch, upload_results, with_launch, with_test_score, write_run_outputs
 from .training import train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -140,8 +140,9 @@ def read_checkpoint_state(checkpoint: Any) -> dict[str, Any]:
 
 
 def run_single(cfg: TrainConfig, name: str, storage_path: str, output_dir: str | Path,
-               max_failures: int = MAX_FAILURES) -> RunSummary:
-    """Single-preset reproduction: one TorchTrainer, no search; writes the run directory."""
+               max_failures: int = MAX_FAILURES, launch: dict[str, Any] | None = None) -> RunSummary:
+    """Single-preset reproduction: one TorchTrainer, no search; writes the run directory (with the
+    launcher's device decision, ``launch``, in summary.json) and copies it to remote storage."""
     trainer = build_trainer(cfg, name=name, storage_path=storage_path, max_failures=max_failures)
     result = trainer.fit()
     metrics = result.metrics or {}
@@ -165,6 +166,8 @@ def run_single(cfg: TrainConfig, name: str, storage_path: str, output_dir: str |
     # the figure to report: the chosen epoch's adapter, scored once on the held-out test set
     summary = with_test_score(summary, cfg, score_on_test(summary.adapter_dir, best.path, cfg.use_gpu,
                                                              out_dir=output_dir))
+    if launch is not None:
+        summary = with_launch(summary, cfg, launch)
     if "://" in storage_path:  # remote storage: the run directory goes next to the checkpoints, like a search's
         upload_results(Path(output_dir), f"{storage_path.rstrip('/')}/{name}")
     return summary

@@ -31,11 +31,13 @@ class RayStarted(Exception):
 
 @pytest.fixture
 def no_ray(monkeypatch):
-    """launcher.start_ray raises: reaching it means every check before Ray passed."""
+    """launcher.start_ray raises: reaching it means every check before Ray passed. The plain command
+    on this machine: no RAY_ADDRESS (the suite's shared cluster exports one)."""
     def tripwire(address):
         raise RayStarted(address)
 
     monkeypatch.setattr(launcher, "start_ray", tripwire)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
 
 def _main(argv, capsys):
