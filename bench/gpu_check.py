@@ -361,8 +361,11 @@ def loop_record(run_dir: Path, config: Path | None = None) -> dict[str, Any]:
         cfg = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
         requested = {k: cfg.get(k) for k in REQUESTED_OPTIONS}
     plan = summary.get("memory_plan") or {}
+    checkpoints = sorted(run_dir.glob("checkpoint_*/trainer_state.json"))
+    state = json.loads(checkpoints[-1].read_text(encoding="utf-8")) if checkpoints else {}
     return {"bench": "loop", **last, "requested": requested,
             "epochs_recorded": [h.get("epoch") for h in history],
+            "resumed_from_epoch": state.get("resumed_from_epoch"),
             "memory_plan": {k: plan.get(k) for k in ("zero_stage", "micro_batch_size", "grad_accum", "fits",
                                                      "seq_len", "gradient_checkpointing")} if plan else None,
             "test_time_s": test.get("time_s"), "test_graphs": test.get("n_graphs"), "test_error": test.get("error"),

@@ -19,7 +19,9 @@
 #   checkpoint  a random-init Qwen2.5-1.5B-shaped checkpoint directory (the loop steps load it)
 #   loop        one short epoch of the real loop, torchrun -m ray_mtup.worker, with every option as a user
 #               gets it (zero_stage, micro-batch and eval_generation auto; packing and Liger on)
-#   replica     the same under ZeRO-3 (zero.Init load) with eval_generation=replica, one epoch
+#   replica     the same under ZeRO-3 (zero.Init load) with eval_generation=replica, one epoch, on 2 ranks
+#               (2 GPUs, or 2 CPU processes in tiny mode); on a 1-GPU machine one rank, whose whole
+#               model generates in place (the record's eval_generation says "plain")
 #   resume      the replica run continued to epoch 2 from its checkpoint (a fresh torchrun)
 #   speedups    bench_packing.py: padding-free packing and Liger's kernels, each against "off"
 #   projection  7B full_training (10 epochs with evaluation) from train and generate, with its arithmetic
@@ -127,13 +129,18 @@ install_wheels() {
     "$PY" bench/gpu_check.py installed "$WHEELS" $wheels
 }
 
-# run_loop NAME EPOCHS SET...: the real loop (torchrun -m ray_mtup.worker) on the step's
+# The replica path needs 2 ranks: 2 GPUs where there are, 2 gloo processes on the CPU.
+if [ "$DEVICE" = cpu ]; then REPLICA_NPROC=2
+else REPLICA_NPROC=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$REPLICA_NPROC" -gt 2 ] && REPLICA_NPROC=2
+     [ "$REPLICA_NPROC" -lt 1 ] && REPLICA_NPROC=1; fi
+
+# run_loop NAME EPOCHS NPROC SET...: the real loop (torchrun -m ray_mtup.worker) on the step's
 # checkpoint, into $WORK/NAME (a run directory that a later call continues from its checkpoint).
 run_loop() {
-    local run=$1 epochs=$2; shift 2
+    local run=$1 epochs=$2 nproc=$3; shift 3
     "$PY" bench/gpu_check.py loop-config --checkpoint "$WORK/checkpoint" --out "$WORK/$run.yaml" \
         --device "$DEVICE" --set "epochs=$epochs" "${@/#/--set=}" || return 1
-    "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 \
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
         -m ray_mtup.worker --config "$WORK/$run.yaml" --output "$WORK/$run" \
         --device "$([ "$DEVICE" = cuda ] && echo gpu || echo cpu)" >&2 || return 1
     "$PY" bench/gpu_check.py loop-record "$WORK/$run" --config "$WORK/$run.yaml"
@@ -144,10 +151,11 @@ case "${1:-}" in  # the steps that are shell functions, run by `step` as `bash g
     __checkpoint) rm -rf "$WORK/checkpoint"
         "$PY" bench/gpu_check.py checkpoint --shape "$LOOP_SHAPE" --out "$WORK/checkpoint" --device "$DEVICE"
         exit $? ;;
-    __loop) rm -rf "$WORK/loop"; run_loop loop 1 "${LOOP_SET[@]}"; exit $? ;;
-    __replica) rm -rf "$WORK/replica"; run_loop replica 1 "${REPLICA_SET[@]}"; exit $? ;;
+    __loop) rm -rf "$WORK/loop"; run_loop loop 1 1 "${LOOP_SET[@]}"; exit $? ;;
+    __replica) rm -rf "$WORK/replica"; run_loop replica 1 "$REPLICA_NPROC" "${REPLICA_SET[@]}" "num_workers=$REPLICA_NPROC"
+        exit $? ;;
     __resume) [ -d "$WORK/replica" ] || { echo "no replica run to resume (the replica step did not run)" >&2; exit 1; }
-        run_loop replica 2 "${REPLICA_SET[@]}"; exit $? ;;
+        run_loop replica 2 "$REPLICA_NPROC" "${REPLICA_SET[@]}" "num_workers=$REPLICA_NPROC"; exit $? ;;
 esac
 export GPU_CHECK_WORK=$WORK
 

@@ -55,16 +55,20 @@ def _wheel(folder: Path, name: str, version: str, real: bool) -> None:
             z.writestr(n, text)
 
 
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def _complete_wheels(folder: Path) -> Path:
     """A wheels folder with every required distribution and its MANIFEST: those this venv has, at
     its version (nothing to install), the others as metadata-only wheels (installed)."""
     folder.mkdir()
     lines = []
     for name in gpu_check.REQUIRED_WHEELS:
-        try:
-            version, real = metadata.version(name), False
-        except metadata.PackageNotFoundError:
-            version, real = "0.0.1", True
+        version, real = (_version(name), False) if _version(name) else ("0.0.1", True)
         _wheel(folder, name, version, real)
         lines.append(f"{re.sub(r'[-_.]+', '_', name)}=={version}")
     (folder / gpu_check.MANIFEST).write_text("\n".join(lines) + "\n")
@@ -167,7 +171,9 @@ def test_gpu_check_cpu_tiny_mode_returns_every_step_under_out(tmp_path):
     for step in ("install", *STEPS):
         assert results[step]["rc"] == 0 and "error" not in results[step], (step, results[step].get("error"))
     install = results["install"]["records"][0]
-    assert install["installed"] == ["liger_kernel-0.0.1-py3-none-any.whl"] and "deepspeed" in install["already_present"]
+    lacking = [n for n in gpu_check.REQUIRED_WHEELS if _version(n) is None]  # this venv's missing ones
+    assert install["installed"] == sorted(f"{re.sub(r'[-_.]+', '_', n)}-0.0.1-py3-none-any.whl" for n in lacking)
+    assert "deepspeed" in install["already_present"]
     assert results["imports"]["records"][0]["ray_imported"] is False
     train = {r["variant"]: r for r in results["train"]["records"] if r["bench"] == "train_micro_batch"}
     assert set(train) == {"micro_auto", "plain_peft"}
@@ -183,8 +189,9 @@ def test_gpu_check_cpu_tiny_mode_returns_every_step_under_out(tmp_path):
                    "attn_implementation"):
         assert loop[option] is not None, option
     assert loop["requested"]["zero_stage"] == "auto" and loop["requested"]["packing"] is True
-    replica = next(r for r in results["replica"]["records"] if r["bench"] == "loop")
-    assert (replica["zero_stage"], replica["eval_generation"], replica["epochs_recorded"]) == (3, "replica", [1])
+    replica = next(r for r in results["replica"]["records"] if r["bench"] == "loop")  # 2 gloo ranks
+    assert (replica["zero_stage"], replica["eval_generation"], replica["world_size"]) == (3, "replica", 2)
+    assert replica["epochs_recorded"] == [1]
     resume = next(r for r in results["resume"]["records"] if r["bench"] == "loop")
     assert resume["epochs_recorded"] == [1, 2] and resume["resumed_from_epoch"] == 1
     ratio = next(r for r in results["speedups"]["records"] if r["bench"] == "packing_ratio")
