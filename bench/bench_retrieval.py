@@ -78,12 +78,12 @@ def _history(run: Path, adapter: Path) -> list[dict[str, Any]]:
 def evaluate_run(run: Path, data_dir: str, constrained: bool, args: argparse.Namespace) -> dict[str, Any]:
     from ray_mtup.generation import generate, prompts_for
     from ray_mtup.grammar import ConstrainedStats, well_formed
-    from ray_mtup.predict import find_adapter, load_for_inference
+    from ray_mtup.predict import find_adapter, load_merged
     from ray_mtup.prompts import get_template, parse_generation
     from ray_mtup.dataset import load_examples, with_retrieval
 
     adapter = find_adapter(run)
-    model, tokenizer, cfg = load_for_inference(adapter)
+    model, tokenizer, cfg = load_merged(adapter)
     cfg = cfg.replace(data_dir=data_dir)
     train, val, gold = load_examples(cfg)
     _, val = with_retrieval(cfg, train, val)

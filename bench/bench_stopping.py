@@ -31,10 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     from ray_mtup import scoring
     from ray_mtup.dataset import load_examples
     from ray_mtup.generation import generate, parse_outputs, prompts_for
-    from ray_mtup.predict import find_adapter, load_for_inference
+    from ray_mtup.predict import find_adapter, load_merged
     from ray_mtup.prompts import get_template
 
-    model, tokenizer, cfg = load_for_inference(find_adapter(args.run))
+    model, tokenizer, cfg = load_merged(find_adapter(args.run))
     budget = cfg.max_new_tokens
     _, val, gold = load_examples(cfg)
     template = get_template(cfg.template)

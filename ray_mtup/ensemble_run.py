@@ -2,7 +2,7 @@
 
 A search's K best trials (ranked by the objective in its ``results.csv``) each parse the
 sentences with their best checkpoint, through ``predict``'s path
-(:func:`ray_mtup.predict.load_for_inference`, :func:`ray_mtup.predict.parse_sentences`);
+(:func:`ray_mtup.predict.load_merged`, :func:`ray_mtup.predict.parse_sentences`);
 with ``retrieval`` the graph of the BM25-nearest training sentence
 (:class:`ray_mtup.retrieval.PairIndex`) is one more candidate, ranked last. The pure
 selection (:func:`ray_mtup.ensemble.select`) keeps one graph per sentence.
@@ -38,7 +38,7 @@ from .corpus import Example
 from .dataset import corpus_splits, to_mtup
 from .ensemble import Selection, select
 from .errors import ConfigError, ModelError
-from .predict import FALLBACK_GRAPH, find_adapter, load_for_inference, model_inputs, parse_sentences
+from .predict import FALLBACK_GRAPH, find_adapter, load_merged, model_inputs, parse_sentences
 from .retrieval import PairIndex
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def parse_with(member: Member, sentences: Sequence[str], batch_size: int = 32, d
                model_path: str | None = None, device: str = "auto") -> list[str]:
     """The member's graph of each sentence, through predict's path (one graph per sentence)."""
     with checkpoint_dir(member) as d:
-        model, tokenizer, cfg = load_for_inference(find_adapter(d), model_path, device)
+        model, tokenizer, cfg = load_merged(find_adapter(d), model_path, device)
     if data_dir is not None:
         cfg = cfg.replace(data_dir=data_dir)
     logger.info("trial %s (rank %d) parses %d sentences", member.trial_id, member.rank, len(sentences))

@@ -6,7 +6,7 @@ see only the validation split; the test set (the seeded ``test_split`` of the co
 reporting and the single run both call it, so both report the test F beside the
 validation F that chose the adapter.
 
-Generation takes ``predict``'s path (:func:`ray_mtup.predict.load_for_inference`, the
+Generation takes ``predict``'s path (:func:`ray_mtup.predict.load_merged`, the
 sentences' corpus form :func:`ray_mtup.predict.model_inputs`, and
 :func:`ray_mtup.predict.parse_sentences`), and predictions are paired with gold by sentence
 id (:func:`ray_mtup.scoring.score_by_id`). It is scored by the objective's rule, as
@@ -40,7 +40,7 @@ from .config import TrainConfig
 from .corpus import Example
 from .dataset import corpus_splits
 from .errors import RayMtupError
-from .predict import find_adapter, load_for_inference, model_inputs, parse_sentences
+from .predict import find_adapter, load_merged, model_inputs, parse_sentences
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def evaluate_adapter(adapter_dir: str | Path, model_path: str | None = None, dev
     The result holds ``predictions`` (one record per sentence), which
     :func:`write_test_predictions` moves into a file."""
     adapter_dir = find_adapter(adapter_dir)
-    model, tokenizer, cfg = load_for_inference(adapter_dir, model_path, device)
+    model, tokenizer, cfg = load_merged(adapter_dir, model_path, device)
     test = held_out_set(cfg)
     if not test:
         return {"note": "no test set (test_split 0 and no test_file)"}

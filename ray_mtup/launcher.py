@@ -38,7 +38,7 @@ from .dataset import corpus_splits, to_mtup
 from .devices import DEVICES, Cluster, TrialPlan, local_gpus, plan_trials, probe_gpu_memory, ray_gpus
 from .errors import ConfigError, ModelError, RayMtupError
 from .holdout import describe, describe_corpus, format_interval, format_test_line
-from .logs import ray_worker_setup, setup_logging
+from .logs import quiet_ray_driver, ray_worker_setup, setup_logging
 from .modeling import check_model_files
 from .models import MODELS, model_kind, model_shape
 from .outputs import format_epoch_table
@@ -297,6 +297,8 @@ def _free_port() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:
+        quiet_ray_driver()
     try:
         return _main(args)
     except RayMtupError as exc:

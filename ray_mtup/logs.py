@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, MutableMapping
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -19,6 +20,8 @@ def setup_logging(level: int = logging.INFO) -> None:
     """
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("penman").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.ERROR)
+    # bm25s sets its own logger to DEBUG (one line per index built)
+    logging.getLogger("bm25s").setLevel(level if level <= logging.DEBUG else logging.WARNING)
 
 
 @contextlib.contextmanager
@@ -64,3 +67,48 @@ def ray_worker_setup() -> None:
     log = logging.getLogger(PG_CLEANER_LOGGER)
     if _not_a_cleanup_note not in log.filters:
         log.addFilter(_not_a_cleanup_note)
+
+
+#: Lines that Ray prints in the driver on behalf of its workers and raylet, each about a case that
+#: is expected in every run of this project (Ray's log deduplicator skips them; ``-v`` shows them):
+#: the raylet's note that Ray Train started more worker processes than there are CPUs, Ray Train's
+#: note about its own PreemptionWatcher actor, DeepSpeed choosing the CPU and building its
+#: shared-memory op, and transformers' progress bar for loading weights.
+RAY_NOISE = (
+    r"the maximum expected startup concurrency",
+    r"'PreemptionWatcher' .* has constructor arguments in the object store",
+    r"Setting accelerator to CPU",
+    r"deepspeed_shm_comm_op built successfully",
+    r"^Loading weights: ",
+)
+#: Ray's note, at every local start, that token authentication is on (its default).
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_TOKEN_AUTH_NOTE = "Token authentication is enabled for this Ray cluster"
+
+
+def _not_the_token_note(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_TOKEN_AUTH_NOTE)
+
+
+def quiet_ray_driver(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Keep a driver's output to the run's own lines; call it before ``ray`` is imported.
+
+    Ray reads both settings from ``environ`` when it is imported, and a value already there wins:
+    ``RAY_DEDUP_LOGS_SKIP_REGEX`` (:data:`RAY_NOISE`), and ``RAY_AIR_NEW_OUTPUT=0``, with which
+    Tune's ``verbose=0`` prints nothing (its newer engine prints a configuration table and a
+    TensorBoard hint even then). Ray's note that token authentication is on is dropped.
+
+    >>> import re
+    >>> env = {"RAY_AIR_NEW_OUTPUT": "1"}
+    >>> quiet_ray_driver(env)
+    >>> env["RAY_AIR_NEW_OUTPUT"], [bool(re.search(env["RAY_DEDUP_LOGS_SKIP_REGEX"], line)) for line in (
+    ...     "Setting accelerator to CPU. If you have GPU", "INFO ray_mtup.training: run: 1474 train")]
+    ('1', [True, False])
+    >>> logging.getLogger(TOKEN_AUTH_LOGGER).filter(logging.makeLogRecord({"msg": _TOKEN_AUTH_NOTE + "."}))
+    False
+    """
+    environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(f"(?:{line})" for line in RAY_NOISE))
+    environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    log = logging.getLogger(TOKEN_AUTH_LOGGER)
+    if _not_the_token_note not in log.filters:
+        log.addFilter(_not_the_token_note)

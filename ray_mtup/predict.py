@@ -83,22 +83,13 @@ def inference_source(state: dict[str, Any], cfg: TrainConfig) -> WeightsSource:
     return WeightsSource(recorded)
 
 
-def load_for_inference(adapter_dir: Path, model_path: str | None = None,
-                       device: str = "auto") -> tuple[Any, Any, TrainConfig]:
-    """(model with adapter, tokenizer, the run's config), on GPU in bf16 or on the CPU in fp32, as
-    ``device`` (``auto``, ``gpu`` or ``cpu``) resolves by the launchers' one rule
-    (:func:`ray_mtup.devices.resolve_device`: ``auto`` without a GPU is an error for a real model).
-
-    The config's ``max_new_tokens`` is the budget the run used (derived from its training data
-    when the config left it unset)."""
-    return load_merged(adapter_dir, model_path, device)
-
-
-def load_merged(adapter_dir: Path, model_path: str | None = None, device: str = "cpu") -> tuple[Any, Any, TrainConfig]:
+def load_merged(adapter_dir: Path, model_path: str | None = None, device: str = "auto") -> tuple[Any, Any, TrainConfig]:
     """The run's base with its adapter (and trained base weights, ``lora.train_base``) merged in,
-    on ``device`` (``auto``, ``gpu`` or ``cpu``, by :func:`ray_mtup.devices.resolve_device`; bf16
-    on a GPU, fp32 on the CPU), its tokenizer and its config with the run's generation budget;
-    the one loader of ``predict``, the test figure and ``export``."""
+    on ``device`` (``auto``, ``gpu`` or ``cpu``, by the launchers' one rule,
+    :func:`ray_mtup.devices.resolve_device`: ``auto`` without a GPU is an error for a real model;
+    bf16 on a GPU, fp32 on the CPU), its tokenizer and its config with the run's generation budget
+    (derived from its training data when the config left it unset); the one loader of
+    ``predict``, the test figure, the ensemble and ``export``."""
     import torch
 
     state = json.loads((adapter_dir / STATE_FILE).read_text(encoding="utf-8"))
@@ -239,7 +230,7 @@ def predict_file(adapter: str | Path, input_path: str | Path, output_path: str |
     writes them (``concept_style="_"`` keeps canonical PENMAN's ``chủ_tịch``). ``constrained``
     (default: the run's ``constrained_decoding``) generates step 2 under the PENMAN grammar;
     ``data_dir`` overrides where a retrieval run's training corpus is read; ``device``: see
-    :func:`load_for_inference`.
+    :func:`load_merged`.
     """
     if concept_style not in CONCEPT_STYLES:
         raise ConfigError("concept_style", f"must be one of {list(CONCEPT_STYLES)}, got {concept_style!r}")
@@ -247,7 +238,7 @@ def predict_file(adapter: str | Path, input_path: str | Path, output_path: str |
     adapter_dir = find_adapter(adapter)
     sentences = [ex.sentence for ex in corpus.read_input_sentences(input_path)]
     inputs = model_inputs(sentences, raw_input)
-    model, tokenizer, cfg = load_for_inference(adapter_dir, model_path, device)
+    model, tokenizer, cfg = load_merged(adapter_dir, model_path, device)
     if data_dir is not None:
         cfg = cfg.replace(data_dir=data_dir)
     if constrained is not None:

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol
 
 logger = logging.getLogger(__name__)
+#: The module (under ``ray/train``) whose logger notes each ``ray.train.report``.
+RAY_TRAIN_REPORT_LOG = "v2/_internal/execution/context.py"
 
 
 class Session(Protocol):
@@ -45,6 +47,9 @@ class RaySession:
     def __init__(self) -> None:
         import ray.train
 
+        # Ray Train V2 logs every report, its metrics in full, at INFO under its module's file
+        # name; the loop logs each epoch in one line of its own
+        logging.getLogger(str(Path(ray.train.__file__).parent / RAY_TRAIN_REPORT_LOG)).setLevel(logging.WARNING)
         self._ctx = ray.train.get_context()
         self.rank = self._ctx.get_world_rank()
         self.world_size = self._ctx.get_world_size()

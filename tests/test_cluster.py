@@ -458,6 +458,13 @@ def test_smoke_search_submitted_as_a_job_succeeds(ray_cluster: RayCluster, smoke
 
     # It ran on the submitted-to cluster, from the uploaded working dir (without .venv/.git/runs).
     assert "Connecting to existing Ray cluster" in logs, logs[-3000:]
+    # Its output is the run's own (ray_mtup.logs.quiet_ray_driver): no Tune table, none of the lines
+    # that Ray, DeepSpeed and transformers print in every run, while the workers' own lines arrive.
+    from ray_mtup.logs import RAY_NOISE
+
+    assert "Configuration for experiment" not in logs and "tensorboard --logdir" not in logs
+    assert not [line for line in logs.splitlines() if any(re.search(p.lstrip("^"), line) for p in RAY_NOISE)]
+    assert re.search(r"\(RayTrainWorker pid=\d+[^)]*\).*ray_mtup\.training: epoch 1:", logs), logs[-3000:]
     upload_root = ray_cluster.temp_dir / "session_latest/runtime_resources/working_dir_files"
     uploads = [p for p in upload_root.iterdir() if p.is_dir()]
     assert len(uploads) == 1, uploads

@@ -98,7 +98,7 @@ def test_test_figure_of_an_adapter_scores_unreadable_outputs_as_empty(adapter, t
 @pytest.mark.parametrize("where", ["directory", "under a file"])
 def test_predict_checks_its_output_before_loading_a_model(adapter, fixtures_dir, tmp_path, monkeypatch, capsys,
                                                            where):
-    monkeypatch.setattr(predict, "load_for_inference", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(predict, "load_merged", lambda *a, **k: pytest.fail("a model was loaded"))
     (tmp_path / "file").write_text("x")
     output = tmp_path if where == "directory" else tmp_path / "file" / "out.txt"
     code = cli.main(["predict", "--adapter", str(adapter), "--input", str(fixtures_dir / "mini_sentences.txt"),
