@@ -12,11 +12,19 @@ stopping rule and inside the grammar processor, and whether the parses are ident
 ``tiny`` (the project's tiny model, tokenizer trained on the corpus) and ``qwen_like`` (a
 checkpoint written by the project's writer in the tests' Qwen2 layout, ``SMALL_TINY``);
 both are random-init, so rows run to the budget: the case whose per-step cost grows.
+
+Each arm generates from the model its path generates from: with ``--lora`` (the default) the
+model carries the run's LoRA (``modeling.apply_lora``: r 64 on the seven projections, as peft
+initialises it), today's path generates from it unmerged (``engine.module``, as it did on the
+ZeRO-2 and one-worker paths) and the new one merged in place (``replica.merged_in_place``, the
+evaluation's path). A fresh adapter's B is zero, so both give the same tokens while each pays
+its path's cost; ``--no-lora`` compares the bare base in both arms.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import subprocess
 import sys
@@ -130,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128, help="budget per row (0: derived from the data)")
     p.add_argument("--base", default="c76575d", help="git revision of today's path")
     p.add_argument("--arms", default="free,constrained", help="free, constrained, both, or none (rule only)")
+    p.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True,
+                   help="the run's LoRA on the model: unmerged in today's arm, merged in place in the new one")
     p.add_argument("--rule-steps", type=int, default=900,
                    help="steps of the stopping-rule-only measurement (0: skip it); 900 is about 7B's derived budget")
     p.add_argument("--forward-steps", type=int, default=32,
@@ -140,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray_mtup.generation as new_gen
     import ray_mtup.grammar as new_grammar
+    from ray_mtup.config import resolve_config
     from ray_mtup.generation import parse_outputs, prompts_for
+    from ray_mtup.modeling import apply_lora
     from ray_mtup.prompts import get_template
+    from ray_mtup.replica import merged_in_place
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, model, tokenizer, data in models(args.models.split(","), args.data_dir or default_data_dir(),
                                                     args.device):
             template = get_template("v4_compact")
+            if args.lora:
+                model = apply_lora(model, resolve_config("tiny").lora).eval()
             rows = data.val[:args.n] if args.n else data.val
             prompts = prompts_for(template, [ex.sentence for ex in rows])
             budget = args.max_new_tokens or data.max_new_tokens
@@ -169,11 +184,13 @@ def main(argv: list[str] | None = None) -> int:
             for arm in [a for a in args.arms.split(",") if a and a != "none"]:
                 result: dict[str, Any] = {}
                 for label, gen, gram in (("base", base_gen, base_grammar), ("new", new_gen, new_grammar)):
+                    merged = merged_in_place(model) if args.lora and label == "new" else contextlib.nullcontext(model)
                     with Timer(gen.Step2Closed) as stop, Timer(gram.PenmanLogitsProcessor) as proc:
                         t0 = time.perf_counter()
-                        out = gen.generate(model, tokenizer, prompts, batch_size=args.batch_size,
-                                           max_new_tokens=budget, stop_template=template,
-                                           constrained=arm == "constrained")
+                        with merged as gen_model:  # the merge is timed: the new path pays it every epoch
+                            out = gen.generate(gen_model, tokenizer, prompts, batch_size=args.batch_size,
+                                               max_new_tokens=budget, stop_template=template,
+                                               constrained=arm == "constrained")
                         wall = time.perf_counter() - t0
                     result[label] = {"wall_s": round(wall, 2), "new_tokens": sum(out.new_tokens),
                                      "new_tokens_per_s": round(sum(out.new_tokens) / wall, 1),
@@ -183,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 for x in parse_outputs(template, out.texts)]}
                 same = result["base"].pop("parses") == result["new"].pop("parses")
                 emit({"bench": "eval", "model": name, "device": args.device, "arm": arm, "rows": len(prompts),
+                      "lora": "base unmerged, new merged in place" if args.lora else "none",
                       "max_new_tokens": budget, "batch_size": args.batch_size, **result,
                       "speedup": round(result["base"]["wall_s"] / max(result["new"]["wall_s"], 1e-9), 2),
                       "same_parses": same})

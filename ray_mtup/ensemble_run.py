@@ -10,8 +10,11 @@ selection (:func:`ray_mtup.ensemble.select`) keeps one graph per sentence.
 A trial's parses of a split are written once, to ``<experiment>/ensemble/<trial_id>/<split>.json``
 (with the checkpoint they came from and the sentence ids), and reused while both still match.
 
-The selection sees predict's minimal fallback graph (no graph could be recovered) as the
-empty graph (:func:`as_candidate`); the figures score every graph as predict writes it.
+A candidate is a trial's repaired Task 2 graph, or the empty graph where none could be
+recovered: what the search's objective and its test figure score (:attr:`ray_mtup.predict.Parses.task2`),
+so the best trial's figure here is the summary's test figure. The selection and every figure
+see the empty graph as empty; ``predict --ensemble`` writes predict's minimal fallback graph
+in its place (:func:`as_written`).
 
 Scores are corpus SMATCH in the run's scoring mode, paired with gold by sentence id
 (:func:`ray_mtup.scoring.score_by_id`), each with its bootstrap interval
@@ -48,6 +51,8 @@ RESULTS_CSV = "results.csv"
 SPLITS = ("val", "test")
 LOOKUP = "bm25_lookup"
 N_RESAMPLES = 1000
+#: What a cache file's graphs are (``null``: the empty graph); a file without it is parsed again.
+CANDIDATE_KIND = "task2"
 #: Config fields that decide the corpus splits: every member must agree on them.
 SPLIT_FIELDS = ("data_dir", "seed", "val_split", "test_split", "max_samples", "test_file")
 
@@ -141,32 +146,35 @@ def split_examples(cfg: TrainConfig, split: str) -> list[Example]:
     return examples
 
 
-def parse_with(member: Member, sentences: Sequence[str], batch_size: int = 32, data_dir: str | None = None,
-               model_path: str | None = None, device: str = "auto") -> list[str]:
-    """The member's graph of each sentence, through predict's path (one graph per sentence)."""
+def parse_with(member: Member, sentences: Sequence[str], batch_size: int | None = None,
+               data_dir: str | None = None, model_path: str | None = None, device: str = "auto") -> list[str | None]:
+    """The member's candidate for each sentence, through predict's path: its repaired Task 2
+    graph, or None (the empty graph) where none could be recovered."""
     with checkpoint_dir(member) as d:
         model, tokenizer, cfg = load_merged(find_adapter(d), model_path, device)
     if data_dir is not None:
         cfg = cfg.replace(data_dir=data_dir)
     logger.info("trial %s (rank %d) parses %d sentences", member.trial_id, member.rank, len(sentences))
-    parses = parse_sentences(model, tokenizer, cfg, model_inputs(sentences), batch_size, progress=False)
+    parses = parse_sentences(model, tokenizer, cfg, model_inputs(sentences), batch_size or cfg.eval_batch_size,
+                             progress=False)  # the trial's batch by default, as its test figure
     logger.info("trial %s: %s", member.trial_id, parses.counts)
     del model
     gc.collect()
-    return parses.graphs
+    return parses.task2
 
 
 def cached_parses(experiment_dir: str | Path, member: Member, split: str, examples: Sequence[Example],
-                  batch_size: int = 32, data_dir: str | None = None, model_path: str | None = None,
-                  device: str = "auto") -> list[str]:
-    """The member's parses of ``split``: read from its cache file when it holds this
+                  batch_size: int | None = None, data_dir: str | None = None, model_path: str | None = None,
+                  device: str = "auto") -> list[str | None]:
+    """The member's candidates for ``split``: read from its cache file when it holds this
     checkpoint's parses of these ids, else generated once and written there."""
     path = Path(experiment_dir) / ENSEMBLE_DIR / member.trial_id / f"{split}.json"
     ids = [ex.id for ex in examples]
     if path.is_file():
         try:
             cached = json.loads(path.read_text(encoding="utf-8"))
-            if cached.get("checkpoint") == member.checkpoint and [p["id"] for p in cached["parses"]] == ids:
+            if (cached.get("checkpoint") == member.checkpoint and cached.get("candidates") == CANDIDATE_KIND
+                    and [p["id"] for p in cached["parses"]] == ids):
                 logger.info("trial %s: reusing its %s parses (%s)", member.trial_id, split, path)
                 return [p["graph"] for p in cached["parses"]]
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -175,17 +183,12 @@ def cached_parses(experiment_dir: str | Path, member: Member, split: str, exampl
     graphs = parse_with(member, [ex.sentence for ex in examples], batch_size, data_dir, model_path, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"trial_id": member.trial_id, "checkpoint": member.checkpoint, "split": split,
+               "candidates": CANDIDATE_KIND,
                "parses": [{"id": ex.id, "sentence": ex.sentence, "graph": g} for ex, g in zip(examples, graphs)]}
     tmp = path.with_suffix(".json.partial")
     tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=0), encoding="utf-8")
     tmp.replace(path)
     return graphs
-
-
-def as_candidate(graph: str | None) -> str | None:
-    """A parse as the selection sees it: predict's minimal fallback graph (no graph could be
-    recovered) is the empty graph, so that trials that failed alike do not outvote the others."""
-    return None if graph is None or graph == FALLBACK_GRAPH else graph
 
 
 def as_written(graph: str | None) -> str:
@@ -212,7 +215,7 @@ def _figure(name: str, pairs: dict[str, scoring.PairCounts], mode: str) -> dict[
 
 
 def ensemble_split(experiment_dir: str | Path, top: int, split: str, retrieval: bool = False,
-                   batch_size: int = 32, data_dir: str | None = None, model_path: str | None = None,
+                   batch_size: int | None = None, data_dir: str | None = None, model_path: str | None = None,
                    members: Sequence[Member] | None = None, device: str = "auto") -> dict[str, Any]:
     """Corpus F of the ensemble, of each candidate and of the best trial on ``split``."""
     members = list(members) if members is not None else top_members(experiment_dir, top)
@@ -228,11 +231,11 @@ def ensemble_split(experiment_dir: str | Path, top: int, split: str, retrieval: 
         names.append(LOOKUP)
     mode = cfg.scoring_mode
     t0 = time.perf_counter()
-    chosen: Selection = select([[as_candidate(g) for g in c] for c in candidates], mode)
+    chosen: Selection = select(candidates, mode)
     selection_s = time.perf_counter() - t0
     gold = {ex.id: ex.amr or "" for ex in examples}
     per_candidate = [_scored(gold, ids, c, mode) for c in candidates]
-    ensemble_pairs = _scored(gold, ids, [as_written(g) for g in chosen.graphs], mode)
+    ensemble_pairs = _scored(gold, ids, chosen.graphs, mode)
     ens = _figure("ensemble", ensemble_pairs, mode)
     wins = chosen.wins(len(candidates))
     cands = [{**_figure(n, p, mode), "rank": i + 1, "kept_for": wins[i]}
@@ -286,7 +289,7 @@ def format_result(r: dict[str, Any]) -> str:
 
 
 def predict_ensemble(experiment_dir: str | Path, top: int, sentences: Sequence[str], retrieval: bool = False,
-                     batch_size: int = 32, data_dir: str | None = None,
+                     batch_size: int | None = None, data_dir: str | None = None,
                      model_path: str | None = None, device: str = "auto") -> tuple[list[str], Selection, list[str]]:
     """The ensemble's graph of each new sentence (input order), the selection, and the
     candidates' names (the trials, best first, then the lookup)."""
@@ -300,5 +303,5 @@ def predict_ensemble(experiment_dir: str | Path, top: int, sentences: Sequence[s
     if retrieval:
         candidates.append(list(lookup_graphs(cfg, sentences)))
         names.append(LOOKUP)
-    chosen = select([[as_candidate(g) for g in c] for c in candidates], cfg.scoring_mode)
+    chosen = select(candidates, cfg.scoring_mode)
     return [as_written(g) for g in chosen.graphs], chosen, names

@@ -274,7 +274,7 @@ def _generate_batches(model: Any, tokenizer: Any, prompts: Sequence[str] | Seque
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="generate", unit="batch")
+        batches = tqdm(batches, desc="generate", unit="batch", disable=None)  # None: a terminal only
     texts, new_tokens, hit = [""] * len(prompts), [0] * len(prompts), [False] * len(prompts)
     was_training = model.training
     model.eval()

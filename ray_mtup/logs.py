@@ -73,14 +73,16 @@ def ray_worker_setup() -> None:
 #: is expected in every run of this project (Ray's log deduplicator skips them; ``-v`` shows them):
 #: the raylet's note that Ray Train started more worker processes than there are CPUs, Ray Train's
 #: note about its own PreemptionWatcher actor, DeepSpeed choosing the CPU and building its
-#: shared-memory op, and transformers' progress bar for loading weights.
+#: shared-memory op. (Progress bars, the project's and transformers', show only on a terminal:
+#: :func:`terminal_bars`.)
 RAY_NOISE = (
     r"the maximum expected startup concurrency",
     r"'PreemptionWatcher' .* has constructor arguments in the object store",
     r"Setting accelerator to CPU",
     r"deepspeed_shm_comm_op built successfully",
-    r"^Loading weights: ",
 )
+#: ``tune.run``'s logger: its INFO notes are housekeeping (the state files written at the end).
+TUNE_RUN_LOGGER = "ray.tune.tune"
 #: Ray's note, at every local start, that token authentication is on (its default).
 TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 _TOKEN_AUTH_NOTE = "Token authentication is enabled for this Ray cluster"
@@ -96,7 +98,8 @@ def quiet_ray_driver(environ: MutableMapping[str, str] = os.environ) -> None:
     Ray reads both settings from ``environ`` when it is imported, and a value already there wins:
     ``RAY_DEDUP_LOGS_SKIP_REGEX`` (:data:`RAY_NOISE`), and ``RAY_AIR_NEW_OUTPUT=0``, with which
     Tune's ``verbose=0`` prints nothing (its newer engine prints a configuration table and a
-    TensorBoard hint even then). Ray's note that token authentication is on is dropped.
+    TensorBoard hint even then). Ray's note that token authentication is on, and ``tune.run``'s
+    INFO notes, are dropped.
 
     >>> import re
     >>> env = {"RAY_AIR_NEW_OUTPUT": "1"}
@@ -109,6 +112,25 @@ def quiet_ray_driver(environ: MutableMapping[str, str] = os.environ) -> None:
     """
     environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(f"(?:{line})" for line in RAY_NOISE))
     environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    logging.getLogger(TUNE_RUN_LOGGER).setLevel(logging.WARNING)  # its note that it wrote the state files
     log = logging.getLogger(TOKEN_AUTH_LOGGER)
     if _not_the_token_note not in log.filters:
         log.addFilter(_not_the_token_note)
+
+
+@contextlib.contextmanager
+def terminal_bars() -> Iterator[None]:
+    """transformers' progress bars (loading weights) for the block only where they are drawn on
+    a terminal, as the project's own bars (tqdm's ``disable=None``): not in a Ray worker's log,
+    a job's log or a file the output is sent to."""
+    from transformers.utils import logging as hf_logging
+
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)  # absent from older transformers: bars as they are
+    if set_hook is None:
+        yield
+        return
+    set_hook(lambda factory, args, kwargs: factory(*args, **{"disable": None, **kwargs}))
+    try:
+        yield
+    finally:
+        set_hook(None)

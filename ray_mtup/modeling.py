@@ -33,6 +33,7 @@ from typing import Any, Iterable, Iterator
 from .config import LoraSettings, TinyModelSettings, TrainConfig
 from .errors import ModelError
 from .generation import decoding_config
+from .logs import terminal_bars
 from .models import ALL_LINEAR, model_kind
 
 logger = logging.getLogger(__name__)
@@ -318,7 +319,8 @@ def build_model(source: WeightsSource, cfg: TrainConfig, tokenizer: Any, device_
     if device is not None and torch.device(device).type == "cuda" and not _zero3_loading():
         kwargs["device_map"] = {"": torch.device(device).index or 0}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs, **source.kwargs)
+        with terminal_bars():
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs, **source.kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model weights from {source.path}: {exc}") from exc
     apply_liger(model, cfg, device_type)

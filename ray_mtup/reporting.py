@@ -25,7 +25,7 @@ from .config import TrainConfig
 from .dataset import corpus_splits, evaluation_subset, load_examples
 from .ensemble_run import SPLITS, ensemble_split, top_members
 from .errors import RayMtupError
-from .holdout import describe_corpus, format_test_line, score_on_test
+from .holdout import describe_corpus, score_on_test
 from .outputs import upload_results
 from .trial import SAMPLED_KEYS, apply_sampled
 
@@ -419,8 +419,6 @@ def write_search_results(grid: Any, base: TrainConfig, experiment_dir: str, spac
             summary["best_memory_plan"] = recorded_memory_plan(dest)
             summary["test"] = score_on_test(dest, best.best.get("checkpoint_path"), best.config.use_gpu, out_dir)
             write_card(dest, best.config, figures_from_summary(summary), "adapter")
-            print(f"best trial {best.trial_id}: " + format_test_line(best.best.get("task2_f1"), summary["test"]),
-                  flush=True)
         if ensemble:
             summary["ensemble"] = ensemble_summary(out_dir, ensemble)
         summary["plots"] = plot(records, out_dir, baseline["task2_f1"] if baseline else None)

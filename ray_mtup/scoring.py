@@ -385,7 +385,7 @@ def _score_pairs(golds: Sequence[str], preds: Sequence[str | None], mode: str, r
     if progress:
         from tqdm.auto import tqdm
 
-        pairs = tqdm(pairs, total=len(golds), desc="SMATCH", unit="graph")
+        pairs = tqdm(pairs, total=len(golds), desc="SMATCH", unit="graph", disable=None)  # a terminal only
     with _smatch_session():
         for i, (gold, pred) in pairs:
             g = _gold_triples(gold, mode, i)

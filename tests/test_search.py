@@ -192,6 +192,10 @@ def test_summary_scores_the_ensemble_of_the_top_trials(smoke):
         lo, hi = r["ensemble_ci95"]
         assert 0.0 <= lo <= r["ensemble_f1"] <= hi <= 1.0
         assert f"{r['ensemble_f1']:.4f}" in proc.stdout  # the leaderboard's footer line
+    # a candidate is scored as the objective scores it: the best trial's test F is the summary's test figure
+    summary = json.loads((exp / "summary.json").read_text(encoding="utf-8"))
+    assert ensemble["test"]["best_trial"] == summary["best_trial"]
+    assert ensemble["test"]["best_trial_f1"] == pytest.approx(summary["test"]["task2_f1"], abs=1e-12)
     # each trial parsed each split once, under the experiment directory
     for row in ranked[:3]:
         assert {p.name for p in (exp / "ensemble" / row["trial_id"]).iterdir()} == {"val.json", "test.json"}
