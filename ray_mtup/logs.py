@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -64,9 +64,14 @@ def ray_worker_setup() -> None:
     ...     log.filter(logging.makeLogRecord({"msg": "Failed to clean up placement group: x"})))
     (False, True)
     """
-    log = logging.getLogger(PG_CLEANER_LOGGER)
-    if _not_a_cleanup_note not in log.filters:
-        log.addFilter(_not_a_cleanup_note)
+    _filter_once(PG_CLEANER_LOGGER, _not_a_cleanup_note)
+
+
+def _filter_once(name: str, keep: Callable[[logging.LogRecord], bool]) -> None:
+    """``keep`` as a filter of the logger ``name``, added once however often this runs."""
+    log = logging.getLogger(name)
+    if keep not in log.filters:
+        log.addFilter(keep)
 
 
 #: Lines that Ray prints in the driver on behalf of its workers and raylet, each about a case that
@@ -113,9 +118,7 @@ def quiet_ray_driver(environ: MutableMapping[str, str] = os.environ) -> None:
     environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(f"(?:{line})" for line in RAY_NOISE))
     environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     logging.getLogger(TUNE_RUN_LOGGER).setLevel(logging.WARNING)  # its note that it wrote the state files
-    log = logging.getLogger(TOKEN_AUTH_LOGGER)
-    if _not_the_token_note not in log.filters:
-        log.addFilter(_not_the_token_note)
+    _filter_once(TOKEN_AUTH_LOGGER, _not_the_token_note)
 
 
 @contextlib.contextmanager
