@@ -287,7 +287,8 @@ def _add_ensemble(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--retrieval", action="store_true",
                    help="the graph of the BM25-nearest training sentence is one more candidate")
     p.add_argument("--split", choices=("val", "test"), default="val", help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=None, help="generation batch (default: each trial's eval_batch_size)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="generation batch (default: each trial's eval_batch_size)")
     p.add_argument("--data-dir", help="the corpus the search read (default: the one its trials recorded)")
     p.add_argument("--model-path", help="local base weights, when the search used a hub id")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
